@@ -1,0 +1,296 @@
+"""The ResNeXt trunk: aggregated residual transformations (Xie et al., CVPR 2017) exposing C2-C5.
+
+One class, configured by ``depth``, ``cardinality`` and ``base_width``, and one table of named specs.
+Module names follow torchvision's ``ResNet`` (``conv1``, ``bn1``, ``layer1..4``, ``downsample.0/1``) so that
+state dicts move between the two without renaming.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Callable, Dict, List, Optional, Sequence
+
+from torch import Tensor, nn
+from torchvision.ops import FrozenBatchNorm2d
+
+__all__ = ["ResNeXt", "ResNeXtSpec", "Bottleneck", "BasicBlock", "MODELS", "FEATURES", "NORMS",
+           "list_models", "resnext", "make_norm"]
+
+FEATURES = ("c2", "c3", "c4", "c5")
+STRIDES = {"c2": 4, "c3": 8, "c4": 16, "c5": 32}
+NORMS = ("bn", "frozen_bn", "sync_bn", "gn")
+
+# depth -> (bottleneck?, blocks per stage). Bottleneck depth = 3 * sum(blocks) + 2, two-layer: 2 * sum + 2.
+STAGE_BLOCKS: Dict[int, tuple] = {
+    18: (False, (2, 2, 2, 2)),
+    34: (False, (3, 4, 6, 3)),
+    26: (True, (2, 2, 2, 2)),
+    38: (True, (3, 3, 3, 3)),
+    50: (True, (3, 4, 6, 3)),
+    101: (True, (3, 4, 23, 3)),
+    152: (True, (3, 8, 36, 3)),
+    200: (True, (3, 24, 36, 3)),
+}
+
+
+@dataclass(frozen=True)
+class ResNeXtSpec:
+    """What makes a trunk: depth, cardinality (groups of the 3x3 conv) and base width (channels per group
+    in the first stage). ``ResNeXtSpec(50, 32, 4)`` is ResNeXt-50 (32x4d); ``cardinality=1, base_width=64`` is
+    a plain ResNet."""
+
+    depth: int
+    cardinality: int = 1
+    base_width: int = 64
+
+    def __post_init__(self) -> None:
+        if self.depth not in STAGE_BLOCKS:
+            raise ValueError(f"depth={self.depth!r} is not supported; choose one of {sorted(STAGE_BLOCKS)}")
+        if not isinstance(self.cardinality, int) or self.cardinality < 1:
+            raise ValueError(f"cardinality={self.cardinality!r} must be a positive integer")
+        if not isinstance(self.base_width, int) or self.base_width < 1:
+            raise ValueError(f"base_width={self.base_width!r} must be a positive integer")
+        if not self.bottleneck and (self.cardinality, self.base_width) != (1, 64):
+            raise ValueError(
+                f"depth={self.depth} uses two-layer basic blocks, which take cardinality=1 and base_width=64 "
+                f"(got {self.cardinality}x{self.base_width}d): grouping a two-layer block only makes it wider, "
+                f"it does not split a bottleneck. Use a bottleneck depth ({self.bottleneck_depths}) for ResNeXt.")
+
+    @property
+    def bottleneck(self) -> bool:
+        return STAGE_BLOCKS[self.depth][0]
+
+    @property
+    def blocks(self) -> tuple:
+        return STAGE_BLOCKS[self.depth][1]
+
+    @property
+    def bottleneck_depths(self) -> List[int]:
+        return sorted(d for d, (b, _) in STAGE_BLOCKS.items() if b)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+# The one table of named variants. Published parameter counts are checked in tests/test_paper.py.
+MODELS: Dict[str, ResNeXtSpec] = {
+    "resnet18": ResNeXtSpec(18),
+    "resnet34": ResNeXtSpec(34),
+    "resnet50": ResNeXtSpec(50),
+    "resnet101": ResNeXtSpec(101),
+    "resnet152": ResNeXtSpec(152),
+    "resnext26_32x4d": ResNeXtSpec(26, 32, 4),
+    "resnext38_32x4d": ResNeXtSpec(38, 32, 4),
+    "resnext50_32x4d": ResNeXtSpec(50, 32, 4),
+    "resnext101_32x4d": ResNeXtSpec(101, 32, 4),
+    "resnext101_32x8d": ResNeXtSpec(101, 32, 8),
+    "resnext101_64x4d": ResNeXtSpec(101, 64, 4),
+    "resnext152_32x4d": ResNeXtSpec(152, 32, 4),
+}
+
+
+def list_models() -> List[str]:
+    """Names accepted by :func:`resnext` and :func:`resnext_fpn`."""
+    return list(MODELS)
+
+
+def make_norm(norm: str) -> Callable[[int], nn.Module]:
+    """Norm-layer factory for ``norm`` in ``NORMS``. GroupNorm uses 32 groups (Wu & He, 2018)."""
+    if norm == "bn":
+        return nn.BatchNorm2d
+    if norm == "frozen_bn":
+        return FrozenBatchNorm2d
+    if norm == "sync_bn":
+        return nn.SyncBatchNorm
+    if norm == "gn":
+        return lambda channels: nn.GroupNorm(32, channels)
+    raise ValueError(f"norm={norm!r} is not supported; choose one of {list(NORMS)}")
+
+
+def _conv(cin: int, cout: int, kernel: int, stride: int = 1, groups: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(cin, cout, kernel, stride=stride, padding=kernel // 2, groups=groups, bias=False)
+
+
+class Bottleneck(nn.Module):
+    """1x1 reduce -> 3x3 grouped (``cardinality`` paths of ``width / cardinality`` channels) -> 1x1 expand.
+
+    The grouped 3x3 is form (c) of the paper's Fig. 3, equivalent to summing ``cardinality`` split-transform
+    paths (form a). Stride sits on the 3x3, as in torchvision (not on the 1x1 as in the original Caffe2 models).
+    """
+
+    expansion = 4
+
+    def __init__(self, cin: int, planes: int, stride: int, cardinality: int, base_width: int,
+                 norm: Callable[[int], nn.Module]) -> None:
+        super().__init__()
+        width = int(planes * base_width / 64) * cardinality
+        cout = planes * self.expansion
+        self.conv1, self.bn1 = _conv(cin, width, 1), norm(width)
+        self.conv2, self.bn2 = _conv(width, width, 3, stride, cardinality), norm(width)
+        self.conv3, self.bn3 = _conv(width, cout, 1), norm(cout)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = _shortcut(cin, cout, stride, norm)
+
+    def forward(self, x: Tensor) -> Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return self.relu(out + identity)
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 convolutions (ResNet-18/34)."""
+
+    expansion = 1
+
+    def __init__(self, cin: int, planes: int, stride: int, cardinality: int, base_width: int,
+                 norm: Callable[[int], nn.Module]) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = _conv(cin, planes, 3, stride), norm(planes)
+        self.conv2, self.bn2 = _conv(planes, planes, 3), norm(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = _shortcut(cin, planes, stride, norm)
+
+    def forward(self, x: Tensor) -> Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(out + identity)
+
+
+def _shortcut(cin: int, cout: int, stride: int, norm: Callable[[int], nn.Module]) -> Optional[nn.Module]:
+    if stride == 1 and cin == cout:
+        return None
+    return nn.Sequential(_conv(cin, cout, 1, stride), norm(cout))
+
+
+class ResNeXt(nn.Module):
+    """ResNeXt trunk returning ``{"c2": .., "c3": .., "c4": .., "c5": ..}`` (strides 4, 8, 16, 32).
+
+    Stages after the last requested feature are not built (as torchvision's ``IntermediateLayerGetter``).
+    ``trainable_stages`` (0..5) freezes exactly what torchvision's ``trainable_layers`` freezes: parameters get
+    ``requires_grad=False`` and BatchNorm layers of frozen parts stay in eval mode under ``.train()``.
+    """
+
+    def __init__(self, spec: ResNeXtSpec, *, norm: str = "bn", trainable_stages: int = 5,
+                 out_features: Sequence[str] = FEATURES, zero_init_residual: bool = False) -> None:
+        super().__init__()
+        out_features = tuple(out_features)
+        if not out_features or any(f not in FEATURES for f in out_features) \
+                or len(set(out_features)) != len(out_features):
+            raise ValueError(f"out_features={out_features!r} must be a non-empty subset of {FEATURES}")
+        if not isinstance(trainable_stages, int) or not 0 <= trainable_stages <= 5:
+            raise ValueError(f"trainable_stages={trainable_stages!r} must be an integer in 0..5 "
+                             "(0 freezes everything, 5 trains the stem too)")
+        self.spec, self.norm = spec, norm
+        self.out_features = tuple(f for f in FEATURES if f in out_features)  # always in stride order
+        self.trainable_stages = trainable_stages
+        norm_layer = make_norm(norm)
+        block = Bottleneck if spec.bottleneck else BasicBlock
+
+        self.conv1 = nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False)
+        self.bn1 = norm_layer(64)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
+        self.num_stages = FEATURES.index(self.out_features[-1]) + 1
+        self.out_channels: Dict[str, int] = {}
+        cin = 64
+        for i, blocks in enumerate(spec.blocks):
+            planes, stride = 64 * 2**i, 1 if i == 0 else 2
+            layers: List[nn.Module] = []
+            for j in range(blocks):
+                layers.append(block(cin, planes, stride if j == 0 else 1, spec.cardinality, spec.base_width,
+                                    norm_layer))
+                cin = planes * block.expansion
+            # Unused stages stay as parameter-free placeholders so forward() can be scripted.
+            setattr(self, f"layer{i + 1}", nn.Sequential(*layers) if i < self.num_stages else nn.Identity())
+            if FEATURES[i] in self.out_features:
+                self.out_channels[FEATURES[i]] = cin
+        self.strides: Dict[str, int] = {f: STRIDES[f] for f in self.out_features}
+        self._want = [f in self.out_features for f in FEATURES]
+
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        if zero_init_residual:  # each residual branch starts as identity (Goyal et al., 2017)
+            for m in self.modules():
+                if isinstance(m, (Bottleneck, BasicBlock)):
+                    last = m.bn3 if isinstance(m, Bottleneck) else m.bn2
+                    if getattr(last, "weight", None) is not None:
+                        nn.init.zeros_(last.weight)
+        self._freeze()
+
+    def _frozen_prefixes(self) -> List[str]:
+        trainable = ["layer4", "layer3", "layer2", "layer1", "conv1"][: self.trainable_stages]
+        if self.trainable_stages == 5:
+            trainable.append("bn1")
+        return [name for name, _ in self.named_children() if name not in trainable and name != "relu"]
+
+    def _freeze(self) -> None:
+        for name in self._frozen_prefixes():
+            for p in getattr(self, name).parameters():
+                p.requires_grad_(False)
+
+    def train(self, mode: bool = True) -> "ResNeXt":
+        super().train(mode)
+        if mode:  # frozen parts keep their running statistics
+            for name in self._frozen_prefixes():
+                getattr(self, name).eval()
+        return self
+
+    def forward(self, x: Tensor) -> Dict[str, Tensor]:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        out: Dict[str, Tensor] = {}
+        x = self.layer1(x)
+        if self._want[0]:
+            out["c2"] = x
+        if self.num_stages > 1:
+            x = self.layer2(x)
+            if self._want[1]:
+                out["c3"] = x
+        if self.num_stages > 2:
+            x = self.layer3(x)
+            if self._want[2]:
+                out["c4"] = x
+        if self.num_stages > 3:
+            x = self.layer4(x)
+            if self._want[3]:
+                out["c5"] = x
+        return out
+
+
+def resolve_spec(name: Optional[str] = None, *, depth: Optional[int] = None, cardinality: Optional[int] = None,
+                 base_width: Optional[int] = None) -> ResNeXtSpec:
+    """A named spec, or one from explicit arguments. Arguments given with a name must agree with it."""
+    if name is None:
+        if depth is None:
+            raise ValueError(f"give a model name (one of {list_models()}) or depth=...")
+        return ResNeXtSpec(depth, 1 if cardinality is None else cardinality, 64 if base_width is None else base_width)
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; known models: {list_models()}")
+    spec = MODELS[name]
+    given = {"depth": depth, "cardinality": cardinality, "base_width": base_width}
+    clash = {k: v for k, v in given.items() if v is not None and v != getattr(spec, k)}
+    if clash:
+        raise ValueError(f"{name!r} is {spec}; conflicting arguments {clash}. Drop the name or the arguments.")
+    return spec
+
+
+def resnext(name: Optional[str] = None, *, depth: Optional[int] = None, cardinality: Optional[int] = None,
+            base_width: Optional[int] = None, norm: str = "bn", trainable_stages: int = 5,
+            out_features: Sequence[str] = FEATURES, zero_init_residual: bool = False,
+            weights: Optional[str] = None, strict: bool = True) -> ResNeXt:
+    """Build a ResNeXt trunk from a name in :func:`list_models` or from ``depth``/``cardinality``/``base_width``.
+
+    ``weights`` is a local file in any format :func:`resnext_backbones.load_weights` reads.
+    """
+    spec = resolve_spec(name, depth=depth, cardinality=cardinality, base_width=base_width)
+    model = ResNeXt(spec, norm=norm, trainable_stages=trainable_stages, out_features=out_features,
+                    zero_init_residual=zero_init_residual)
+    if weights is not None:
+        from .weights import load_weights
+
+        load_weights(model, weights, strict=strict)
+    return model
+

@@ -1,0 +1,156 @@
+import pytest
+import torch
+import torchvision
+from conftest import randomize_norm_stats
+from torch import nn
+from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
+from torchvision.models.resnet import Bottleneck as TvBottleneck
+from torchvision.models.resnet import ResNet as TvResNet
+from torchvision.ops import FrozenBatchNorm2d
+
+import resnext_backbones as rb
+from resnext_backbones.trunk import STAGE_BLOCKS
+
+
+def torchvision_twin(name):
+    """torchvision's model for a named spec (resnext26 has no torchvision builder, so use its ResNet class)."""
+    if name == "resnext26_32x4d":
+        return TvResNet(TvBottleneck, [2, 2, 2, 2], groups=32, width_per_group=4)
+    return getattr(torchvision.models, name)()
+
+
+def test_list_models_has_the_published_and_the_small_specs():
+    names = rb.list_models()
+    for name in ["resnet18", "resnet34", "resnet50", "resnet101", "resnext26_32x4d", "resnext50_32x4d",
+                 "resnext101_32x4d", "resnext101_32x8d", "resnext101_64x4d", "resnext152_32x4d"]:
+        assert name in names
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet34", "resnet50", "resnext50_32x4d", "resnext101_32x8d",
+                                  "resnext101_64x4d"])
+def test_state_dict_has_torchvision_keys_and_shapes_minus_fc(name):
+    ours = rb.resnext(name).state_dict()
+    theirs = {k: v for k, v in getattr(torchvision.models, name)().state_dict().items() if not k.startswith("fc.")}
+    assert list(ours) == list(theirs)
+    assert all(ours[k].shape == theirs[k].shape for k in ours)
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnext26_32x4d", "resnext50_32x4d"])
+def test_features_equal_torchvision_layers_with_same_weights(name, images):
+    tv = randomize_norm_stats(torchvision_twin(name)).eval()
+    ours = rb.resnext(name).eval()
+    ours.load_state_dict({k: v for k, v in tv.state_dict().items() if not k.startswith("fc.")})
+    with torch.no_grad():
+        feats = ours(images)
+        x = tv.maxpool(tv.relu(tv.bn1(tv.conv1(images))))
+        for key, layer in zip(["c2", "c3", "c4", "c5"], [tv.layer1, tv.layer2, tv.layer3, tv.layer4]):
+            x = layer(x)
+            torch.testing.assert_close(feats[key], x, rtol=1e-4, atol=1e-5)
+
+
+def test_outputs_channels_and_strides_metadata(images):
+    trunk = rb.resnext("resnext26_32x4d").eval()
+    with torch.no_grad():
+        feats = trunk(images)
+    assert list(feats) == ["c2", "c3", "c4", "c5"]
+    assert trunk.out_channels == {"c2": 256, "c3": 512, "c4": 1024, "c5": 2048}
+    assert trunk.strides == {"c2": 4, "c3": 8, "c4": 16, "c5": 32}
+    for key, f in feats.items():
+        assert f.shape == (2, trunk.out_channels[key], 64 // trunk.strides[key], 64 // trunk.strides[key])
+
+
+def test_two_layer_blocks_report_their_channels(images):
+    trunk = rb.resnext("resnet18")
+    assert trunk.out_channels == {"c2": 64, "c3": 128, "c4": 256, "c5": 512}
+
+
+def test_channels_last_input_gives_the_same_values(images):
+    trunk = randomize_norm_stats(rb.resnext("resnext26_32x4d")).eval()
+    with torch.no_grad():
+        ref = trunk(images)
+        out = trunk.to(memory_format=torch.channels_last)(images.to(memory_format=torch.channels_last))
+    for key in ref:
+        assert out[key].is_contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(out[key], ref[key], rtol=1e-4, atol=1e-5)
+
+
+def test_out_features_subset_skips_unused_stages(images):
+    trunk = rb.resnext("resnet18", out_features=("c4", "c3")).eval()
+    assert list(trunk(images)) == ["c3", "c4"]
+    assert trunk.out_channels == {"c3": 128, "c4": 256}
+    assert not any(k.startswith("layer4.") for k in trunk.state_dict())
+
+
+@pytest.mark.parametrize("depth", sorted(STAGE_BLOCKS))
+def test_every_depth_has_the_papers_layer_count(depth):
+    cardinality, width = (32, 4) if STAGE_BLOCKS[depth][0] else (1, 64)
+    trunk = rb.resnext(depth=depth, cardinality=cardinality, base_width=width)
+    main_path_convs = [n for n, m in trunk.named_modules() if isinstance(m, nn.Conv2d) and "downsample" not in n]
+    assert len(main_path_convs) + 1 == depth  # + the classifier's fc layer
+    if cardinality > 1:
+        assert trunk.layer1[0].conv2.groups == 32 and trunk.layer1[0].conv2.out_channels == 128
+
+
+def test_any_cardinality_and_width_builds_and_runs(images):
+    trunk = rb.resnext(depth=26, cardinality=8, base_width=2)
+    assert trunk.layer1[0].conv2.groups == 8 and trunk.layer1[0].conv2.out_channels == 16
+    assert trunk(images)["c5"].shape == (2, 2048, 2, 2)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(depth=20), "choose one of [18, 26, 34, 38, 50, 101, 152, 200]"),
+    (dict(depth=18, cardinality=32, base_width=4), "grouping a two-layer block only makes it wider"),
+    (dict(depth=50, cardinality=0), "cardinality=0 must be a positive integer"),
+    (dict(name="resnext51_32x4d"), "known models: ['resnet18'"),
+    (dict(name="resnext50_32x4d", cardinality=64), "conflicting arguments {'cardinality': 64}"),
+    (dict(name="resnet18", norm="layer"), "choose one of ['bn', 'frozen_bn', 'sync_bn', 'gn']"),
+    (dict(name="resnet18", trainable_stages=6), "must be an integer in 0..5"),
+    (dict(name="resnet18", out_features=("c6",)), "non-empty subset of ('c2', 'c3', 'c4', 'c5')"),
+])
+def test_invalid_specs_raise_value_error_naming_allowed_values(kwargs, message):
+    name = kwargs.pop("name", None)
+    with pytest.raises(ValueError) as err:
+        rb.resnext(name, **kwargs)
+    assert message in str(err.value)
+
+
+@pytest.mark.parametrize("norm, cls", [("bn", nn.BatchNorm2d), ("frozen_bn", FrozenBatchNorm2d),
+                                       ("sync_bn", nn.SyncBatchNorm), ("gn", nn.GroupNorm)])
+def test_norm_choice_sets_every_norm_layer(norm, cls):
+    trunk = rb.resnext("resnext26_32x4d", norm=norm)
+    norms = [m for m in trunk.modules() if isinstance(m, (nn.BatchNorm2d, FrozenBatchNorm2d, nn.SyncBatchNorm,
+                                                           nn.GroupNorm))]
+    assert len(norms) == 2 * 4 * 3 + 4 + 1  # 3 per block, 1 per downsample, 1 in the stem
+    assert all(type(m) is cls for m in norms)
+
+
+def test_group_norm_trunk_trains(images):
+    trunk = rb.resnext("resnext26_32x4d", norm="gn")
+    trunk(images)["c5"].sum().backward()
+    assert trunk.conv1.weight.grad is not None
+
+
+@pytest.mark.parametrize("stages", range(6))
+def test_trainable_stages_freezes_exactly_what_torchvision_freezes(stages):
+    ours = rb.resnext("resnet18", trainable_stages=stages)
+    tv = _resnet_fpn_extractor(torchvision.models.resnet18(), stages)
+    theirs = {n.removeprefix("body.") for n, p in tv.named_parameters() if p.requires_grad and n.startswith("body.")}
+    assert {n for n, p in ours.named_parameters() if p.requires_grad} == theirs
+
+
+def test_frozen_batchnorm_stays_in_eval_mode_and_keeps_its_statistics(images):
+    trunk = rb.resnext("resnet18", norm="bn", trainable_stages=2).train()
+    assert not trunk.bn1.training and not trunk.layer2[0].bn1.training
+    assert trunk.layer3[0].bn1.training and trunk.layer4[0].bn1.training
+    frozen, live = trunk.layer1[0].bn1.running_mean.clone(), trunk.layer3[0].bn1.running_mean.clone()
+    trunk(images)
+    torch.testing.assert_close(trunk.layer1[0].bn1.running_mean, frozen)
+    assert not torch.equal(trunk.layer3[0].bn1.running_mean, live)
+    trunk.eval()
+    assert not trunk.layer3[0].bn1.training
+
+
+def test_zero_init_residual_zeroes_the_last_norm_of_each_block():
+    trunk = rb.resnext("resnext26_32x4d", zero_init_residual=True)
+    assert all(torch.all(b.bn3.weight == 0) for layer in [trunk.layer1, trunk.layer4] for b in layer)
+    assert torch.all(trunk.bn1.weight == 1)
