@@ -10,8 +10,12 @@ from collections import OrderedDict
 from typing import Dict, List, Optional, Sequence
 
 from torch import Tensor, nn
-from torchvision.ops.feature_pyramid_network import ExtraFPNBlock, FeaturePyramidNetwork, LastLevelMaxPool, \
-    LastLevelP6P7
+from torchvision.ops.feature_pyramid_network import (
+    ExtraFPNBlock,
+    FeaturePyramidNetwork,
+    LastLevelMaxPool,
+    LastLevelP6P7,
+)
 
 from .trunk import FEATURES, ResNeXt, resolve_spec
 

@@ -232,7 +232,7 @@ class ResNeXt(nn.Module):
             for p in getattr(self, name).parameters():
                 p.requires_grad_(False)
 
-    def train(self, mode: bool = True) -> "ResNeXt":
+    def train(self, mode: bool = True) -> ResNeXt:
         super().train(mode)
         if mode:  # frozen parts keep their running statistics
             for name in self._frozen_prefixes():

@@ -142,31 +142,31 @@ def read_weights(path: PathLike) -> Tuple[Dict, Dict[str, str]]:
 
 # ---------------------------------------------------------------------------------------- detectron2 naming
 
-# One table, used both ways: (torchvision name pattern, detectron2 name pattern). {s} stage, {b} block, {k} conv.
-_D2_RULES = [
-    (r"conv1\.weight", r"stem\.conv1\.weight"),
-    (r"bn1\.(?P<t>\w+)", r"stem\.conv1\.norm\.(?P<t>\w+)"),
-    (r"layer(?P<s>\d)\.(?P<b>\d+)\.conv(?P<k>\d)\.weight", r"res(?P<s>\d)\.(?P<b>\d+)\.conv(?P<k>\d)\.weight"),
-    (r"layer(?P<s>\d)\.(?P<b>\d+)\.bn(?P<k>\d)\.(?P<t>\w+)", r"res(?P<s>\d)\.(?P<b>\d+)\.conv(?P<k>\d)\.norm\.(?P<t>\w+)"),
-    (r"layer(?P<s>\d)\.(?P<b>\d+)\.downsample\.0\.weight", r"res(?P<s>\d)\.(?P<b>\d+)\.shortcut\.weight"),
-    (r"layer(?P<s>\d)\.(?P<b>\d+)\.downsample\.1\.(?P<t>\w+)", r"res(?P<s>\d)\.(?P<b>\d+)\.shortcut\.norm\.(?P<t>\w+)"),
+# One table, used both ways: torchvision name <-> detectron2 name. {s} stage, {b} block, {k} conv, {t} tensor.
+_D2_NAMES = [
+    ("conv1.weight", "stem.conv1.weight"),
+    ("bn1.{t}", "stem.conv1.norm.{t}"),
+    ("layer{s}.{b}.conv{k}.weight", "res{s}.{b}.conv{k}.weight"),
+    ("layer{s}.{b}.bn{k}.{t}", "res{s}.{b}.conv{k}.norm.{t}"),
+    ("layer{s}.{b}.downsample.0.weight", "res{s}.{b}.shortcut.weight"),
+    ("layer{s}.{b}.downsample.1.{t}", "res{s}.{b}.shortcut.norm.{t}"),
 ]
 _STAGE_OFFSET = 1  # torchvision layer1 is detectron2 res2
 
 
-def _fill(pattern: str, groups: Dict[str, str]) -> str:
-    return re.sub(r"\(\?P<(\w+)>[^)]*\)", lambda m: groups[m.group(1)], pattern).replace("\\", "")
+def _template_regex(template: str) -> re.Pattern:
+    return re.compile(re.sub(r"\\\{(\w)\\\}", r"(?P<\1>\\w+)", re.escape(template)) + "$")
 
 
 def _rename(key: str, to_d2: bool) -> Optional[str]:
-    for tv, d2 in _D2_RULES:
+    for tv, d2 in _D2_NAMES:
         src, dst = (tv, d2) if to_d2 else (d2, tv)
-        m = re.fullmatch(src, key)
+        m = _template_regex(src).match(key)
         if m:
-            groups = dict(m.groupdict())
-            if "s" in groups:
-                groups["s"] = str(int(groups["s"]) + (_STAGE_OFFSET if to_d2 else -_STAGE_OFFSET))
-            return _fill(dst, groups)
+            fields = m.groupdict()
+            if "s" in fields:
+                fields["s"] = str(int(fields["s"]) + (_STAGE_OFFSET if to_d2 else -_STAGE_OFFSET))
+            return dst.format(**fields)
     return None
 
 
@@ -237,10 +237,10 @@ def _unwrap(content: Dict) -> Tuple[Dict, str]:
         return content["state_dict"], "mmdet"
     if isinstance(content.get("model"), Mapping):
         model = content["model"]
-        if _find_prefix(model, "stem.conv1.weight"):
+        if _find_prefix(model, "stem.conv1.weight") is not None:
             return content, "detectron2"
         return model, "torchvision"
-    if _find_prefix(content, "stem.conv1.weight"):
+    if _find_prefix(content, "stem.conv1.weight") is not None:
         return {"model": content}, "detectron2"
     return content, "torchvision"
 
@@ -248,7 +248,7 @@ def _unwrap(content: Dict) -> Tuple[Dict, str]:
 def _sha256(state: Mapping[str, Tensor]) -> str:
     h = hashlib.sha256()
     for k in sorted(state):
-        t = state[k].detach().cpu().contiguous()
+        t = state[k].detach().cpu().contiguous().reshape(-1)
         h.update(f"{k}|{t.dtype}|{tuple(t.shape)}|".encode())
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
@@ -312,7 +312,8 @@ def load_weights(model: nn.Module, source: Union[PathLike, Mapping], *, strict: 
     unbuilt = tuple(f"{'body.' if hasattr(model, 'body') else ''}layer{i}." for i in range(1, 5)
                     if not any(k.startswith(f"{'body.' if hasattr(model, 'body') else ''}layer{i}.") for k in target))
     usable: Dict[str, Tensor] = {}
-    for key, value in picked.items():
+    order = {k: i for i, k in enumerate(target)}  # report in network order, not the file's
+    for key, value in sorted(picked.items(), key=lambda kv: order.get(kv[0], len(order))):
         if key.endswith("num_batches_tracked") and key not in target:
             continue
         if key not in target:

@@ -43,7 +43,7 @@ def test_features_equal_torchvision_layers_with_same_weights(name, images):
     with torch.no_grad():
         feats = ours(images)
         x = tv.maxpool(tv.relu(tv.bn1(tv.conv1(images))))
-        for key, layer in zip(["c2", "c3", "c4", "c5"], [tv.layer1, tv.layer2, tv.layer3, tv.layer4]):
+        for key, layer in zip(["c2", "c3", "c4", "c5"], [tv.layer1, tv.layer2, tv.layer3, tv.layer4], strict=True):
             x = layer(x)
             torch.testing.assert_close(feats[key], x, rtol=1e-4, atol=1e-5)
 
