@@ -136,7 +136,8 @@ class Bottleneck(nn.Module):
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.relu(self.bn2(self.conv2(out)))
         out = self.bn3(self.conv3(out))
-        return self.relu(out + identity)
+        out += identity  # in place: one activation-sized allocation less per block
+        return self.relu(out)
 
 
 class BasicBlock(nn.Module):
@@ -156,7 +157,8 @@ class BasicBlock(nn.Module):
         identity = x if self.downsample is None else self.downsample(x)
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
-        return self.relu(out + identity)
+        out += identity
+        return self.relu(out)
 
 
 def _shortcut(cin: int, cout: int, stride: int, norm: Callable[[int], nn.Module]) -> Optional[nn.Module]:

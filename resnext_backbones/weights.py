@@ -40,7 +40,7 @@ from torch import Tensor, nn
 
 from .trunk import ResNeXt, ResNeXtSpec, resnext
 
-__all__ = ["LoadReport", "WeightsError", "load_weights", "read_weights", "save_backbone", "load_backbone",
+__all__ = ["LoadReport", "WeightsError", "load_weights", "read_weights", "source_state_dict", "save_backbone", "load_backbone",
            "to_detectron2", "from_detectron2", "IMAGENET_MEAN", "IMAGENET_STD"]
 
 log = logging.getLogger("resnext_backbones")
@@ -274,6 +274,11 @@ def _source_state(source: Union[PathLike, Mapping]) -> Tuple[Dict[str, Tensor], 
     if fmt == "detectron2":
         state, notes = from_detectron2(state, name)
     return dict(state), fmt, notes, name
+
+
+def source_state_dict(source: Union[PathLike, Mapping]) -> Dict[str, Tensor]:
+    """The flat tensors of any supported file, converted to torchvision names (detectron2 renamed, BGR flipped)."""
+    return _source_state(source)[0]
 
 
 def _pick(state: Mapping[str, Tensor], model: nn.Module) -> Tuple[Dict[str, Tensor], List[str], str]:

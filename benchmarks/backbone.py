@@ -1,0 +1,74 @@
+"""Our trunk vs torchvision's resnext50_32x4d, same weights, alternating in one process.
+
+    python -m benchmarks.backbone [--batch 8] [--size 224] [--repeats 5] [--threads 2]
+
+Rows: forward (eval, no grad) and forward+backward (train), NCHW and channels_last. Ratio = ours/torchvision
+throughput (> 1 means ours is faster). Results go to benchmarks/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+import torchvision
+
+import resnext_backbones as rb
+
+from .common import machine, median_seconds_alternating, write_section
+
+
+def build_pair(name: str, memory_format: torch.memory_format):
+    tv = getattr(torchvision.models, name)()
+    ours = rb.resnext(name)
+    ours.load_state_dict({k: v for k, v in tv.state_dict().items() if not k.startswith("fc.")})
+    tv.fc = torch.nn.Identity()  # compare trunks: the 2048x1000 fc is not part of a backbone
+    tv.avgpool = torch.nn.Identity()
+    return ours.to(memory_format=memory_format), tv.to(memory_format=memory_format)
+
+
+def step(model, x, train: bool):
+    if train:
+        out = model(x)
+        loss = out["c5"].float().mean() if isinstance(out, dict) else out.float().mean()
+        loss.backward()
+        return
+    with torch.inference_mode():
+        model(x)
+
+
+def main(argv=None) -> str:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="resnext50_32x4d")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--repeats", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--no-write", action="store_true", help="print only; leave benchmarks/README.md alone")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+
+    rows = ["| pass | layout | ours img/s | torchvision img/s | ratio |", "|---|---|---|---|---|"]
+    for layout, fmt in [("NCHW", torch.contiguous_format), ("channels_last", torch.channels_last)]:
+        ours, tv = build_pair(args.model, fmt)
+        x = torch.rand(args.batch, 3, args.size, args.size).to(memory_format=fmt)
+        for name, train in [("forward", False), ("forward+backward", True)]:
+            ours.train(train), tv.train(train)
+            t = median_seconds_alternating({"ours": lambda: step(ours, x, train), "tv": lambda: step(tv, x, train)},
+                                           repeats=args.repeats)
+            row = (f"| {name} | {layout} | {args.batch / t['ours']:.2f} | {args.batch / t['tv']:.2f} | "
+                   f"{t['tv'] / t['ours']:.3f} |")
+            print(row, flush=True)
+            rows.append(row)
+    body = (f"## Trunk: ours vs torchvision `{args.model}`\n\n"
+            f"`python -m benchmarks.backbone --batch {args.batch} --size {args.size} --repeats {args.repeats} "
+            f"--threads {args.threads}`; same weights, alternating, median of {args.repeats}.\n"
+            f"Machine: {machine()}.\n\n" + "\n".join(rows))
+    if not args.no_write:
+        write_section("backbone", body)
+    return body
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,59 @@
+"""Side-by-side timing: ours and the peer alternate in one process; each row is a ratio of medians."""
+
+from __future__ import annotations
+
+import platform
+import statistics
+import time
+from datetime import date
+from pathlib import Path
+from typing import Callable, Dict, List
+
+import torch
+
+README = Path(__file__).with_name("README.md")
+
+
+def median_seconds_alternating(fns: Dict[str, Callable[[], object]], repeats: int, warmup: int = 1) -> Dict[str, float]:
+    """Run every fn ``warmup`` times, then ``repeats`` rounds in alternating order; the median time of each."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: Dict[str, List[float]] = {name: [] for name in fns}
+    order = list(fns.items())
+    for r in range(repeats):
+        for name, fn in order if r % 2 == 0 else order[::-1]:  # ABBA: slow drifts of the machine cancel
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            fn()
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
+    return (f"{cpu}, {torch.get_num_threads()} threads{gpu}; torch {torch.__version__}, "
+            f"python {platform.python_version()}; {date.today().isoformat()}")
+
+
+def write_section(name: str, body: str) -> None:
+    """Replace (or append) the section between ``<!-- name -->`` markers in benchmarks/README.md."""
+    start, end = f"<!-- {name} -->", f"<!-- /{name} -->"
+    text = README.read_text() if README.exists() else "# Benchmarks\n"
+    block = f"{start}\n{body.rstrip()}\n{end}"
+    if start in text and end in text:
+        text = text[: text.index(start)] + block + text[text.index(end) + len(end):]
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    README.write_text(text)

@@ -1,0 +1,117 @@
+"""ImageClassifier: a ResNeXt trunk, global average pooling and a linear head."""
+
+from __future__ import annotations
+
+from typing import Dict, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.cli import OptimizerCallable
+from torch import Tensor, nn
+from torchmetrics.classification import MulticlassAccuracy
+from torchvision.transforms import v2
+
+import resnext_backbones as rb
+from resnext_backbones.weights import IMAGENET_MEAN, IMAGENET_STD, source_state_dict
+
+from .base import BackboneTask, check_categories, log
+
+
+def imagenet_sgd(params, lr: float = 0.1, momentum: float = 0.9, weight_decay: float = 1e-4) -> torch.optim.SGD:
+    """The ImageNet default (He et al.): SGD, lr 0.1 for 256 images, momentum 0.9, wd 1e-4."""
+    return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+
+
+class ImageClassifier(BackboneTask):
+    """Image classification on a ResNeXt trunk. Inputs are RGB floats in [0, 1]; the model normalises them.
+
+    Args:
+        backbone: a name from ``resnext_backbones.list_models()``.
+        num_classes: classes (set by the data module in the CLI).
+        weights: trunk weights in any format ``resnext_backbones.load_weights`` reads, or a checkpoint of either
+            task; a classification head of matching shape (torchvision/timm ``fc.*``) is loaded too.
+        strict_weights: refuse trunk weights that do not fit exactly (``false`` loads what fits).
+        trainable_stages: 0..5 trunk stages to train (5 = all).
+        norm: trunk norm, ``bn`` | ``sync_bn`` | ``gn`` | ``frozen_bn``.
+        zero_init_residual: start each residual branch at zero (helps large-batch training).
+        categories: class index -> name (set by the data module).
+        label_smoothing: cross-entropy label smoothing.
+        mixup_alpha: MixUp's alpha (0 = off).
+        cutmix_alpha: CutMix's alpha (0 = off); with both on, one of the two per batch.
+    """
+
+    def __init__(self, backbone: str = "resnext50_32x4d", num_classes: int = 1000, weights: Optional[str] = None,
+                 strict_weights: bool = True, trainable_stages: int = 5, norm: str = "bn",
+                 zero_init_residual: bool = False, categories: Optional[Dict[int, str]] = None,
+                 label_smoothing: float = 0.1, mixup_alpha: float = 0.0, cutmix_alpha: float = 0.0,
+                 optimizer: OptimizerCallable = imagenet_sgd, lr_schedule: str = "cosine", warmup_steps: int = 0,
+                 milestones: Sequence[float] = (), gamma: float = 0.1, channels_last: bool = False,
+                 compile: bool = False) -> None:
+        super().__init__(optimizer=optimizer, lr_schedule=lr_schedule, warmup_steps=warmup_steps,
+                         milestones=milestones, gamma=gamma, channels_last=channels_last, compile=compile)
+        self.categories = check_categories(num_classes, categories)
+        self.save_hyperparameters(ignore=["optimizer"])
+        self.trunk = rb.resnext(backbone, norm=norm, trainable_stages=trainable_stages, out_features=("c5",),
+                                zero_init_residual=zero_init_residual)
+        self.fc = nn.Linear(self.trunk.out_channels["c5"], num_classes)
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        self.label_smoothing = label_smoothing
+        mixes = ([v2.MixUp(alpha=mixup_alpha, num_classes=num_classes)] if mixup_alpha > 0 else []) + \
+                ([v2.CutMix(alpha=cutmix_alpha, num_classes=num_classes)] if cutmix_alpha > 0 else [])
+        self.mix = v2.RandomChoice(mixes) if mixes else None
+        top5 = min(5, num_classes)
+        self.val_acc = MulticlassAccuracy(num_classes, top_k=1, average="micro")
+        self.val_acc_top5 = MulticlassAccuracy(num_classes, top_k=top5, average="micro")
+        if weights is not None:
+            self.load_trunk_and_head(weights, strict=strict_weights)
+
+    def load_trunk_and_head(self, weights: str, strict: bool = True) -> None:
+        state = source_state_dict(weights)
+        log.info("%s", rb.load_weights(self.trunk, state, strict=strict))
+        for prefix in ("fc.", "model.fc.", "head.fc."):
+            head = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+            if head:
+                if head["weight"].shape != self.fc.weight.shape:
+                    log.info("head %s* not loaded: shape %s, model has %s", prefix, tuple(head["weight"].shape),
+                             tuple(self.fc.weight.shape))
+                    return
+                self.fc.load_state_dict(head)
+                log.info("loaded classification head from %s*", prefix)
+                return
+
+    def trunk_module(self) -> nn.Module:
+        return self.trunk
+
+    def forward(self, images: Tensor) -> Tensor:
+        """Logits for RGB images in [0, 1]."""
+        x = ((images - self.mean) / self.std).contiguous(memory_format=self.memory_format())
+        c5 = self.trunk(x)["c5"]
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(c5, 1), 1))
+
+    def training_step(self, batch, batch_idx: int) -> Tensor:
+        images, labels = batch
+        if self.mix is not None:
+            images, labels = self.mix(images, labels)
+        loss = F.cross_entropy(self(images), labels, label_smoothing=self.label_smoothing)
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(images))
+        return loss
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        images, labels = batch
+        logits = self(images)
+        self.val_acc.update(logits, labels)
+        self.val_acc_top5.update(logits, labels)
+        self.log("val/loss", F.cross_entropy(logits, labels), batch_size=len(images), sync_dist=True)
+        self.log("val/acc", self.val_acc, prog_bar=True, batch_size=len(images))
+        self.log("val/acc_top5", self.val_acc_top5, batch_size=len(images))
+
+    def test_step(self, batch, batch_idx: int) -> None:
+        images, labels = batch
+        logits = self(images)
+        self.val_acc.update(logits, labels)
+        self.log("test/acc", self.val_acc, batch_size=len(images))
+
+    def predict_step(self, batch, batch_idx: int) -> Tensor:
+        images, _ = batch
+        return self(images).softmax(-1)

@@ -1,0 +1,180 @@
+"""ObjectDetector: torchvision's Faster R-CNN, RetinaNet or FCOS on a ResNeXt-FPN, evaluated with COCO mAP."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Sequence, Union
+
+import torch
+from lightning.pytorch.cli import OptimizerCallable
+from torch import Tensor, nn
+from torchmetrics.detection import MeanAveragePrecision
+from torchvision.models.detection import FCOS, FasterRCNN, RetinaNet
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+
+import resnext_backbones as rb
+
+from .base import BackboneTask, check_categories, log, sgd
+
+
+@dataclass(frozen=True)
+class Architecture:
+    build: Callable[..., nn.Module]
+    returned_features: tuple
+    extra_blocks: str
+    label_offset: int  # 1 where class 0 is the background (Faster R-CNN), 0 where there is none (sigmoid heads)
+    anchors: Callable[[int], AnchorGenerator]  # base anchor size -> generator over the 5 pyramid levels
+
+
+ARCHITECTURES: Dict[str, Architecture] = {
+    "faster_rcnn": Architecture(
+        lambda bb, n, anchors, **kw: FasterRCNN(bb, num_classes=n + 1, rpn_anchor_generator=anchors, **kw),
+        ("c2", "c3", "c4", "c5"), "pool", 1,
+        lambda s: AnchorGenerator(tuple((s * 2**i,) for i in range(5)), ((0.5, 1.0, 2.0),) * 5)),
+    "retinanet": Architecture(
+        lambda bb, n, anchors, **kw: RetinaNet(bb, num_classes=n, anchor_generator=anchors, **kw),
+        ("c3", "c4", "c5"), "p6p7", 0,
+        lambda s: AnchorGenerator(tuple((x, int(x * 2 ** (1 / 3)), int(x * 2 ** (2 / 3)))
+                                        for x in (s * 2**i for i in range(5))), ((0.5, 1.0, 2.0),) * 5)),
+    "fcos": Architecture(
+        lambda bb, n, anchors, **kw: FCOS(bb, num_classes=n, anchor_generator=anchors, **kw),
+        ("c3", "c4", "c5"), "p6p7", 0,
+        lambda s: AnchorGenerator(tuple((s * 2**i,) for i in range(5)), ((1.0,),) * 5)),
+}
+DEFAULT_ANCHOR = {"faster_rcnn": 32, "retinanet": 32, "fcos": 8}  # torchvision's defaults
+MAP_BACKENDS = ("pycocotools", "faster_coco_eval")
+
+
+class ObjectDetector(BackboneTask):
+    """Object detection on a ResNeXt-FPN backbone.
+
+    Args:
+        architecture: ``faster_rcnn`` (P2-P6) | ``retinanet`` (P3-P7) | ``fcos`` (P3-P7).
+        backbone: a name from ``resnext_backbones.list_models()``.
+        num_classes: object categories, without background (set by the data module in the CLI).
+        weights: trunk or backbone weights, any format ``resnext_backbones.load_weights`` reads, or a checkpoint
+            of either task; heads keep their initialisation.
+        strict_weights: refuse weights that do not fit the trunk exactly (``false`` loads what fits).
+        trainable_stages: 0..5 trunk stages to train, as torchvision's ``trainable_layers``.
+        norm: trunk norm, ``frozen_bn`` | ``bn`` | ``sync_bn`` | ``gn`` (``bn`` or ``gn`` to train from scratch).
+        min_size: shorter image side the detector resizes to; a list picks one at random per training batch.
+        max_size: longest image side after resizing.
+        anchor_size: anchor (FCOS: sampling) size at the first pyramid level, doubling per level.
+        detections_per_image: most detections kept per image.
+        categories: dataset category id -> name (set by the data module); metrics and predictions use these ids.
+        map_backend: ``pycocotools`` | ``faster_coco_eval`` for ``MeanAveragePrecision``.
+        log_images: validation images with predicted boxes sent to loggers that take pictures (TensorBoard).
+    """
+
+    def __init__(self, architecture: str = "faster_rcnn", backbone: str = "resnext50_32x4d", num_classes: int = 91,
+                 weights: Optional[str] = None, strict_weights: bool = True, trainable_stages: int = 3,
+                 norm: str = "frozen_bn", min_size: Union[int, List[int]] = 800, max_size: int = 1333,
+                 anchor_size: Optional[int] = None, fpn_channels: int = 256, detections_per_image: int = 100,
+                 categories: Optional[Dict[int, str]] = None, map_backend: str = "pycocotools",
+                 log_images: int = 4, optimizer: OptimizerCallable = sgd, lr_schedule: str = "multistep",
+                 warmup_steps: int = 500, milestones: Sequence[float] = (0.667, 0.917), gamma: float = 0.1,
+                 channels_last: bool = False, compile: bool = False) -> None:
+        super().__init__(optimizer=optimizer, lr_schedule=lr_schedule, warmup_steps=warmup_steps,
+                         milestones=milestones, gamma=gamma, channels_last=channels_last, compile=compile)
+        if architecture not in ARCHITECTURES:
+            raise ValueError(f"model.architecture={architecture!r} is not supported; "
+                             f"choose one of {list(ARCHITECTURES)}")
+        if map_backend not in MAP_BACKENDS:
+            raise ValueError(f"model.map_backend={map_backend!r} is not supported; choose one of {list(MAP_BACKENDS)}")
+        self.categories = check_categories(num_classes, categories)
+        self.save_hyperparameters(ignore=["optimizer"])
+        arch = ARCHITECTURES[architecture]
+        self.label_offset = arch.label_offset
+        fpn = rb.resnext_fpn(backbone, returned_features=arch.returned_features, extra_blocks=arch.extra_blocks,
+                             trainable_stages=trainable_stages, norm=norm, out_channels=fpn_channels)
+        if weights is not None:
+            log.info("%s", rb.load_weights(fpn, weights, strict=strict_weights))
+        min_size = tuple(min_size) if isinstance(min_size, (list, tuple)) else min_size
+        limits = ({"box_detections_per_img": detections_per_image} if architecture == "faster_rcnn"
+                  else {"detections_per_img": detections_per_image})
+        self.model = arch.build(fpn, num_classes, arch.anchors(anchor_size or DEFAULT_ANCHOR[architecture]),
+                                min_size=min_size, max_size=max_size, **limits)
+        self.val_map = MeanAveragePrecision(box_format="xyxy", iou_type="bbox", backend=map_backend)
+        self.log_images = log_images
+
+    def trunk_module(self) -> nn.Module:
+        return self.model.backbone.body
+
+    # -- labels: contiguous (data) <-> model (background convention) <-> dataset category ids (metrics, output)
+    def to_category_ids(self, labels: Tensor) -> Tensor:
+        labels = labels - self.label_offset
+        if self.categories is None:
+            return labels
+        ids = torch.tensor(list(self.categories), device=labels.device)
+        return ids[labels.clamp(0, len(ids) - 1)]
+
+    def _inputs(self, images: Sequence[Tensor]) -> List[Tensor]:
+        return [im.contiguous(memory_format=self.memory_format()) for im in images]
+
+    def forward(self, images: Sequence[Tensor]) -> List[Dict[str, Tensor]]:
+        """Detections per image: ``boxes`` (xyxy, input pixels), ``scores``, ``labels`` (dataset category ids)."""
+        detections = self.model(self._inputs(images))
+        for d in detections:
+            d["labels"] = self.to_category_ids(d["labels"])
+        return detections
+
+    def training_step(self, batch, batch_idx: int) -> Tensor:
+        images, targets = batch
+        targets = [{"boxes": t["boxes"].as_subclass(Tensor), "labels": t["labels"] + self.label_offset}
+                   for t in targets]
+        losses = self.model(self._inputs(images), targets)
+        loss = sum(losses.values())
+        n = len(images)
+        self.log("train/loss", loss, prog_bar=True, batch_size=n)
+        self.log_dict({f"train/{k}": v for k, v in losses.items()}, batch_size=n)
+        return loss
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        images, targets = batch
+        detections = self(images)
+        self.val_map.update(detections, [self._metric_target(t) for t in targets])
+        if batch_idx == 0 and self.log_images:
+            self._log_pictures(images, detections)
+
+    test_step = validation_step
+
+    def _metric_target(self, target: Dict) -> Dict[str, Tensor]:
+        return {"boxes": target["boxes"].as_subclass(Tensor), "labels": self.to_category_ids(target["labels"]
+                                                                                                + self.label_offset),
+                "iscrowd": target["iscrowd"], "area": target["area"]}
+
+    def _log_epoch_map(self, stage: str) -> None:
+        result = self.val_map.compute()
+        self.log_dict({f"{stage}/map": result["map"], f"{stage}/map_50": result["map_50"],
+                       f"{stage}/map_75": result["map_75"]}, prog_bar=True, sync_dist=False)
+        self.val_map.reset()
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_epoch_map("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_epoch_map("test")
+
+    def predict_step(self, batch, batch_idx: int) -> List[Dict]:
+        """COCO results (``image_id``, ``category_id``, ``bbox`` as xywh, ``score``) for the batch."""
+        images, targets = batch
+        results = []
+        for target, det in zip(targets, self(images), strict=True):
+            xywh = det["boxes"].clone()
+            xywh[:, 2:] -= xywh[:, :2]
+            results += [{"image_id": int(target["image_id"]), "category_id": int(c), "bbox": [round(v, 2) for v in b],
+                         "score": round(float(s), 5)}
+                        for b, c, s in zip(xywh.tolist(), det["labels"].tolist(), det["scores"].tolist(), strict=True)]
+        return results
+
+    def _log_pictures(self, images: Sequence[Tensor], detections: List[Dict[str, Tensor]]) -> None:
+        experiment = getattr(self.logger, "experiment", None)
+        if not hasattr(experiment, "add_image"):
+            return
+        from torchvision.utils import draw_bounding_boxes
+
+        for i, (image, det) in enumerate(zip(images[: self.log_images], detections, strict=False)):
+            keep = det["scores"] > 0.3
+            names = [str((self.categories or {}).get(int(c), int(c))) for c in det["labels"][keep]]
+            picture = draw_bounding_boxes((image * 255).byte().cpu(), det["boxes"][keep].cpu(), names)
+            experiment.add_image(f"val/detections_{i}", picture, self.global_step)

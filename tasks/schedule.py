@@ -1,0 +1,46 @@
+"""Learning-rate schedules shared by the tasks: linear warmup, then multi-step (detection) or cosine decay."""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional, Sequence
+
+SCHEDULES = ("multistep", "cosine", "constant")
+
+
+def warmup_then(schedule: str, *, total_steps: int, warmup_steps: int, warmup_factor: float = 0.001,
+                milestones: Sequence[float] = (), gamma: float = 0.1, min_factor: float = 0.0
+                ) -> Callable[[int], float]:
+    """Multiplier of the base learning rate at optimizer step ``step`` (for ``LambdaLR``).
+
+    ``milestones`` are fractions of ``total_steps`` (``[8/12, 11/12]`` is the detection 1x schedule), so one
+    schedule serves any dataset size and epoch count.
+    """
+    if schedule not in SCHEDULES:
+        raise ValueError(f"lr_schedule={schedule!r} is not supported; choose one of {list(SCHEDULES)}")
+    if any(not 0 < m < 1 for m in milestones):
+        raise ValueError(f"milestones={list(milestones)} must be fractions of training in (0, 1), e.g. [0.667, 0.917]")
+    total_steps, warmup_steps = max(1, total_steps), max(0, min(warmup_steps, total_steps))
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            alpha = step / warmup_steps
+            return warmup_factor * (1 - alpha) + alpha
+        if schedule == "multistep":
+            return gamma ** sum(step >= m * total_steps for m in milestones)
+        if schedule == "cosine":
+            progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+            return min_factor + (1 - min_factor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        return 1.0
+
+    return factor
+
+
+def total_training_steps(trainer, fallback: Optional[int] = None) -> int:
+    """Optimizer steps in the whole fit, from the trainer (``max_steps`` or epochs x batches)."""
+    steps = trainer.estimated_stepping_batches
+    if not math.isfinite(steps):
+        if fallback is None:
+            raise ValueError("set trainer.max_epochs or trainer.max_steps: the learning-rate schedule needs a length")
+        return fallback
+    return int(steps)
