@@ -6,6 +6,7 @@ import logging
 from typing import Iterable, Optional, Sequence
 
 import torch
+import torch.distributed as dist
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import OptimizerCallable
 from torch.optim.lr_scheduler import LambdaLR
@@ -59,6 +60,15 @@ class BackboneTask(LightningModule):
         factor = warmup_then(self.lr_schedule, total_steps=total_training_steps(self.trainer),
                              warmup_steps=self.warmup_steps, milestones=self.milestones, gamma=self.gamma)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": LambdaLR(optimizer, factor), "interval": "step"}}
+
+
+def gather_objects(obj) -> list:
+    """``[obj of rank 0, obj of rank 1, ...]`` under torch.distributed (any picklable, any size), else ``[obj]``."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [obj]
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
 
 
 def check_categories(num_classes: int, categories: Optional[dict]) -> Optional[dict]:

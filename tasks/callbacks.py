@@ -8,8 +8,9 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-import torch.distributed as dist
 from lightning.pytorch.callbacks import BasePredictionWriter
+
+from .base import gather_objects
 
 log = logging.getLogger("tasks")
 
@@ -32,11 +33,7 @@ class CocoResultsWriter(BasePredictionWriter):
         if not predictions or not isinstance(predictions[0], list) or \
                 (predictions[0] and not isinstance(predictions[0][0], dict)):
             return  # not a detector's predictions
-        results = [r for batch in predictions for r in batch]
-        if dist.is_available() and dist.is_initialized():
-            gathered = [None] * dist.get_world_size()
-            dist.all_gather_object(gathered, results)
-            results = [r for part in gathered for r in part]
+        results = [r for part in gather_objects([r for batch in predictions for r in batch]) for r in part]
         if trainer.is_global_zero:
             results.sort(key=lambda r: (r["image_id"], -r["score"]))
             path = Path(self.output or Path(trainer.log_dir or ".") / "predictions.json")

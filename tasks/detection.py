@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 import torch
 from lightning.pytorch.cli import OptimizerCallable
@@ -14,7 +14,7 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator
 
 import resnext_backbones as rb
 
-from .base import BackboneTask, check_categories, log, sgd
+from .base import BackboneTask, check_categories, gather_objects, log, sgd
 
 
 @dataclass(frozen=True)
@@ -61,6 +61,8 @@ class ObjectDetector(BackboneTask):
         max_size: longest image side after resizing.
         anchor_size: anchor (FCOS: sampling) size at the first pyramid level, doubling per level.
         detections_per_image: most detections kept per image.
+        detector_kwargs: further keyword arguments of torchvision's detector class (``box_batch_size_per_image``,
+            ``rpn_post_nms_top_n_train``, ``score_thresh``, ...), e.g. to size the heads to small images.
         categories: dataset category id -> name (set by the data module); metrics and predictions use these ids.
         map_backend: ``pycocotools`` | ``faster_coco_eval`` for ``MeanAveragePrecision``.
         log_images: validation images with predicted boxes sent to loggers that take pictures (TensorBoard).
@@ -70,6 +72,7 @@ class ObjectDetector(BackboneTask):
                  weights: Optional[str] = None, strict_weights: bool = True, trainable_stages: int = 3,
                  norm: str = "frozen_bn", min_size: Union[int, List[int]] = 800, max_size: int = 1333,
                  anchor_size: Optional[int] = None, fpn_channels: int = 256, detections_per_image: int = 100,
+                 detector_kwargs: Optional[Dict[str, Any]] = None,
                  categories: Optional[Dict[int, str]] = None, map_backend: str = "pycocotools",
                  log_images: int = 4, optimizer: OptimizerCallable = sgd, lr_schedule: str = "multistep",
                  warmup_steps: int = 500, milestones: Sequence[float] = (0.667, 0.917), gamma: float = 0.1,
@@ -93,8 +96,10 @@ class ObjectDetector(BackboneTask):
         limits = ({"box_detections_per_img": detections_per_image} if architecture == "faster_rcnn"
                   else {"detections_per_img": detections_per_image})
         self.model = arch.build(fpn, num_classes, arch.anchors(anchor_size or DEFAULT_ANCHOR[architecture]),
-                                min_size=min_size, max_size=max_size, **limits)
-        self.val_map = MeanAveragePrecision(box_format="xyxy", iou_type="bbox", backend=map_backend)
+                                min_size=min_size, max_size=max_size, **limits, **(detector_kwargs or {}))
+        self.val_map = MeanAveragePrecision(box_format="xyxy", iou_type="bbox", backend=map_backend,
+                                            sync_on_compute=False)
+        self._eval_batches: List = []
         self.log_images = log_images
 
     def trunk_module(self) -> nn.Module:
@@ -109,7 +114,14 @@ class ObjectDetector(BackboneTask):
         return ids[labels.clamp(0, len(ids) - 1)]
 
     def _inputs(self, images: Sequence[Tensor]) -> List[Tensor]:
-        return [im.contiguous(memory_format=self.memory_format()) for im in images]
+        return [im.as_subclass(Tensor) for im in images]
+
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        if self.channels_last and not hasattr(self, "_nhwc_hook"):
+            # torchvision batches the images itself; convert that batch where it enters the backbone
+            self._nhwc_hook = self.model.backbone.register_forward_pre_hook(
+                lambda module, args: (args[0].contiguous(memory_format=torch.channels_last),))
 
     def forward(self, images: Sequence[Tensor]) -> List[Dict[str, Tensor]]:
         """Detections per image: ``boxes`` (xyxy, input pixels), ``scores``, ``labels`` (dataset category ids)."""
@@ -132,22 +144,39 @@ class ObjectDetector(BackboneTask):
     def validation_step(self, batch, batch_idx: int) -> None:
         images, targets = batch
         detections = self(images)
-        self.val_map.update(detections, [self._metric_target(t) for t in targets])
+        self._eval_batches.append(([{k: v.cpu() for k, v in d.items()} for d in detections],
+                                   [self._metric_target(t) for t in targets]))
         if batch_idx == 0 and self.log_images:
             self._log_pictures(images, detections)
 
     test_step = validation_step
 
+    def on_validation_epoch_start(self) -> None:
+        self._eval_batches = []
+
+    on_test_epoch_start = on_validation_epoch_start
+
     def _metric_target(self, target: Dict) -> Dict[str, Tensor]:
-        return {"boxes": target["boxes"].as_subclass(Tensor), "labels": self.to_category_ids(target["labels"]
-                                                                                                + self.label_offset),
-                "iscrowd": target["iscrowd"], "area": target["area"]}
+        return {"boxes": target["boxes"].as_subclass(Tensor).cpu(),
+                "labels": self.to_category_ids(target["labels"] + self.label_offset).cpu(),
+                "iscrowd": target["iscrowd"].cpu(), "area": target["area"].cpu()}
 
     def _log_epoch_map(self, stage: str) -> None:
+        # Each process saw a different, unpadded share of the images; gather them whole, then evaluate once per
+        # process on all of them (torchmetrics' own sync needs equal shares, i.e. padding with repeated images).
+        preds, targets = [], []
+        for part in gather_objects(self._eval_batches):
+            for batch_preds, batch_targets in part:
+                preds += batch_preds
+                targets += batch_targets
+        self._eval_batches = []
+        if not preds:
+            return
+        self.val_map.update(preds, targets)
         result = self.val_map.compute()
-        self.log_dict({f"{stage}/map": result["map"], f"{stage}/map_50": result["map_50"],
-                       f"{stage}/map_75": result["map_75"]}, prog_bar=True, sync_dist=False)
         self.val_map.reset()
+        self.log_dict({f"{stage}/map": result["map"], f"{stage}/map_50": result["map_50"],
+                       f"{stage}/map_75": result["map_75"]}, prog_bar=True, rank_zero_only=False)
 
     def on_validation_epoch_end(self) -> None:
         self._log_epoch_map("val")

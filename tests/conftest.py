@@ -33,3 +33,25 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_coco(tmp_path_factory):
+    """A tiny COCO set from the shapes generator: 8 train / 5 val images (sparse category ids 3, 5, 9)."""
+    from tasks.data.shapes import _generate_detection
+
+    root = tmp_path_factory.mktemp("coco")
+    _generate_detection(root, "train", 8, seed=10)
+    _generate_detection(root, "val", 5, seed=11)
+    return {"train_annotations": str(root / "train.json"), "train_images": str(root / "train"),
+            "val_annotations": str(root / "val.json"), "val_images": str(root / "val")}
+
+
+@pytest.fixture(scope="session")
+def tiny_folder(tmp_path_factory):
+    from tasks.data.shapes import _generate_classification
+
+    root = tmp_path_factory.mktemp("folder")
+    _generate_classification(root, "train", 6, seed=12)
+    _generate_classification(root, "val", 3, seed=13)
+    return {"train_dir": str(root / "train"), "val_dir": str(root / "val")}

@@ -1,0 +1,186 @@
+"""The product as users run it: the CLI's fit/validate/test/predict on tiny configs, in-process."""
+
+import csv
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from tasks import ImageClassifier, ObjectDetector
+from tasks.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+SMALL_HEADS = {"box_batch_size_per_image": 32, "rpn_pre_nms_top_n_train": 200, "rpn_post_nms_top_n_train": 100,
+               "rpn_pre_nms_top_n_test": 100, "rpn_post_nms_top_n_test": 50, "box_score_thresh": 0.0}
+
+
+def detection_config(tmp_path, data, **model):
+    config = {
+        "seed_everything": 0,
+        "model": {"class_path": "tasks.ObjectDetector", "init_args": {
+            "backbone": "resnet18", "norm": "bn", "trainable_stages": 5, "min_size": 64, "max_size": 64,
+            "anchor_size": 16, "warmup_steps": 2, "detector_kwargs": SMALL_HEADS, **model}},
+        "data": {"class_path": "tasks.data.CocoDetectionDataModule",
+                 "init_args": {**data, "batch_size": 2, "num_workers": 0}},
+        "trainer": {"accelerator": "cpu", "devices": 1, "max_epochs": 1, "default_root_dir": str(tmp_path),
+                    "enable_model_summary": False, "enable_progress_bar": False, "log_every_n_steps": 1,
+                    "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger",
+                               "init_args": {"save_dir": str(tmp_path), "name": "logs"}},
+                    "callbacks": [{"class_path": "tasks.CocoResultsWriter",
+                                   "init_args": {"output": str(tmp_path / "predictions.json"),
+                                                 "draw_dir": str(tmp_path / "drawn")}},
+                                  {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                                   "init_args": {"dirpath": str(tmp_path / "ckpt"), "save_last": True}}]},
+    }
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return str(path)
+
+
+def last_metrics(log_dir: Path) -> dict:
+    rows = list(csv.DictReader(open(sorted(log_dir.glob("logs/version_*/metrics.csv"))[-1])))
+    merged = {}
+    for row in rows:
+        merged.update({k: float(v) for k, v in row.items() if v not in ("", None)})
+    return merged
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory, tiny_coco):
+    tmp = tmp_path_factory.mktemp("fit")
+    config = detection_config(tmp, tiny_coco)
+    cli = main(["fit", "--config", config])
+    return cli, config, tmp
+
+
+def test_fit_trains_logs_finite_metrics_and_writes_a_checkpoint(fitted):
+    cli, _, tmp = fitted
+    metrics = {k: float(v) for k, v in cli.trainer.callback_metrics.items()}
+    for key in ["train/loss", "val/map", "val/map_50", "val/map_75"]:
+        assert key in metrics and math.isfinite(metrics[key])
+    assert (tmp / "ckpt" / "last.ckpt").is_file()
+    assert cli.model.hparams.num_classes == 3  # from the data module, never written in the config
+    assert cli.model.categories == {3: "square", 5: "disk", 9: "triangle"}
+
+
+def test_validate_and_test_from_the_checkpoint(fitted):
+    _, config, tmp = fitted
+    ckpt = str(tmp / "ckpt" / "last.ckpt")
+    validated = main(["validate", "--config", config, "--ckpt_path", ckpt])
+    assert math.isfinite(float(validated.trainer.callback_metrics["val/map"]))
+    tested = main(["test", "--config", config, "--ckpt_path", ckpt])
+    assert math.isfinite(float(tested.trainer.callback_metrics["test/map_50"]))
+
+
+def test_predict_writes_coco_results_in_dataset_category_ids_and_drawings(fitted, tiny_coco):
+    _, config, tmp = fitted
+    main(["predict", "--config", config, "--ckpt_path", str(tmp / "ckpt" / "last.ckpt")])
+    results = json.loads((tmp / "predictions.json").read_text())
+    val_ids = {img["id"] for img in json.loads(Path(tiny_coco["val_annotations"]).read_text())["images"]}
+    assert results and {r["image_id"] for r in results} <= val_ids
+    assert {r["category_id"] for r in results} <= {3, 5, 9}
+    assert all(len(r["bbox"]) == 4 and r["bbox"][2] >= 0 and 0 <= r["score"] <= 1 for r in results)
+    assert len(list((tmp / "drawn").glob("*.png"))) == len(val_ids)
+    from pycocotools.coco import COCO  # the results file is what pycocotools loads
+
+    COCO(tiny_coco["val_annotations"]).loadRes(str(tmp / "predictions.json"))
+
+
+def test_load_from_checkpoint_outside_the_cli_predicts(fitted, tiny_coco):
+    _, _, tmp = fitted
+    model = ObjectDetector.load_from_checkpoint(tmp / "ckpt" / "last.ckpt", map_location="cpu").eval()
+    with torch.no_grad():
+        (det,) = model([torch.rand(3, 70, 60)])
+    assert det["boxes"].shape[1] == 4 and set(det["labels"].tolist()) <= {3, 5, 9}
+
+
+def test_classification_fit_through_the_cli(tmp_path, tiny_folder):
+    cli = main(["fit", "--model", "tasks.ImageClassifier", "--model.backbone", "resnet18",
+                "--data", "tasks.data.ImageFolderDataModule", "--data.train_dir", tiny_folder["train_dir"],
+                "--data.val_dir", tiny_folder["val_dir"], "--data.image_size", "32", "--data.batch_size", "6",
+                "--data.num_workers", "0", "--trainer.max_epochs", "1", "--trainer.accelerator", "cpu",
+                "--trainer.default_root_dir", str(tmp_path), "--trainer.enable_progress_bar", "false"])
+    metrics = cli.trainer.callback_metrics
+    assert 0 <= float(metrics["val/acc"]) <= 1 and 0 <= float(metrics["val/acc_top5"]) <= 1
+    assert float(metrics["val/acc_top5"]) == 1.0  # 3 classes: the top 3 always holds the answer
+    assert cli.model.hparams.num_classes == 3
+
+
+@pytest.mark.parametrize("config", sorted(str(p.relative_to(REPO)) for p in (REPO / "configs").rglob("*.yaml")
+                                          if p.name != "base_1x.yaml"))
+def test_every_shipped_config_parses(config, capsys):
+    configs = ["--config", str(REPO / config)]
+    if "coco/" in config:
+        configs = ["--config", str(REPO / "configs/coco/base_1x.yaml")] + configs
+    with pytest.raises(SystemExit) as exit_:
+        main(["fit", *configs, "--print_config"])
+    assert exit_.value.code in (0, None)
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["model"]["class_path"].startswith("tasks.")
+
+
+@pytest.mark.parametrize("argument, named", [("--model.init_args.min_sizee=3", "min_sizee"),
+                                             ("--model.init_args.max_size=big", "max_size"),
+                                             ("--trainer.max_epochz=1", "max_epochz")])
+def test_unknown_keys_and_wrong_types_fail_naming_them(argument, named, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["fit", "--config", str(REPO / "configs/detection.yaml"), argument, "--print_config"])
+    assert exit_.value.code != 0
+    assert named in capsys.readouterr().err
+
+
+def tiny_fit_args(tmp_path, data, precision):
+    return ["fit", "--config", detection_config(tmp_path, data), "--trainer.precision", precision,
+            "--trainer.max_steps", "2", "--trainer.limit_val_batches", "1"]
+
+
+def test_detection_trains_in_bf16_mixed_on_cpu(tmp_path, tiny_coco):
+    cli = main(tiny_fit_args(tmp_path, tiny_coco, "bf16-mixed"))
+    assert math.isfinite(float(cli.trainer.callback_metrics["train/loss"]))
+
+
+def test_classification_trains_in_bf16_mixed_on_cpu(tmp_path, tiny_folder):
+    cli = main(["fit", "--model", "tasks.ImageClassifier", "--model.backbone", "resnet18",
+                "--data", "tasks.data.ImageFolderDataModule", "--data.train_dir", tiny_folder["train_dir"],
+                "--data.val_dir", tiny_folder["val_dir"], "--data.image_size", "32", "--data.batch_size", "6",
+                "--data.num_workers", "0", "--trainer.max_steps", "2", "--trainer.accelerator", "cpu",
+                "--trainer.precision", "bf16-mixed", "--trainer.default_root_dir", str(tmp_path),
+                "--trainer.enable_progress_bar", "false"])
+    assert math.isfinite(float(cli.trainer.callback_metrics["train/loss"]))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["16-mixed", "bf16-mixed"])
+def test_detection_trains_in_mixed_precision_on_cuda(tmp_path, tiny_coco, precision):
+    cli = main(tiny_fit_args(tmp_path, tiny_coco, precision) + ["--trainer.accelerator", "gpu"])
+    assert math.isfinite(float(cli.trainer.callback_metrics["train/loss"]))
+
+
+def run_cli(*args, cwd):
+    result = subprocess.run([sys.executable, "-m", "tasks", *args], cwd=cwd, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def test_ddp_on_two_processes_trains_and_evaluates_each_image_once(fitted, tmp_path):
+    """DDP needs no find_unused_parameters (frozen stages), and mAP over an odd-sized validation set equals the
+    single-process value: the evaluation sampler does not pad with repeated images."""
+    _, config, tmp = fitted
+    ckpt = str(tmp / "ckpt" / "last.ckpt")
+    single = tmp_path / "single"
+    run_cli("validate", "--config", config, "--ckpt_path", ckpt, "--trainer.logger.init_args.save_dir", str(single),
+            cwd=tmp_path)
+    ddp = tmp_path / "ddp"
+    ddp_args = ["--trainer.devices", "2", "--trainer.strategy", "ddp", "--trainer.logger.init_args.save_dir", str(ddp)]
+    run_cli("validate", "--config", config, "--ckpt_path", ckpt, *ddp_args, cwd=tmp_path)
+    one, two = last_metrics(single), last_metrics(ddp)
+    assert one["val/map"] == pytest.approx(two["val/map"], abs=1e-6)
+    assert one["val/map_50"] == pytest.approx(two["val/map_50"], abs=1e-6)
+    run_cli("fit", "--config", config, "--model.init_args.trainable_stages", "2", "--trainer.max_steps", "2",
+            "--trainer.limit_val_batches", "1", *ddp_args, cwd=tmp_path)

@@ -1,0 +1,90 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tasks.data import CocoDetection, CocoDetectionDataModule, CocoIndex, ImageFolderDataModule
+from tasks.data.coco import read_rgb
+
+
+def write_coco(path, images, annotations, categories):
+    path.write_text(json.dumps({"images": images, "annotations": annotations, "categories": categories}))
+    return str(path)
+
+
+@pytest.fixture
+def crowd_coco(tmp_path):
+    (tmp_path / "img").mkdir()
+    for i, size in [(1, (40, 50)), (2, (30, 30))]:
+        Image.fromarray(np.zeros((*size, 3), np.uint8)).save(tmp_path / "img" / f"{i}.png")
+    anns = [{"id": 1, "image_id": 1, "category_id": 7, "bbox": [5, 5, 10, 20], "area": 150, "iscrowd": 0},
+            {"id": 2, "image_id": 1, "category_id": 2, "bbox": [0, 0, 30, 30], "area": 900, "iscrowd": 1}]
+    images = [{"id": 1, "file_name": "1.png", "height": 40, "width": 50},
+              {"id": 2, "file_name": "2.png", "height": 30, "width": 30}]  # image 2: no objects
+    path = write_coco(tmp_path / "a.json", images, anns, [{"id": 7, "name": "b"}, {"id": 2, "name": "a"}])
+    return path, str(tmp_path / "img")
+
+
+def test_sparse_category_ids_map_to_contiguous_labels_and_images_without_objects_are_kept(crowd_coco):
+    index = CocoIndex.from_file(crowd_coco[0])
+    assert index.category_ids == [2, 7] and index.category_names == ["a", "b"]
+    assert len(index) == 2
+    _, target = CocoDetection(index, crowd_coco[1])[1]
+    assert target["boxes"].shape == (0, 4) and target["labels"].shape == (0,)
+
+
+def test_crowd_boxes_are_left_out_of_training_targets_and_kept_for_evaluation(crowd_coco):
+    index = CocoIndex.from_file(crowd_coco[0])
+    _, train = CocoDetection(index, crowd_coco[1])[0]
+    _, evaluation = CocoDetection(index, crowd_coco[1], keep_crowd=True)[0]
+    assert train["labels"].tolist() == [1] and train["boxes"].tolist() == [[5, 5, 15, 25]]
+    assert evaluation["iscrowd"].tolist() == [0, 1] and evaluation["area"].tolist() == [150, 900]
+
+
+def test_unknown_category_is_an_error_naming_the_annotation(tmp_path):
+    path = write_coco(tmp_path / "bad.json", [{"id": 1, "file_name": "x.png", "height": 4, "width": 4}],
+                      [{"id": 42, "image_id": 1, "category_id": 9, "bbox": [0, 0, 2, 2], "iscrowd": 0}],
+                      [{"id": 1, "name": "a"}])
+    with pytest.raises(ValueError, match=r"annotation 42 has category_id 9, which is not in 'categories' \[1\]"):
+        CocoIndex.from_file(path)
+
+
+def test_horizontal_flip_moves_the_boxes(crowd_coco):
+    dm = CocoDetectionDataModule(crowd_coco[0], crowd_coco[1], crowd_coco[0], crowd_coco[1], horizontal_flip=1.0,
+                                 num_workers=0)
+    dm.setup("fit")
+    image, target = CocoDetection(dm.train_index, crowd_coco[1], dm.train_transforms())[0]
+    assert image.dtype == torch.float32 and image.shape == (3, 40, 50)
+    assert target["boxes"].tolist() == [[50 - 15, 5, 50 - 5, 25]]
+
+
+@pytest.mark.parametrize("mode", ["L", "RGBA", "CMYK", "I;16"])
+def test_images_decode_to_rgb_like_pil(tmp_path, mode):
+    rng = np.random.default_rng(0)
+    if mode == "I;16":
+        pil = Image.fromarray(rng.integers(0, 65535, (9, 7), dtype=np.uint16))
+    else:
+        pil = Image.fromarray(rng.integers(0, 255, (9, 7, 3), dtype=np.uint8)).convert(mode)
+    path = tmp_path / ("x.jpg" if mode == "CMYK" else "x.png")
+    pil.save(path, quality=100) if mode == "CMYK" else pil.save(path)
+    image = read_rgb(str(path))
+    assert image.shape == (3, 9, 7) and image.dtype == torch.uint8
+    if mode in ("L", "RGBA"):  # lossless: exact
+        expected = torch.from_numpy(np.asarray(Image.open(path).convert("RGB"))).permute(2, 0, 1)
+        assert torch.equal(image, expected)
+
+
+def test_data_module_gives_classes_and_names(tiny_coco, tiny_folder):
+    det = CocoDetectionDataModule(**tiny_coco, num_workers=0)
+    assert det.num_classes == 3 and det.categories == {3: "square", 5: "disk", 9: "triangle"}
+    cls = ImageFolderDataModule(**tiny_folder, num_workers=0)
+    assert cls.num_classes == 3 and cls.categories == {0: "disk", 1: "square", 2: "triangle"}
+
+
+def test_missing_paths_fail_naming_the_key(tiny_coco):
+    with pytest.raises(FileNotFoundError, match="data.val_images: 'nowhere' does not exist"):
+        CocoDetectionDataModule(**(tiny_coco | {"val_images": "nowhere"}))
+    with pytest.raises(ValueError, match="or none of them for the embedded shapes set"):
+        CocoDetectionDataModule(train_annotations=tiny_coco["train_annotations"])

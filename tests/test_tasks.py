@@ -1,0 +1,72 @@
+import pytest
+import torch
+import torchvision
+from conftest import randomize_norm_stats
+
+from tasks import ImageClassifier, ObjectDetector
+from tasks.detection import ARCHITECTURES
+
+LEVELS = {"faster_rcnn": ["0", "1", "2", "3", "pool"], "retinanet": ["0", "1", "2", "p6", "p7"],
+          "fcos": ["0", "1", "2", "p6", "p7"]}
+
+
+def detector(architecture, **kwargs):
+    return ObjectDetector(architecture=architecture, backbone="resnet18", num_classes=3, min_size=64, max_size=64,
+                          categories={3: "square", 5: "disk", 9: "triangle"}, **kwargs)
+
+
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+def test_each_architecture_gets_its_pyramid_and_background_convention(architecture):
+    model = detector(architecture)
+    with torch.no_grad():
+        levels = model.model.backbone(torch.rand(1, 3, 64, 64))
+    assert list(levels) == LEVELS[architecture]
+    head = model.model.roi_heads.box_predictor.cls_score.out_features if architecture == "faster_rcnn" \
+        else model.model.head.classification_head.num_classes
+    assert head == (4 if architecture == "faster_rcnn" else 3)  # Faster R-CNN adds a background class
+
+
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+def test_detections_and_training_use_dataset_category_ids(architecture):
+    model = detector(architecture, detector_kwargs={"score_thresh": 0.0} if architecture != "faster_rcnn"
+                     else {"box_score_thresh": 0.0})
+    model.eval()
+    with torch.no_grad():
+        (det,) = model([torch.rand(3, 64, 64)])
+    assert len(det["labels"]) and set(det["labels"].tolist()) <= {3, 5, 9}
+    model.train()
+    targets = [{"boxes": torch.tensor([[2.0, 2.0, 30.0, 40.0]]), "labels": torch.tensor([2])}]  # contiguous label
+    loss = model.model([torch.rand(3, 64, 64)], [{"boxes": t["boxes"], "labels": t["labels"] + model.label_offset}
+                                                 for t in targets])
+    assert all(torch.isfinite(v) for v in loss.values())
+
+
+def test_frozen_stages_have_no_gradient_so_ddp_needs_no_unused_parameter_search():
+    model = detector("faster_rcnn", trainable_stages=2)
+    trunk = model.model.backbone.body
+    assert not any(p.requires_grad for n, p in trunk.named_parameters() if n.startswith(("conv1", "layer1", "layer2")))
+    assert all(p.requires_grad for p in trunk.layer3.parameters())
+
+
+def test_invalid_detector_arguments_name_the_allowed_values():
+    with pytest.raises(ValueError, match=r"model.architecture='yolo' is not supported; choose one of \['faster_rcnn'"):
+        detector("yolo")
+    with pytest.raises(ValueError, match="model.map_backend='coco' is not supported"):
+        detector("fcos", map_backend="coco")
+
+
+def test_torchvision_classification_weights_give_torchvision_logits(tmp_path):
+    torch.manual_seed(0)
+    tv = randomize_norm_stats(torchvision.models.resnet18()).eval()
+    torch.save(tv.state_dict(), tmp_path / "resnet18.pth")
+    model = ImageClassifier(backbone="resnet18", num_classes=1000, weights=str(tmp_path / "resnet18.pth")).eval()
+    images = torch.rand(2, 3, 64, 64)
+    normalized = torchvision.transforms.v2.functional.normalize(images, [0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
+    with torch.no_grad():
+        torch.testing.assert_close(model(images), tv(normalized), rtol=1e-4, atol=1e-4)
+
+
+def test_classifier_head_of_another_size_is_left_at_init(tmp_path):
+    torch.save(torchvision.models.resnet18().state_dict(), tmp_path / "resnet18.pth")
+    model = ImageClassifier(backbone="resnet18", num_classes=3, weights=str(tmp_path / "resnet18.pth"))
+    assert model.fc.weight.shape == (3, 512)
