@@ -9,6 +9,7 @@ throughput (> 1 means ours is faster). Results go to benchmarks/README.md.
 from __future__ import annotations
 
 import argparse
+from functools import partial
 
 import torch
 import torchvision
@@ -55,8 +56,8 @@ def main(argv=None) -> str:
         x = torch.rand(args.batch, 3, args.size, args.size).to(memory_format=fmt)
         for name, train in [("forward", False), ("forward+backward", True)]:
             ours.train(train), tv.train(train)
-            t = median_seconds_alternating({"ours": lambda: step(ours, x, train), "tv": lambda: step(tv, x, train)},
-                                           repeats=args.repeats)
+            fns = {"ours": partial(step, ours, x, train), "tv": partial(step, tv, x, train)}
+            t = median_seconds_alternating(fns, repeats=args.repeats)
             row = (f"| {name} | {layout} | {args.batch / t['ours']:.2f} | {args.batch / t['tv']:.2f} | "
                    f"{t['tv'] / t['ours']:.3f} |")
             print(row, flush=True)

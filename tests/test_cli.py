@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 
-from tasks import ImageClassifier, ObjectDetector
+from tasks import ObjectDetector
 from tasks.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
