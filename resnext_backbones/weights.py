@@ -40,7 +40,7 @@ from torch import Tensor, nn
 
 from .trunk import ResNeXt, ResNeXtSpec, resnext
 
-__all__ = ["LoadReport", "WeightsError", "load_weights", "read_weights", "source_state_dict", "save_backbone",
+__all__ = ["LoadReport", "WeightsError", "load_weights", "read_weights", "source_state_dict", "infer_spec", "save_backbone",
            "load_backbone",
            "to_detectron2", "from_detectron2", "IMAGENET_MEAN", "IMAGENET_STD"]
 
@@ -342,6 +342,25 @@ def load_weights(model: nn.Module, source: Union[PathLike, Mapping], *, strict: 
     report.loaded = sorted(usable)
     log.info("%s", report)
     return report
+
+
+def infer_spec(state: Mapping[str, Tensor]) -> ResNeXtSpec:
+    """The spec of a torchvision-layout trunk state dict, read off its shapes (blocks per stage, 3x3 groups)."""
+    from .trunk import STAGE_BLOCKS
+
+    blocks = tuple(len({k.split(".")[1] for k in state if k.startswith(f"layer{i}.") and k.endswith("conv1.weight")})
+                   for i in range(1, 5))
+    bottleneck = "layer1.0.conv3.weight" in state
+    depth = next((d for d, (b, n) in STAGE_BLOCKS.items() if b == bottleneck and n == blocks), None)
+    if depth is None:
+        raise WeightsError(f"cannot tell the depth of a trunk with {blocks} {'bottleneck' if bottleneck else 'basic'} "
+                           f"blocks per stage; known: { {d: n for d, (_, n) in STAGE_BLOCKS.items()} }")
+    if not bottleneck:
+        return ResNeXtSpec(depth)
+    conv2 = state["layer1.0.conv2.weight"]
+    width, per_group = conv2.shape[0], conv2.shape[1]
+    cardinality = width // per_group
+    return ResNeXtSpec(depth, cardinality, per_group)  # first stage: planes 64, so width per group == base_width
 
 
 # ------------------------------------------------------------------------------------------- safetensors

@@ -161,6 +161,18 @@ def test_detection_trains_in_mixed_precision_on_cuda(tmp_path, tiny_coco, precis
     assert math.isfinite(float(cli.trainer.callback_metrics["train/loss"]))
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["16-mixed", "bf16-mixed"])
+def test_classification_trains_in_mixed_precision_on_cuda(tmp_path, tiny_folder, precision):
+    cli = main(["fit", "--model", "tasks.ImageClassifier", "--model.backbone", "resnext26_32x4d",
+                "--model.channels_last", "true", "--data", "tasks.data.ImageFolderDataModule",
+                "--data.train_dir", tiny_folder["train_dir"], "--data.val_dir", tiny_folder["val_dir"],
+                "--data.image_size", "64", "--data.batch_size", "6", "--data.num_workers", "0",
+                "--trainer.max_steps", "2", "--trainer.accelerator", "gpu", "--trainer.precision", precision,
+                "--trainer.default_root_dir", str(tmp_path), "--trainer.enable_progress_bar", "false"])
+    assert math.isfinite(float(cli.trainer.callback_metrics["train/loss"]))
+
+
 def run_cli(*args, cwd):
     result = subprocess.run([sys.executable, "-m", "tasks", *args], cwd=cwd, capture_output=True, text=True,
                             timeout=300)

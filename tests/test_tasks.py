@@ -70,3 +70,24 @@ def test_classifier_head_of_another_size_is_left_at_init(tmp_path):
     torch.save(torchvision.models.resnet18().state_dict(), tmp_path / "resnet18.pth")
     model = ImageClassifier(backbone="resnet18", num_classes=3, weights=str(tmp_path / "resnet18.pth"))
     assert model.fc.weight.shape == (3, 512)
+
+
+def test_sync_batchnorm_conversion_keeps_checkpoint_keys_and_evaluates_on_cpu():
+    """What ``--trainer.sync_batchnorm true`` does to a ``norm: bn`` detector (the sync itself needs GPUs)."""
+    model = detector("faster_rcnn", norm="bn", trainable_stages=5)
+    keys = list(model.state_dict())
+    converted = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    assert isinstance(converted.model.backbone.body.layer1[0].bn2, torch.nn.SyncBatchNorm)
+    assert list(converted.state_dict()) == keys
+    with torch.no_grad():
+        converted.eval()([torch.rand(3, 64, 64)])
+
+
+def test_mixup_and_cutmix_train_with_soft_targets():
+    model = ImageClassifier(backbone="resnet18", num_classes=4, mixup_alpha=0.2, cutmix_alpha=1.0)
+    images, labels = torch.rand(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
+    mixed_images, soft = model.mix(images, labels)
+    assert soft.shape == (4, 4) and torch.allclose(soft.sum(1), torch.ones(4))
+    assert not torch.equal(mixed_images, images)
+    loss = model.training_step((images, labels), 0)
+    assert torch.isfinite(loss)

@@ -1,0 +1,129 @@
+"""Pretrain once, reuse everywhere: task-to-task weights, export to every ecosystem, loud mismatches."""
+
+import pickle
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from conftest import randomize_norm_stats
+from safetensors import safe_open
+
+import resnext_backbones as rb
+from resnext_backbones.export import export
+from resnext_backbones.weights import WeightsError
+from tasks import ImageClassifier, ObjectDetector
+from tasks.cli import main
+
+
+@pytest.fixture(scope="module")
+def classifier_checkpoint(tmp_path_factory, tiny_folder):
+    tmp = tmp_path_factory.mktemp("pretrain")
+    main(["fit", "--model", "tasks.ImageClassifier", "--model.backbone", "resnet18", "--data",
+          "tasks.data.ImageFolderDataModule", "--data.train_dir", tiny_folder["train_dir"], "--data.val_dir",
+          tiny_folder["val_dir"], "--data.image_size", "32", "--data.batch_size", "6", "--data.num_workers", "0",
+          "--trainer.max_steps", "3", "--trainer.accelerator", "cpu", "--trainer.default_root_dir", str(tmp),
+          "--trainer.enable_progress_bar", "false", "--trainer.limit_val_batches", "1"])
+    return next(tmp.rglob("*.ckpt"))
+
+
+def trunk_tensors(trunk):
+    return {k: v for k, v in trunk.state_dict().items() if not k.endswith("num_batches_tracked")}
+
+
+def test_detector_starts_from_a_classifier_checkpoint_with_the_same_trunk(classifier_checkpoint):
+    classifier = ImageClassifier.load_from_checkpoint(classifier_checkpoint, map_location="cpu")
+    detector = ObjectDetector(backbone="resnet18", num_classes=3, weights=str(classifier_checkpoint), norm="bn")
+    ours, theirs = trunk_tensors(detector.model.backbone.body), trunk_tensors(classifier.trunk)
+    assert ours.keys() == theirs.keys()
+    for key in ours:
+        torch.testing.assert_close(ours[key], theirs[key])
+    assert not torch.equal(classifier.trunk.conv1.weight, rb.resnext("resnet18").conv1.weight)  # it did train
+
+
+def test_classifier_starts_from_a_detector_checkpoint(tmp_path):
+    detector = ObjectDetector(backbone="resnet18", num_classes=3, norm="frozen_bn")
+    randomize_norm_stats(detector)
+    torch.save({"state_dict": detector.state_dict(), "pytorch-lightning_version": "2.6.6"}, tmp_path / "det.ckpt")
+    classifier = ImageClassifier(backbone="resnet18", num_classes=5, weights=str(tmp_path / "det.ckpt"))
+    for key, value in trunk_tensors(detector.model.backbone.body).items():
+        torch.testing.assert_close(classifier.trunk.state_dict()[key], value)
+
+
+def test_exported_safetensors_carries_spec_normalisation_and_hash_and_rebuilds_the_trunk(classifier_checkpoint,
+                                                                                         tmp_path):
+    out = export(classifier_checkpoint, tmp_path / "trunk.safetensors")
+    with safe_open(str(out), framework="pt") as f:
+        meta = f.metadata()
+    assert meta["spec"] == '{"depth": 18, "cardinality": 1, "base_width": 64}'
+    assert meta["mean"] == "[0.485, 0.456, 0.406]" and meta["input_format"] == "RGB" and len(meta["sha256"]) == 64
+    classifier = ImageClassifier.load_from_checkpoint(classifier_checkpoint, map_location="cpu").eval()
+    trunk = rb.load_backbone(out).eval()
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(trunk(x)["c5"], classifier.trunk(x)["c5"])
+
+
+def test_torchvision_export_loads_strictly_into_torchvision_fc_excepted(classifier_checkpoint, tmp_path):
+    export(classifier_checkpoint, tmp_path / "tv.pth", "torchvision")
+    tv = torchvision.models.resnet18()
+    result = tv.load_state_dict(torch.load(tmp_path / "tv.pth", weights_only=True), strict=False)
+    assert sorted(result.missing_keys) == ["fc.bias", "fc.weight"] and not result.unexpected_keys
+    classifier = ImageClassifier.load_from_checkpoint(classifier_checkpoint, map_location="cpu").eval()
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        c5 = torch.nn.Sequential(*list(tv.eval().children())[:-2])(x)
+        torch.testing.assert_close(c5, classifier.trunk(x)["c5"])
+
+
+def test_mmdet_timm_and_detectron2_exports_have_their_layouts(classifier_checkpoint, tmp_path):
+    mm = torch.load(export(classifier_checkpoint, tmp_path / "mm.pth", "mmdet"), weights_only=True)
+    assert all(k.startswith("backbone.") for k in mm["state_dict"]) and "backbone.layer4.1.bn2.weight" in mm["state_dict"]
+    with safe_open(str(export(classifier_checkpoint, tmp_path / "timm.safetensors", "timm")), framework="pt") as f:
+        assert "layer1.0.conv1.weight" in f.keys()
+    with open(export(classifier_checkpoint, tmp_path / "d2.pkl", "detectron2"), "rb") as f:
+        d2 = pickle.load(f)
+    assert d2["matching_heuristics"] is True and d2["stride_in_1x1"] is False
+    assert {"stem.conv1.weight", "stem.conv1.norm.running_var", "res5.1.conv2.norm.bias", "res3.0.shortcut.weight",
+            "res3.0.shortcut.norm.weight"} <= set(d2["model"])
+    assert all(isinstance(v, np.ndarray) for v in d2["model"].values())
+    for path in (tmp_path / "mm.pth", tmp_path / "timm.safetensors", tmp_path / "d2.pkl"):
+        assert rb.load_weights(rb.resnext("resnet18"), path).ok  # and every export loads back
+
+
+def test_export_command_line(classifier_checkpoint, tmp_path):
+    result = subprocess.run([sys.executable, "-m", "resnext_backbones", "export", str(classifier_checkpoint),
+                             str(tmp_path / "x.pth"), "--format", "torchvision"], capture_output=True, text=True)
+    assert result.returncode == 0 and "ResNeXtSpec(depth=18" in result.stdout
+    result = subprocess.run([sys.executable, "-m", "resnext_backbones", "export", "missing.ckpt", "x"],
+                            capture_output=True, text=True)
+    assert result.returncode == 2 and "weights file 'missing.ckpt' does not exist" in result.stderr
+
+
+def test_weights_of_another_spec_fail_before_training_and_load_what_fits_when_not_strict(tmp_path):
+    source = rb.resnext("resnext101_32x8d")
+    rb.save_backbone(source, tmp_path / "x101_32x8d.safetensors")
+    with pytest.raises(WeightsError, match=r"layer1\.0\.conv1\.weight: file \(256, 64, 1, 1\) vs model \(128, 64"):
+        ObjectDetector(backbone="resnext101_32x4d", num_classes=3, weights=str(tmp_path / "x101_32x8d.safetensors"))
+    detector = ObjectDetector(backbone="resnext101_32x4d", num_classes=3, strict_weights=False,
+                              weights=str(tmp_path / "x101_32x8d.safetensors"))
+    body = detector.model.backbone.body
+    torch.testing.assert_close(body.conv1.weight, source.conv1.weight)  # the stem fits and is loaded
+    assert body.layer1[0].conv1.weight.shape == (128, 64, 1, 1)  # the rest keeps its own shape
+
+
+@pytest.mark.slow
+def test_two_stage_recipe_pretrain_export_finetune_beats_random_init(tmp_path):
+    """configs/classification.yaml -> export -> configs/detection.yaml on the embedded data, same step budget."""
+    steps = ["--trainer.max_steps", "240", "--trainer.enable_progress_bar", "false"]
+    main(["fit", "--config", "configs/classification.yaml", "--trainer.default_root_dir", str(tmp_path / "cls"),
+          "--trainer.max_steps", "150"])
+    export(next((tmp_path / "cls").rglob("last.ckpt")), tmp_path / "trunk.safetensors")
+    runs = {}
+    for name, weights in [("pretrained", str(tmp_path / "trunk.safetensors")), ("scratch", "null")]:
+        cli = main(["fit", "--config", "configs/detection.yaml", "--model.init_args.weights", weights,
+                    "--trainer.default_root_dir", str(tmp_path / name), *steps])
+        runs[name] = float(cli.trainer.callback_metrics["val/map_50"])
+    assert runs["pretrained"] >= runs["scratch"], runs
