@@ -40,9 +40,8 @@ from torch import Tensor, nn
 
 from .trunk import ResNeXt, ResNeXtSpec, resnext
 
-__all__ = ["LoadReport", "WeightsError", "load_weights", "read_weights", "source_state_dict", "infer_spec", "save_backbone",
-           "load_backbone",
-           "to_detectron2", "from_detectron2", "IMAGENET_MEAN", "IMAGENET_STD"]
+__all__ = ["LoadReport", "WeightsError", "load_weights", "read_weights", "source_state_dict", "infer_spec",
+           "save_backbone", "load_backbone", "to_detectron2", "from_detectron2", "IMAGENET_MEAN", "IMAGENET_STD"]
 
 log = logging.getLogger("resnext_backbones")
 

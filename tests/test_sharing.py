@@ -80,7 +80,8 @@ def test_torchvision_export_loads_strictly_into_torchvision_fc_excepted(classifi
 
 def test_mmdet_timm_and_detectron2_exports_have_their_layouts(classifier_checkpoint, tmp_path):
     mm = torch.load(export(classifier_checkpoint, tmp_path / "mm.pth", "mmdet"), weights_only=True)
-    assert all(k.startswith("backbone.") for k in mm["state_dict"]) and "backbone.layer4.1.bn2.weight" in mm["state_dict"]
+    assert all(k.startswith("backbone.") for k in mm["state_dict"])
+    assert "backbone.layer4.1.bn2.weight" in mm["state_dict"]
     with safe_open(str(export(classifier_checkpoint, tmp_path / "timm.safetensors", "timm")), framework="pt") as f:
         assert "layer1.0.conv1.weight" in f.keys()
     with open(export(classifier_checkpoint, tmp_path / "d2.pkl", "detectron2"), "rb") as f:
