@@ -62,6 +62,13 @@ class BackboneTask(LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": LambdaLR(optimizer, factor), "interval": "step"}}
 
 
+def check_finite(loss: torch.Tensor, step: int, what: str) -> None:
+    """Stop at the first non-finite loss, naming the step and the batch, rather than train on garbage."""
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"non-finite loss ({loss.item()}) at step {step}, batch of {what}. Lower the "
+                                 "learning rate, add warmup or gradient clipping, or check those images' boxes")
+
+
 def gather_objects(obj) -> list:
     """``[obj of rank 0, obj of rank 1, ...]`` under torch.distributed (any picklable, any size), else ``[obj]``."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:

@@ -14,7 +14,7 @@ from torchvision.transforms import v2
 import resnext_backbones as rb
 from resnext_backbones.weights import IMAGENET_MEAN, IMAGENET_STD, source_state_dict
 
-from .base import BackboneTask, check_categories, log
+from .base import BackboneTask, check_categories, check_finite, log
 
 
 def imagenet_sgd(params, lr: float = 0.1, momentum: float = 0.9, weight_decay: float = 1e-4) -> torch.optim.SGD:
@@ -94,6 +94,7 @@ class ImageClassifier(BackboneTask):
         if self.mix is not None:
             images, labels = self.mix(images, labels)
         loss = F.cross_entropy(self(images), labels, label_smoothing=self.label_smoothing)
+        check_finite(loss, self.global_step, f"{len(images)} images (batch {batch_idx})")
         self.log("train/loss", loss, prog_bar=True, batch_size=len(images))
         return loss
 

@@ -22,7 +22,8 @@ class TaskCLI(LightningCLI):
         parser.link_arguments("data.categories", "model.init_args.categories", apply_on="instantiate")
 
 
-def main(args: Optional[List[str]] = None, run: bool = True) -> TaskCLI:
+def cli(args: Optional[List[str]] = None, run: bool = True) -> TaskCLI:
+    """Build (and by default run) the CLI; returns it, so callers can inspect ``.trainer`` and ``.model``."""
     for name in ("tasks", "resnext_backbones"):
         logger = logging.getLogger(name)
         if not logger.handlers:
@@ -32,3 +33,8 @@ def main(args: Optional[List[str]] = None, run: bool = True) -> TaskCLI:
             logger.setLevel(logging.INFO)
     return TaskCLI(LightningModule, LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
                    args=args, run=run, save_config_kwargs={"overwrite": True})
+
+
+def main(args: Optional[List[str]] = None) -> None:
+    """The ``lightning`` console script and ``python -m tasks``."""
+    cli(args)

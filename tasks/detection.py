@@ -14,7 +14,7 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator
 
 import resnext_backbones as rb
 
-from .base import BackboneTask, check_categories, gather_objects, log, sgd
+from .base import BackboneTask, check_categories, check_finite, gather_objects, log, sgd
 
 
 @dataclass(frozen=True)
@@ -136,6 +136,7 @@ class ObjectDetector(BackboneTask):
                    for t in targets]
         losses = self.model(self._inputs(images), targets)
         loss = sum(losses.values())
+        check_finite(loss, self.global_step, f"image ids {[int(t['image_id']) for t in batch[1]]}")
         n = len(images)
         self.log("train/loss", loss, prog_bar=True, batch_size=n)
         self.log_dict({f"train/{k}": v for k, v in losses.items()}, batch_size=n)
@@ -191,8 +192,7 @@ class ObjectDetector(BackboneTask):
         for target, det in zip(targets, self(images), strict=True):
             xywh = det["boxes"].clone()
             xywh[:, 2:] -= xywh[:, :2]
-            results += [{"image_id": int(target["image_id"]), "category_id": int(c), "bbox": [round(v, 2) for v in b],
-                         "score": round(float(s), 5)}
+            results += [{"image_id": int(target["image_id"]), "category_id": int(c), "bbox": b, "score": s}
                         for b, c, s in zip(xywh.tolist(), det["labels"].tolist(), det["scores"].tolist(), strict=True)]
         return results
 

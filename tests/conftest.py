@@ -55,3 +55,11 @@ def tiny_folder(tmp_path_factory):
     _generate_classification(root, "train", 6, seed=12)
     _generate_classification(root, "val", 3, seed=13)
     return {"train_dir": str(root / "train"), "val_dir": str(root / "val")}
+
+
+def classification_args(tmp_path, folder, *extra, backbone="resnet18", image_size=32):
+    return ["fit", "--model", "tasks.ImageClassifier", "--model.backbone", backbone,
+            "--data", "tasks.data.ImageFolderDataModule", "--data.train_dir", folder["train_dir"],
+            "--data.val_dir", folder["val_dir"], "--data.image_size", str(image_size), "--data.batch_size", "6",
+            "--data.num_workers", "0", "--trainer.default_root_dir", str(tmp_path),
+            "--trainer.enable_progress_bar", "false", *extra]

@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import classification_args
 
 from tasks import ObjectDetector
-from tasks.cli import main
+from tasks.cli import cli as lightning_cli
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL_HEADS = {"box_batch_size_per_image": 32, "rpn_pre_nms_top_n_train": 200, "rpn_post_nms_top_n_train": 100,
@@ -54,7 +55,7 @@ def last_metrics(log_dir: Path) -> dict:
 def fitted(tmp_path_factory, tiny_coco):
     tmp = tmp_path_factory.mktemp("fit")
     config = detection_config(tmp, tiny_coco)
-    cli = main(["fit", "--config", config])
+    cli = lightning_cli(["fit", "--config", config])
     return cli, config, tmp
 
 
@@ -71,15 +72,15 @@ def test_fit_trains_logs_finite_metrics_and_writes_a_checkpoint(fitted):
 def test_validate_and_test_from_the_checkpoint(fitted):
     _, config, tmp = fitted
     ckpt = str(tmp / "ckpt" / "last.ckpt")
-    validated = main(["validate", "--config", config, "--ckpt_path", ckpt])
+    validated = lightning_cli(["validate", "--config", config, "--ckpt_path", ckpt])
     assert math.isfinite(float(validated.trainer.callback_metrics["val/map"]))
-    tested = main(["test", "--config", config, "--ckpt_path", ckpt])
+    tested = lightning_cli(["test", "--config", config, "--ckpt_path", ckpt])
     assert math.isfinite(float(tested.trainer.callback_metrics["test/map_50"]))
 
 
 def test_predict_writes_coco_results_in_dataset_category_ids_and_drawings(fitted, tiny_coco):
     _, config, tmp = fitted
-    main(["predict", "--config", config, "--ckpt_path", str(tmp / "ckpt" / "last.ckpt")])
+    lightning_cli(["predict", "--config", config, "--ckpt_path", str(tmp / "ckpt" / "last.ckpt")])
     results = json.loads((tmp / "predictions.json").read_text())
     val_ids = {img["id"] for img in json.loads(Path(tiny_coco["val_annotations"]).read_text())["images"]}
     assert results and {r["image_id"] for r in results} <= val_ids
@@ -100,11 +101,8 @@ def test_load_from_checkpoint_outside_the_cli_predicts(fitted, tiny_coco):
 
 
 def test_classification_fit_through_the_cli(tmp_path, tiny_folder):
-    cli = main(["fit", "--model", "tasks.ImageClassifier", "--model.backbone", "resnet18",
-                "--data", "tasks.data.ImageFolderDataModule", "--data.train_dir", tiny_folder["train_dir"],
-                "--data.val_dir", tiny_folder["val_dir"], "--data.image_size", "32", "--data.batch_size", "6",
-                "--data.num_workers", "0", "--trainer.max_epochs", "1", "--trainer.accelerator", "cpu",
-                "--trainer.default_root_dir", str(tmp_path), "--trainer.enable_progress_bar", "false"])
+    args = classification_args(tmp_path, tiny_folder, "--trainer.max_epochs", "1", "--trainer.accelerator", "cpu")
+    cli = lightning_cli(args)
     metrics = cli.trainer.callback_metrics
     assert 0 <= float(metrics["val/acc"]) <= 1 and 0 <= float(metrics["val/acc_top5"]) <= 1
     assert float(metrics["val/acc_top5"]) == 1.0  # 3 classes: the top 3 always holds the answer
@@ -118,7 +116,7 @@ def test_every_shipped_config_parses(config, capsys):
     if "coco/" in config:
         configs = ["--config", str(REPO / "configs/coco/base_1x.yaml")] + configs
     with pytest.raises(SystemExit) as exit_:
-        main(["fit", *configs, "--print_config"])
+        lightning_cli(["fit", *configs, "--print_config"])
     assert exit_.value.code in (0, None)
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["model"]["class_path"].startswith("tasks.")
@@ -129,7 +127,7 @@ def test_every_shipped_config_parses(config, capsys):
                                              ("--trainer.max_epochz=1", "max_epochz")])
 def test_unknown_keys_and_wrong_types_fail_naming_them(argument, named, capsys):
     with pytest.raises(SystemExit) as exit_:
-        main(["fit", "--config", str(REPO / "configs/detection.yaml"), argument, "--print_config"])
+        lightning_cli(["fit", "--config", str(REPO / "configs/detection.yaml"), argument, "--print_config"])
     assert exit_.value.code != 0
     assert named in capsys.readouterr().err
 
@@ -140,36 +138,31 @@ def tiny_fit_args(tmp_path, data, precision):
 
 
 def test_detection_trains_in_bf16_mixed_on_cpu(tmp_path, tiny_coco):
-    cli = main(tiny_fit_args(tmp_path, tiny_coco, "bf16-mixed"))
+    cli = lightning_cli(tiny_fit_args(tmp_path, tiny_coco, "bf16-mixed"))
     assert math.isfinite(float(cli.trainer.callback_metrics["train/loss"]))
 
 
 def test_classification_trains_in_bf16_mixed_on_cpu(tmp_path, tiny_folder):
-    cli = main(["fit", "--model", "tasks.ImageClassifier", "--model.backbone", "resnet18",
-                "--data", "tasks.data.ImageFolderDataModule", "--data.train_dir", tiny_folder["train_dir"],
-                "--data.val_dir", tiny_folder["val_dir"], "--data.image_size", "32", "--data.batch_size", "6",
-                "--data.num_workers", "0", "--trainer.max_steps", "2", "--trainer.accelerator", "cpu",
-                "--trainer.precision", "bf16-mixed", "--trainer.default_root_dir", str(tmp_path),
-                "--trainer.enable_progress_bar", "false"])
+    args = classification_args(tmp_path, tiny_folder, "--trainer.max_steps", "2", "--trainer.accelerator", "cpu",
+                               "--trainer.precision", "bf16-mixed")
+    cli = lightning_cli(args)
     assert math.isfinite(float(cli.trainer.callback_metrics["train/loss"]))
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("precision", ["16-mixed", "bf16-mixed"])
 def test_detection_trains_in_mixed_precision_on_cuda(tmp_path, tiny_coco, precision):
-    cli = main(tiny_fit_args(tmp_path, tiny_coco, precision) + ["--trainer.accelerator", "gpu"])
+    cli = lightning_cli(tiny_fit_args(tmp_path, tiny_coco, precision) + ["--trainer.accelerator", "gpu"])
     assert math.isfinite(float(cli.trainer.callback_metrics["train/loss"]))
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("precision", ["16-mixed", "bf16-mixed"])
 def test_classification_trains_in_mixed_precision_on_cuda(tmp_path, tiny_folder, precision):
-    cli = main(["fit", "--model", "tasks.ImageClassifier", "--model.backbone", "resnext26_32x4d",
-                "--model.channels_last", "true", "--data", "tasks.data.ImageFolderDataModule",
-                "--data.train_dir", tiny_folder["train_dir"], "--data.val_dir", tiny_folder["val_dir"],
-                "--data.image_size", "64", "--data.batch_size", "6", "--data.num_workers", "0",
-                "--trainer.max_steps", "2", "--trainer.accelerator", "gpu", "--trainer.precision", precision,
-                "--trainer.default_root_dir", str(tmp_path), "--trainer.enable_progress_bar", "false"])
+    args = classification_args(tmp_path, tiny_folder, "--model.channels_last", "true", "--trainer.max_steps", "2",
+                               "--trainer.accelerator", "gpu", "--trainer.precision", precision,
+                               backbone="resnext26_32x4d", image_size=64)
+    cli = lightning_cli(args)
     assert math.isfinite(float(cli.trainer.callback_metrics["train/loss"]))
 
 
@@ -196,3 +189,15 @@ def test_ddp_on_two_processes_trains_and_evaluates_each_image_once(fitted, tmp_p
     assert one["val/map_50"] == pytest.approx(two["val/map_50"], abs=1e-6)
     run_cli("fit", "--config", config, "--model.init_args.trainable_stages", "2", "--trainer.max_steps", "2",
             "--trainer.limit_val_batches", "1", *ddp_args, cwd=tmp_path)
+
+
+def test_the_installed_lightning_command_exits_cleanly(tmp_path):
+    import shutil
+
+    script = shutil.which("lightning")
+    if script is None:
+        pytest.skip("the package is not installed (pip install -e .)")
+    result = subprocess.run([script, "fit", "--config", str(REPO / "configs/detection.yaml"), "--print_config"],
+                            capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "class_path: tasks.ObjectDetector" in result.stdout

@@ -88,3 +88,41 @@ def test_missing_paths_fail_naming_the_key(tiny_coco):
         CocoDetectionDataModule(**(tiny_coco | {"val_images": "nowhere"}))
     with pytest.raises(ValueError, match="or none of them for the embedded shapes set"):
         CocoDetectionDataModule(train_annotations=tiny_coco["train_annotations"])
+
+
+def one_image_coco(tmp_path, annotations, images=None):
+    images = images or [{"id": 1, "file_name": "1.png", "height": 40, "width": 50}]
+    anns = [{"id": i + 1, "image_id": 1, "category_id": 1, "iscrowd": 0} | a for i, a in enumerate(annotations)]
+    return write_coco(tmp_path / "a.json", images, anns, [{"id": 1, "name": "a"}])
+
+
+def test_boxes_are_clipped_or_dropped_with_a_summary(tmp_path, caplog):
+    path = one_image_coco(tmp_path, [{"bbox": [5, 5, 10, 10]}, {"bbox": [5, 5, 0, 10]}, {"bbox": [5, 5, 10, -1]},
+                                     {"bbox": [45, 30, 20, 20]}, {"bbox": [60, 5, 10, 10]}])
+    with caplog.at_level("WARNING", logger="tasks"):
+        index = CocoIndex.from_file(path)
+    assert index.boxes.tolist() == [[5, 5, 15, 15], [45, 30, 50, 40]]  # the second one clipped to 50x40
+    assert "kept 2 of 5 boxes; dropped 2 with zero or negative size, 1 entirely outside their image; clipped 1" \
+        in caplog.text
+
+
+@pytest.mark.parametrize("annotations, images, message", [
+    ([{"bbox": [1, float("nan"), 3, 3]}], None, r"annotations \[1\] have non-finite bbox coordinates"),
+    ([{"bbox": [1, 1, 3, 3], "image_id": 7}], None, "annotation 1 refers to image_id 7, which has no entry"),
+    ([{"bbox": [1, 1, 3, 3]}, {"bbox": [1, 1, 3, 3], "id": 1}], None, r"duplicate annotation ids \[1\]"),
+    ([], [{"id": 1, "file_name": "1.png"}, {"id": 1, "file_name": "2.png"}], r"duplicate image ids \[1\]"),
+])
+def test_broken_annotation_files_fail_naming_the_ids(tmp_path, annotations, images, message):
+    with pytest.raises(ValueError, match=message):
+        CocoIndex.from_file(one_image_coco(tmp_path, annotations, images))
+
+
+def test_missing_image_files_fail_with_the_first_paths_or_are_skipped(crowd_coco, tmp_path, caplog):
+    path, images = crowd_coco
+    (tmp_path / "img" / "2.png").unlink()
+    with pytest.raises(FileNotFoundError, match=r"data.val_images: 1 of 2 listed images are missing, first: \[.*2.png"):
+        CocoDetectionDataModule(path, images, path, images)
+    with caplog.at_level("WARNING", logger="tasks"):
+        dm = CocoDetectionDataModule(path, images, path, images, skip_missing_images=True, num_workers=0)
+    assert dm.val_index.image_ids.tolist() == [1] and dm.val_index.boxes.shape == (2, 4)
+    assert "skipping them" in caplog.text

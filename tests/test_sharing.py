@@ -8,24 +8,21 @@ import numpy as np
 import pytest
 import torch
 import torchvision
-from conftest import randomize_norm_stats
+from conftest import classification_args, randomize_norm_stats
 from safetensors import safe_open
 
 import resnext_backbones as rb
 from resnext_backbones.export import export
 from resnext_backbones.weights import WeightsError
 from tasks import ImageClassifier, ObjectDetector
-from tasks.cli import main
+from tasks.cli import cli as lightning_cli
 
 
 @pytest.fixture(scope="module")
 def classifier_checkpoint(tmp_path_factory, tiny_folder):
     tmp = tmp_path_factory.mktemp("pretrain")
-    main(["fit", "--model", "tasks.ImageClassifier", "--model.backbone", "resnet18", "--data",
-          "tasks.data.ImageFolderDataModule", "--data.train_dir", tiny_folder["train_dir"], "--data.val_dir",
-          tiny_folder["val_dir"], "--data.image_size", "32", "--data.batch_size", "6", "--data.num_workers", "0",
-          "--trainer.max_steps", "3", "--trainer.accelerator", "cpu", "--trainer.default_root_dir", str(tmp),
-          "--trainer.enable_progress_bar", "false", "--trainer.limit_val_batches", "1"])
+    lightning_cli(classification_args(tmp, tiny_folder, "--trainer.max_steps", "3", "--trainer.accelerator", "cpu",
+                             "--trainer.limit_val_batches", "1"))
     return next(tmp.rglob("*.ckpt"))
 
 
@@ -119,12 +116,13 @@ def test_weights_of_another_spec_fail_before_training_and_load_what_fits_when_no
 def test_two_stage_recipe_pretrain_export_finetune_beats_random_init(tmp_path):
     """configs/classification.yaml -> export -> configs/detection.yaml on the embedded data, same step budget."""
     steps = ["--trainer.max_steps", "240", "--trainer.enable_progress_bar", "false"]
-    main(["fit", "--config", "configs/classification.yaml", "--trainer.default_root_dir", str(tmp_path / "cls"),
+    lightning_cli(["fit", "--config", "configs/classification.yaml", "--trainer.default_root_dir",
+                   str(tmp_path / "cls"),
           "--trainer.max_steps", "150"])
     export(next((tmp_path / "cls").rglob("last.ckpt")), tmp_path / "trunk.safetensors")
     runs = {}
     for name, weights in [("pretrained", str(tmp_path / "trunk.safetensors")), ("scratch", "null")]:
-        cli = main(["fit", "--config", "configs/detection.yaml", "--model.init_args.weights", weights,
+        cli = lightning_cli(["fit", "--config", "configs/detection.yaml", "--model.init_args.weights", weights,
                     "--trainer.default_root_dir", str(tmp_path / name), *steps])
         runs[name] = float(cli.trainer.callback_metrics["val/map_50"])
     assert runs["pretrained"] >= runs["scratch"], runs

@@ -91,3 +91,12 @@ def test_mixup_and_cutmix_train_with_soft_targets():
     assert not torch.equal(mixed_images, images)
     loss = model.training_step((images, labels), 0)
     assert torch.isfinite(loss)
+
+
+def test_a_non_finite_loss_stops_training_naming_the_step_and_images():
+    model = detector("faster_rcnn")
+    model.train()
+    images = [torch.full((3, 64, 64), float("nan"))]
+    targets = [{"boxes": torch.tensor([[2.0, 2.0, 30.0, 40.0]]), "labels": torch.tensor([0]), "image_id": 17}]
+    with pytest.raises(FloatingPointError, match=r"non-finite loss \(nan\) at step 0, batch of image ids \[17\]"):
+        model.training_step((images, targets), 0)

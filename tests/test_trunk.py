@@ -154,3 +154,23 @@ def test_zero_init_residual_zeroes_the_last_norm_of_each_block():
     trunk = rb.resnext("resnext26_32x4d", zero_init_residual=True)
     assert all(torch.all(b.bn3.weight == 0) for layer in [trunk.layer1, trunk.layer4] for b in layer)
     assert torch.all(trunk.bn1.weight == 1)
+
+
+@pytest.mark.parametrize("norm", ["bn", "frozen_bn"])
+def test_fused_inference_path_gives_the_same_features(norm, images):
+    trunk = randomize_norm_stats(rb.resnext("resnext26_32x4d", norm=norm)).eval()
+    with torch.no_grad():
+        ref = trunk(images)
+        trunk.fuse().to(memory_format=torch.channels_last)
+        out = trunk(images.to(memory_format=torch.channels_last))
+    assert not any(isinstance(m, (nn.BatchNorm2d, FrozenBatchNorm2d)) for m in trunk.modules())
+    assert trunk.layer1[0].conv2.bias is not None and trunk.layer2[0].downsample[0].bias is not None
+    for key in ref:
+        torch.testing.assert_close(out[key], ref[key], rtol=1e-4, atol=1e-4)
+
+
+def test_fuse_refuses_training_mode_and_group_norm():
+    with pytest.raises(RuntimeError, match=r"call \.eval\(\) first"):
+        rb.resnext("resnet18").fuse()
+    with pytest.raises(ValueError, match="GroupNorm's statistics depend on the input"):
+        rb.resnext("resnet18", norm="gn").eval().fuse()
