@@ -1,6 +1,6 @@
 """Our trunk vs torchvision's resnext50_32x4d, same weights, alternating in one process.
 
-    python -m benchmarks.backbone [--batch 8] [--size 224] [--repeats 5] [--threads 2]
+    python -m benchmarks.backbone [--batch 8] [--size 224] [--repeats 8] [--threads 2]
 
 Rows: forward (eval, no grad) and forward+backward (train), NCHW and channels_last, then our inference fast
 path (BatchNorm folded by ``fuse()``, channels_last) against torchvision eager NCHW. Ratio = ours/torchvision
