@@ -45,6 +45,15 @@ DEFAULT_ANCHOR = {"faster_rcnn": 32, "retinanet": 32, "fcos": 8}  # torchvision'
 MAP_BACKENDS = ("pycocotools", "faster_coco_eval")
 
 
+def coco_map(metric: MeanAveragePrecision, preds: List[Dict[str, Tensor]], targets: List[Dict[str, Tensor]]
+             ) -> Dict[str, Tensor]:
+    """COCO box mAP of ``preds`` against ``targets`` (labels in category ids; ``iscrowd`` and ``area`` honoured)."""
+    metric.update(preds, targets)
+    result = metric.compute()
+    metric.reset()
+    return result
+
+
 class ObjectDetector(BackboneTask):
     """Object detection on a ResNeXt-FPN backbone.
 
@@ -173,9 +182,7 @@ class ObjectDetector(BackboneTask):
         self._eval_batches = []
         if not preds:
             return
-        self.val_map.update(preds, targets)
-        result = self.val_map.compute()
-        self.val_map.reset()
+        result = coco_map(self.val_map, preds, targets)
         self.log_dict({f"{stage}/map": result["map"], f"{stage}/map_50": result["map_50"],
                        f"{stage}/map_75": result["map_75"]}, prog_bar=True, rank_zero_only=False)
 

@@ -1,0 +1,76 @@
+"""The logged mAP is exactly what raw pycocotools computes on the same predictions."""
+
+import copy
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+from tasks import ObjectDetector
+from tasks.data import CocoDetection, CocoIndex
+from tasks.detection import coco_map
+
+
+@pytest.fixture
+def hard_val_set(tiny_coco, tmp_path):
+    """The tiny val set plus a crowd box and an image without objects (its ids stay sparse: 3, 5, 9)."""
+    data = json.loads(open(tiny_coco["val_annotations"]).read())
+    images = tmp_path / "images"
+    shutil.copytree(tiny_coco["val_images"], images)
+    first = data["images"][0]
+    shutil.copy(images / first["file_name"], images / "empty.jpg")
+    data["images"].append({**first, "id": 1000, "file_name": "empty.jpg"})
+    crowd = copy.deepcopy(data["annotations"][0])
+    crowd.update(id=9999, iscrowd=1, bbox=[0, 0, 60, 60], area=3000.0)
+    data["annotations"].append(crowd)
+    (tmp_path / "val.json").write_text(json.dumps(data))
+    return str(tmp_path / "val.json"), str(images)
+
+
+def synthetic_predictions(gt: COCO, seed: int = 0):
+    """Jittered true boxes with random scores and labels, plus false positives, on every image."""
+    rng = np.random.default_rng(seed)
+    results = []
+    for image_id in gt.getImgIds():
+        for ann in gt.loadAnns(gt.getAnnIds(imgIds=image_id)):
+            x, y, w, h = ann["bbox"]
+            box = [x + rng.normal(0, 3), y + rng.normal(0, 3), w * rng.uniform(0.8, 1.2), h * rng.uniform(0.8, 1.2)]
+            category = ann["category_id"] if rng.random() < 0.8 else int(rng.choice([3, 5, 9]))
+            results.append({"image_id": image_id, "category_id": category, "bbox": box, "score": rng.random()})
+        for _ in range(3):
+            box = [*rng.uniform(0, 80, 2), *rng.uniform(5, 40, 2)]
+            results.append({"image_id": image_id, "category_id": int(rng.choice([3, 5, 9])), "bbox": box,
+                            "score": rng.random() * 0.5})
+    return results
+
+
+@pytest.mark.parametrize("backend", ["pycocotools", "faster_coco_eval"])
+def test_logged_map_equals_raw_pycocotools(hard_val_set, backend):
+    annotations, images = hard_val_set
+    gt = COCO(annotations)
+    results = synthetic_predictions(gt)
+    evaluation = COCOeval(gt, gt.loadRes(copy.deepcopy(results)), "bbox")
+    evaluation.evaluate(), evaluation.accumulate(), evaluation.summarize()
+
+    model = ObjectDetector(backbone="resnet18", num_classes=3, categories={3: "square", 5: "disk", 9: "triangle"},
+                           map_backend=backend)
+    dataset = CocoDetection(CocoIndex.from_file(annotations), images, keep_crowd=True)
+    preds, targets = [], []
+    for i in range(len(dataset)):
+        _, target = dataset[i]
+        targets.append(model._metric_target(target))
+        mine = [r for r in results if r["image_id"] == target["image_id"]]
+        boxes = torch.tensor([r["bbox"] for r in mine], dtype=torch.float64).reshape(-1, 4)
+        boxes[:, 2:] += boxes[:, :2]
+        preds.append({"boxes": boxes.float(), "scores": torch.tensor([r["score"] for r in mine]),
+                      "labels": torch.tensor([r["category_id"] for r in mine], dtype=torch.long)})
+    assert sum(int(t["iscrowd"].sum()) for t in targets) == 1 and any(len(t["boxes"]) == 0 for t in targets)
+    result = coco_map(model.val_map, preds, targets)
+    assert 0.05 < evaluation.stats[0] < 0.95  # a non-trivial case
+    assert float(result["map"]) == pytest.approx(evaluation.stats[0], abs=1e-4)
+    assert float(result["map_50"]) == pytest.approx(evaluation.stats[1], abs=1e-4)
+    assert float(result["map_75"]) == pytest.approx(evaluation.stats[2], abs=1e-4)
