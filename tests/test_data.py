@@ -126,3 +126,24 @@ def test_missing_image_files_fail_with_the_first_paths_or_are_skipped(crowd_coco
         dm = CocoDetectionDataModule(path, images, path, images, skip_missing_images=True, num_workers=0)
     assert dm.val_index.image_ids.tolist() == [1] and dm.val_index.boxes.shape == (2, 4)
     assert "skipping them" in caplog.text
+
+
+def test_a_corrupt_image_fails_naming_its_path(tmp_path):
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"\xff\xd8\xff\xe0 this is not a jpeg")
+    with pytest.raises(RuntimeError, match=r"cannot decode image '.*broken\.jpg'"):
+        read_rgb(str(bad))
+
+
+def test_exif_rotated_jpeg_loads_upright_like_pil(tmp_path):
+    from PIL import ImageOps
+
+    array = np.zeros((20, 40, 3), np.uint8)
+    array[:, :10] = 255  # a white band on the left of a landscape image
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    Image.fromarray(array).save(tmp_path / "rotated.jpg", exif=exif, quality=100)
+    expected = np.asarray(ImageOps.exif_transpose(Image.open(tmp_path / "rotated.jpg")).convert("RGB"))
+    image = read_rgb(str(tmp_path / "rotated.jpg"))
+    assert image.shape == (3, 40, 20) and expected.shape == (40, 20, 3)
+    assert (image.permute(1, 2, 0).float() - torch.from_numpy(expected.copy()).float()).abs().mean() < 3

@@ -174,3 +174,12 @@ def test_fuse_refuses_training_mode_and_group_norm():
         rb.resnext("resnet18").fuse()
     with pytest.raises(ValueError, match="GroupNorm's statistics depend on the input"):
         rb.resnext("resnet18", norm="gn").eval().fuse()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_frozen_batchnorm_with_zero_variance_stays_finite_in_half_precision(dtype):
+    trunk = rb.resnext("resnet18", norm="frozen_bn")
+    trunk.bn1.running_var.zero_()  # a channel that never varied in pretraining
+    with torch.no_grad():
+        out = trunk.bn1.to(dtype)(torch.randn(1, 64, 4, 4, dtype=dtype))
+    assert torch.isfinite(out).all()
