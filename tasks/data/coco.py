@@ -1,0 +1,242 @@
+"""COCO detection data: pycocotools for the file, compact arrays for the samples, transforms v2 for the boxes."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+from torchvision import tv_tensors
+from torchvision.io import ImageReadMode, decode_image, read_file
+from torchvision.transforms import v2
+
+from .base import BaseDataModule, eval_sampler
+
+log = logging.getLogger("tasks")
+
+
+@dataclass
+class CocoIndex:
+    """A COCO annotation file as flat arrays (no per-image Python dicts: data-loader workers share the pages).
+
+    Boxes of image ``i`` are rows ``offsets[i]:offsets[i + 1]``; ``labels`` are contiguous (0..N-1) indices into
+    ``category_ids``.
+    """
+
+    image_ids: np.ndarray
+    file_names: List[str]
+    sizes: np.ndarray  # (num_images, 2) height, width as listed in the file
+    offsets: np.ndarray
+    boxes: np.ndarray  # (num_boxes, 4) xyxy float32
+    labels: np.ndarray
+    iscrowd: np.ndarray
+    areas: np.ndarray
+    category_ids: List[int]
+    category_names: List[str]
+
+    @classmethod
+    def from_file(cls, annotations: str) -> "CocoIndex":
+        """Read and check a COCO file. Errors name the file and the ids at fault; fixable boxes are fixed (clipped
+        to the image) or dropped (empty, outside the image) and a summary line says how many and why."""
+        from pycocotools.coco import COCO
+
+        path = Path(annotations)
+        if not path.is_file():
+            raise FileNotFoundError(f"annotation file {str(path)!r} does not exist")
+        data = COCO(str(path)).dataset
+        cats = sorted(data.get("categories", []), key=lambda c: c["id"])
+        if not cats:
+            raise ValueError(f"{path}: 'categories' is empty; a detection file needs at least one category")
+        images = sorted(data.get("images", []), key=lambda img: img["id"])
+        anns = data.get("annotations", [])
+        image_ids = np.asarray([img["id"] for img in images], dtype=np.int64)
+        ann_ids = np.asarray([a.get("id", -1) for a in anns], dtype=np.int64)
+        for name, ids in (("image", image_ids), ("annotation", ann_ids)):
+            unique, counts = np.unique(ids, return_counts=True)
+            if (counts > 1).any():
+                raise ValueError(f"{path}: duplicate {name} ids {unique[counts > 1][:5].tolist()}; ids must be unique")
+
+        label_of = {c["id"]: i for i, c in enumerate(cats)}
+        row_image = np.searchsorted(image_ids, [a["image_id"] for a in anns]).astype(np.int64)
+        for a, i in zip(anns, row_image, strict=True):
+            if i >= len(image_ids) or image_ids[i] != a["image_id"]:
+                raise ValueError(f"{path}: annotation {a.get('id')} refers to image_id {a['image_id']}, which has no "
+                                 "entry in 'images'")
+            if a["category_id"] not in label_of:
+                raise ValueError(f"{path}: annotation {a.get('id')} has category_id {a['category_id']}, which is "
+                                 f"not in 'categories' {sorted(label_of)}")
+        xywh = np.asarray([a["bbox"] for a in anns], dtype=np.float64).reshape(-1, 4)
+        bad = ~np.isfinite(xywh).all(1)
+        if bad.any():
+            raise ValueError(f"{path}: annotations {ann_ids[bad][:5].tolist()} have non-finite bbox coordinates")
+        sizes = np.asarray([(img.get("height", 0), img.get("width", 0)) for img in images], dtype=np.int64)
+        boxes = np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], 1)
+        empty = (xywh[:, 2] <= 0) | (xywh[:, 3] <= 0)
+        h, w = sizes[row_image, 0].astype(np.float64), sizes[row_image, 1].astype(np.float64)
+        known = (h > 0) & (w > 0)
+        clipped = boxes.copy()
+        clipped[known] = np.clip(boxes[known], 0, np.stack([w, h, w, h], 1)[known])
+        outside = ~empty & ((clipped[:, 2] <= clipped[:, 0]) | (clipped[:, 3] <= clipped[:, 1]))
+        was_clipped = ~empty & ~outside & (clipped != boxes).any(1)
+        keep = ~empty & ~outside
+        if empty.any() or outside.any() or was_clipped.any():
+            log.warning("%s: kept %d of %d boxes; dropped %d with zero or negative size, %d entirely outside their "
+                        "image; clipped %d partly outside", path, keep.sum(), len(anns), empty.sum(), outside.sum(),
+                        was_clipped.sum())
+
+        order = np.argsort(row_image[keep], kind="stable")
+        rows = np.flatnonzero(keep)[order]
+        offsets = np.concatenate([[0], np.cumsum(np.bincount(row_image[rows], minlength=len(images)))])
+        return cls(image_ids=image_ids, file_names=[img["file_name"] for img in images], sizes=sizes,
+                   offsets=offsets.astype(np.int64), boxes=clipped[rows].astype(np.float32),
+                   labels=np.asarray([label_of[anns[r]["category_id"]] for r in rows], dtype=np.int64),
+                   iscrowd=np.asarray([anns[r].get("iscrowd", 0) for r in rows], dtype=np.uint8),
+                   areas=np.asarray([anns[r].get("area", xywh[r, 2] * xywh[r, 3]) for r in rows], dtype=np.float32),
+                   category_ids=[c["id"] for c in cats], category_names=[c["name"] for c in cats])
+
+    def __len__(self) -> int:
+        return len(self.image_ids)
+
+    def subset(self, keep: np.ndarray) -> "CocoIndex":
+        """Only the images where ``keep`` is true, with their boxes."""
+        counts = np.diff(self.offsets)
+        rows = np.repeat(keep, counts)
+        return CocoIndex(image_ids=self.image_ids[keep], file_names=[f for f, k in zip(self.file_names, keep,
+                                                                                          strict=True) if k],
+                         sizes=self.sizes[keep], offsets=np.concatenate([[0], np.cumsum(counts[keep])]),
+                         boxes=self.boxes[rows], labels=self.labels[rows], iscrowd=self.iscrowd[rows],
+                         areas=self.areas[rows], category_ids=self.category_ids, category_names=self.category_names)
+
+
+def check_image_files(index: CocoIndex, images: str, key: str, skip_missing: bool) -> CocoIndex:
+    """Every listed image must exist; else an error with the first missing paths and the count, or (``skip``)
+    the images are dropped with a warning."""
+    root = Path(images)
+    missing = np.asarray([not (root / f).is_file() for f in index.file_names], dtype=bool)
+    if not missing.any():
+        return index
+    first = [str(root / index.file_names[i]) for i in np.flatnonzero(missing)[:5]]
+    message = f"data.{key}: {int(missing.sum())} of {len(index)} listed images are missing, first: {first}"
+    if not skip_missing:
+        raise FileNotFoundError(f"{message}. Fix the paths, or set data.skip_missing_images: true to drop them")
+    log.warning("%s; skipping them (skip_missing_images)", message)
+    return index.subset(~missing)
+
+
+def read_rgb(path: str) -> torch.Tensor:
+    """uint8 RGB CHW from any file torchvision decodes (gray, RGBA, CMYK JPEG, 16-bit PNG), EXIF-rotated."""
+    try:
+        image = decode_image(read_file(path), mode=ImageReadMode.RGB, apply_exif_orientation=True)
+    except RuntimeError as e:
+        raise RuntimeError(f"cannot decode image {path!r}: {e}") from None
+    if image.dtype != torch.uint8:  # 16-bit PNG
+        image = v2.functional.to_dtype(image, torch.uint8, scale=True)
+    return image
+
+
+class CocoDetection(Dataset):
+    """``(image, target)`` pairs; ``target`` has ``boxes`` (xyxy ``BoundingBoxes``), ``labels`` (contiguous),
+    ``image_id``, ``iscrowd`` and ``area``. Crowd boxes are dropped unless ``keep_crowd`` (evaluation needs them)."""
+
+    def __init__(self, index: CocoIndex, images: str, transforms: Optional[v2.Transform] = None,
+                 keep_crowd: bool = False) -> None:
+        self.index, self.root, self.transforms, self.keep_crowd = index, Path(images), transforms, keep_crowd
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, i: int):
+        idx = self.index
+        image = tv_tensors.Image(read_rgb(str(self.root / idx.file_names[i])))
+        rows = slice(idx.offsets[i], idx.offsets[i + 1])
+        keep = slice(None) if self.keep_crowd else idx.iscrowd[rows] == 0
+        h, w = image.shape[-2:]
+        target = {
+            "boxes": tv_tensors.BoundingBoxes(torch.from_numpy(idx.boxes[rows][keep]).reshape(-1, 4),
+                                              format="XYXY", canvas_size=(h, w)),
+            "labels": torch.from_numpy(idx.labels[rows][keep]),
+            "iscrowd": torch.from_numpy(idx.iscrowd[rows][keep]).long(),
+            "area": torch.from_numpy(idx.areas[rows][keep]),
+            "image_id": int(idx.image_ids[i]),
+        }
+        if self.transforms is not None:
+            image, target = self.transforms(image, target)
+        return image, target
+
+
+def collate(batch):
+    return tuple(zip(*batch))
+
+
+class CocoDetectionDataModule(BaseDataModule):
+    """COCO-format detection data. Leave the four paths unset to use the embedded shapes set (generated once
+    into a cache folder, see :mod:`tasks.data.shapes`).
+
+    Args:
+        train_annotations: COCO json of the training set.
+        train_images: folder the training ``file_name``s are relative to.
+        val_annotations: COCO json of the validation set (also used by ``test`` and ``predict``).
+        val_images: folder of the validation images.
+        batch_size: images per device per step.
+        num_workers: data-loading processes per device.
+        horizontal_flip: probability of flipping a training image (boxes follow).
+        skip_missing_images: drop listed images whose file is missing (with a warning) instead of failing.
+    """
+
+    def __init__(self, train_annotations: Optional[str] = None, train_images: Optional[str] = None,
+                 val_annotations: Optional[str] = None, val_images: Optional[str] = None, batch_size: int = 2,
+                 num_workers: int = 2, horizontal_flip: float = 0.5, skip_missing_images: bool = False) -> None:
+        super().__init__(batch_size=batch_size, num_workers=num_workers)
+        paths = [train_annotations, train_images, val_annotations, val_images]
+        if all(p is None for p in paths):
+            from .shapes import shapes_detection
+
+            paths = shapes_detection()
+            log.info("using the embedded shapes detection set in %s", Path(paths[0]).parent)
+        elif any(p is None for p in paths):
+            raise ValueError("give all of train_annotations, train_images, val_annotations, val_images, or none of "
+                             "them for the embedded shapes set")
+        for key, p in zip(["train_annotations", "train_images", "val_annotations", "val_images"], paths, strict=True):
+            if not Path(p).exists():
+                raise FileNotFoundError(f"data.{key}: {str(p)!r} does not exist")
+        self.train_annotations, self.train_images, self.val_annotations, self.val_images = map(str, paths)
+        self.horizontal_flip, self.skip_missing_images = horizontal_flip, skip_missing_images
+        self.val_index = check_image_files(CocoIndex.from_file(self.val_annotations), self.val_images, "val_images",
+                                           skip_missing_images)
+        self.train_index: Optional[CocoIndex] = None
+        self.categories: Dict[int, str] = dict(zip(self.val_index.category_ids, self.val_index.category_names,
+                                                   strict=True))
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.categories)
+
+    def setup(self, stage: str) -> None:
+        if stage == "fit" and self.train_index is None:
+            self.train_index = check_image_files(CocoIndex.from_file(self.train_annotations), self.train_images,
+                                                 "train_images", self.skip_missing_images)
+            if self.train_index.category_ids != self.val_index.category_ids:
+                raise ValueError(f"{self.train_annotations} and {self.val_annotations} list different categories "
+                                 f"({self.train_index.category_ids} vs {self.val_index.category_ids})")
+
+    def train_transforms(self) -> v2.Transform:
+        return v2.Compose([v2.RandomHorizontalFlip(self.horizontal_flip), v2.ToDtype(torch.float32, scale=True),
+                           v2.SanitizeBoundingBoxes(min_size=1)])
+
+    def eval_transforms(self) -> v2.Transform:
+        return v2.ToDtype(torch.float32, scale=True)
+
+    def train_dataloader(self):
+        dataset = CocoDetection(self.train_index, self.train_images, self.train_transforms())
+        return self.loader(dataset, shuffle=True, collate_fn=collate, drop_last=False)
+
+    def val_dataloader(self):
+        dataset = CocoDetection(self.val_index, self.val_images, self.eval_transforms(), keep_crowd=True)
+        return self.loader(dataset, shuffle=False, collate_fn=collate, sampler=eval_sampler(dataset))
+
+    test_dataloader = val_dataloader
+    predict_dataloader = val_dataloader

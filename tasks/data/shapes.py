@@ -1,0 +1,141 @@
+"""The embedded default data: a small deterministic set of coloured shapes, generated once into a cache folder in
+COCO (detection) and image-folder (classification) formats, so the shipped configs exercise the real loaders
+with no download.
+
+The cache folder is ``$RESNEXT_BACKBONES_DATA`` or ``~/.cache/resnext_backbones``. Category ids are sparse on
+purpose (3, 5, 9): the loaders must map them to contiguous labels and back.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import List, Tuple
+
+import numpy as np
+import torch
+from torchvision.io import encode_jpeg, encode_png, write_file
+
+VERSION = "v1"
+CATEGORIES = {3: "square", 5: "disk", 9: "triangle"}
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("RESNEXT_BACKBONES_DATA", Path.home() / ".cache" / "resnext_backbones"))
+
+
+def _shape_mask(kind: str, h: int, w: int, box: Tuple[int, int, int, int]) -> np.ndarray:
+    x0, y0, x1, y1 = box
+    yy, xx = np.mgrid[0:h, 0:w]
+    if kind == "square":
+        return (xx >= x0) & (xx < x1) & (yy >= y0) & (yy < y1)
+    cx, cy, rx, ry = (x0 + x1 - 1) / 2, (y0 + y1 - 1) / 2, (x1 - x0) / 2, (y1 - y0) / 2
+    if kind == "disk":
+        return ((xx - cx) / rx) ** 2 + ((yy - cy) / ry) ** 2 <= 1
+    # triangle, apex up: inside when the half-width at this row covers the column
+    t = (yy - y0 + 0.5) / (y1 - y0)
+    return (yy >= y0) & (yy < y1) & (np.abs(xx - cx) <= t * rx)
+
+
+def _iou(a, b) -> float:
+    ix = max(0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
+
+
+def draw(rng: np.random.Generator, h: int, w: int, kinds: List[str], min_size: int, max_size: int):
+    """An HxWx3 uint8 image with the given shapes, and their tight xyxy boxes."""
+    image = rng.integers(0, 256, 3) * 0.5 + rng.normal(0, 12, (h, w, 3))
+    boxes: List[Tuple[int, int, int, int]] = []
+    for kind in kinds:
+        for _ in range(20):  # a few tries at a place that does not hide an earlier shape
+            bw, bh = (int(v) for v in rng.integers(min_size, max_size + 1, 2))
+            bw, bh = min(bw, w - 2), min(bh, h - 2)
+            x0, y0 = int(rng.integers(0, w - bw + 1)), int(rng.integers(0, h - bh + 1))
+            box = (x0, y0, x0 + bw, y0 + bh)
+            if all(_iou(box, b) < 0.2 for b in boxes):
+                break
+        mask = _shape_mask(kind, h, w, box)
+        image[mask] = rng.integers(128, 256, 3) * rng.permutation([1.0, 0.6, 0.2])
+        ys, xs = np.nonzero(mask)
+        boxes.append((int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1))
+    return np.clip(image, 0, 255).astype(np.uint8), boxes
+
+
+def _write(image: np.ndarray, path: Path) -> None:
+    chw = torch.from_numpy(image).permute(2, 0, 1).contiguous()
+    write_file(str(path), encode_jpeg(chw, quality=92) if path.suffix == ".jpg" else encode_png(chw))
+
+
+def _generate_detection(out: Path, split: str, count: int, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    (out / split).mkdir(parents=True)
+    names = list(CATEGORIES.values())
+    ids = {v: k for k, v in CATEGORIES.items()}
+    images, annotations = [], []
+    for i in range(count):
+        h, w = int(rng.choice([112, 128, 144])), int(rng.choice([112, 128, 144]))
+        n = 0 if i % 20 == 7 else int(rng.integers(1, 4))  # every 20th image has no object
+        kinds = [names[k] for k in rng.integers(0, len(names), n)]
+        image, boxes = draw(rng, h, w, kinds, min_size=20, max_size=56)
+        file_name = f"{i:05d}.jpg"
+        _write(image, out / split / file_name)
+        images.append({"id": i + 1, "file_name": file_name, "height": h, "width": w})
+        for kind, (x0, y0, x1, y1) in zip(kinds, boxes, strict=True):
+            annotations.append({"id": len(annotations) + 1, "image_id": i + 1, "category_id": ids[kind],
+                                "bbox": [x0, y0, x1 - x0, y1 - y0], "area": (x1 - x0) * (y1 - y0), "iscrowd": 0})
+    categories = [{"id": k, "name": v} for k, v in CATEGORIES.items()]
+    (out / f"{split}.json").write_text(json.dumps({"images": images, "annotations": annotations,
+                                                   "categories": categories}))
+
+
+def _generate_classification(out: Path, split: str, per_class: int, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    for name in CATEGORIES.values():
+        (out / split / name).mkdir(parents=True)
+        for i in range(per_class):
+            image, _ = draw(rng, 64, 64, [name], min_size=24, max_size=52)
+            _write(image, out / split / name / f"{i:04d}.png")
+
+
+def _ensure(name: str, build) -> Path:
+    """The folder ``name`` under the cache, built atomically on first use (safe with several processes)."""
+    final = cache_root() / f"shapes-{VERSION}" / name
+    if final.is_dir():
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=final.parent))
+    try:
+        build(tmp)
+        tmp.rename(final)
+    except OSError:
+        if not final.is_dir():  # someone else won the race only if the folder is now there
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def shapes_detection() -> List[str]:
+    """``[train_annotations, train_images, val_annotations, val_images]`` of the embedded detection set:
+    240 training and 61 validation images (an odd count, on purpose) of 1-3 shapes, some with none."""
+    def build(out: Path) -> None:
+        _generate_detection(out, "train", 240, seed=0)
+        _generate_detection(out, "val", 61, seed=1)
+
+    root = _ensure("detection", build)
+    return [str(root / "train.json"), str(root / "train"), str(root / "val.json"), str(root / "val")]
+
+
+def shapes_classification() -> List[str]:
+    """``[train_dir, val_dir]`` of the embedded classification set: 3 classes, 100/25 images each."""
+    def build(out: Path) -> None:
+        _generate_classification(out, "train", 100, seed=2)
+        _generate_classification(out, "val", 25, seed=3)
+
+    root = _ensure("classification", build)
+    return [str(root / "train"), str(root / "val")]
