@@ -100,3 +100,15 @@ def test_a_non_finite_loss_stops_training_naming_the_step_and_images():
     targets = [{"boxes": torch.tensor([[2.0, 2.0, 30.0, 40.0]]), "labels": torch.tensor([0]), "image_id": 17}]
     with pytest.raises(FloatingPointError, match=r"non-finite loss \(nan\) at step 0, batch of image ids \[17\]"):
         model.training_step((images, targets), 0)
+
+
+@pytest.mark.slow
+def test_compile_option_keeps_outputs_and_checkpoint_keys():
+    model = ImageClassifier(backbone="resnet18", num_classes=3, compile=True).eval()
+    images = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        reference = model(images)
+        keys = list(model.state_dict())
+        model.setup("fit")  # compiles the trunk in place
+        torch.testing.assert_close(model(images), reference, rtol=1e-4, atol=1e-4)
+    assert list(model.state_dict()) == keys
