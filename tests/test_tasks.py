@@ -112,3 +112,22 @@ def test_compile_option_keeps_outputs_and_checkpoint_keys():
         model.setup("fit")  # compiles the trunk in place
         torch.testing.assert_close(model(images), reference, rtol=1e-4, atol=1e-4)
     assert list(model.state_dict()) == keys
+
+
+def test_validation_pictures_go_to_loggers_that_take_images(monkeypatch):
+    class Experiment:
+        def __init__(self):
+            self.images = {}
+
+        def add_image(self, tag, image, step):
+            self.images[tag] = image
+
+    experiment = Experiment()
+    monkeypatch.setattr(ObjectDetector, "logger", property(lambda self: type("L", (), {"experiment": experiment})()))
+    model = detector("faster_rcnn", log_images=2, detector_kwargs={"box_score_thresh": 0.0}).eval()
+    images = [torch.rand(3, 64, 64), torch.rand(3, 48, 64), torch.rand(3, 64, 64)]
+    with torch.no_grad():
+        model._log_pictures(images, model(images))
+    assert sorted(experiment.images) == ["val/detections_0", "val/detections_1"]
+    assert experiment.images["val/detections_1"].shape == (3, 48, 64)
+    assert experiment.images["val/detections_0"].dtype == torch.uint8
