@@ -39,7 +39,7 @@ class CocoIndex:
     category_names: List[str]
 
     @classmethod
-    def from_file(cls, annotations: str) -> "CocoIndex":
+    def from_file(cls, annotations: str) -> CocoIndex:
         """Read and check a COCO file. Errors name the file and the ids at fault; fixable boxes are fixed (clipped
         to the image) or dropped (empty, outside the image) and a summary line says how many and why."""
         from pycocotools.coco import COCO
@@ -101,7 +101,7 @@ class CocoIndex:
     def __len__(self) -> int:
         return len(self.image_ids)
 
-    def subset(self, keep: np.ndarray) -> "CocoIndex":
+    def subset(self, keep: np.ndarray) -> CocoIndex:
         """Only the images where ``keep`` is true, with their boxes."""
         counts = np.diff(self.offsets)
         rows = np.repeat(keep, counts)
@@ -169,7 +169,7 @@ class CocoDetection(Dataset):
 
 
 def collate(batch):
-    return tuple(zip(*batch))
+    return tuple(zip(*batch, strict=True))
 
 
 class CocoDetectionDataModule(BaseDataModule):
