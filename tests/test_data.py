@@ -147,3 +147,28 @@ def test_exif_rotated_jpeg_loads_upright_like_pil(tmp_path):
     image = read_rgb(str(tmp_path / "rotated.jpg"))
     assert image.shape == (3, 40, 20) and expected.shape == (40, 20, 3)
     assert (image.permute(1, 2, 0).float() - torch.from_numpy(expected.copy()).float()).abs().mean() < 3
+
+
+def test_after_augmentation_every_box_is_inside_its_image_with_positive_area():
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+    from torchvision import tv_tensors
+
+    coordinate = st.floats(-50, 150, allow_nan=False)
+
+    @settings(max_examples=60, deadline=None)
+    @given(h=st.integers(8, 100), w=st.integers(8, 100), flip=st.sampled_from([0.0, 1.0]),
+           boxes=st.lists(st.tuples(coordinate, coordinate, coordinate, coordinate), max_size=6))
+    def check(h, w, flip, boxes):
+        dm = CocoDetectionDataModule.__new__(CocoDetectionDataModule)  # just its transforms
+        dm.horizontal_flip = flip
+        xyxy = torch.tensor([[min(a, c), min(b, d), max(a, c), max(b, d)] for a, b, c, d in boxes]).reshape(-1, 4)
+        target = {"boxes": tv_tensors.BoundingBoxes(xyxy, format="XYXY", canvas_size=(h, w)),
+                  "labels": torch.arange(len(boxes))}
+        image, out = dm.train_transforms()(tv_tensors.Image(torch.zeros(3, h, w, dtype=torch.uint8)), target)
+        b = out["boxes"]
+        assert image.shape == (3, h, w) and len(b) == len(out["labels"])
+        assert (b[:, 0] >= 0).all() and (b[:, 1] >= 0).all() and (b[:, 2] <= w).all() and (b[:, 3] <= h).all()
+        assert ((b[:, 2] - b[:, 0]) > 0).all() and ((b[:, 3] - b[:, 1]) > 0).all()
+
+    check()

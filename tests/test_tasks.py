@@ -131,3 +131,15 @@ def test_validation_pictures_go_to_loggers_that_take_images(monkeypatch):
     assert sorted(experiment.images) == ["val/detections_0", "val/detections_1"]
     assert experiment.images["val/detections_1"].shape == (3, 48, 64)
     assert experiment.images["val/detections_0"].dtype == torch.uint8
+
+
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+def test_batches_with_empty_images_and_mixed_sizes_train(architecture):
+    model = detector(architecture).train()
+    empty = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long), "image_id": 1}
+    one = {"boxes": torch.tensor([[4.0, 4.0, 30.0, 40.0]]), "labels": torch.tensor([1]), "image_id": 2}
+    for images, targets in [([torch.rand(3, 64, 64), torch.rand(3, 48, 80)], [empty, one]),  # empty first
+                            ([torch.rand(3, 64, 64), torch.rand(3, 40, 56)], [empty, empty])]:  # only empty
+        loss = model.training_step((images, targets), 0)
+        loss.backward()
+        assert torch.isfinite(loss)

@@ -224,8 +224,9 @@ class CocoDetectionDataModule(BaseDataModule):
                                  f"({self.train_index.category_ids} vs {self.val_index.category_ids})")
 
     def train_transforms(self) -> v2.Transform:
+        # Clamp, then drop what has no area left: every box the model sees lies inside its image.
         return v2.Compose([v2.RandomHorizontalFlip(self.horizontal_flip), v2.ToDtype(torch.float32, scale=True),
-                           v2.SanitizeBoundingBoxes(min_size=1)])
+                           v2.ClampBoundingBoxes(), v2.SanitizeBoundingBoxes(min_size=1)])
 
     def eval_transforms(self) -> v2.Transform:
         return v2.ToDtype(torch.float32, scale=True)
