@@ -42,6 +42,13 @@ class BackboneTask(LightningModule):
         self.lr_schedule, self.warmup_steps, self.milestones, self.gamma = lr_schedule, warmup_steps, milestones, gamma
         self.channels_last, self.compile_trunk = channels_last, compile
 
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path, *args, **kwargs):
+        """As Lightning's, but the initial ``weights`` file is not loaded again: the checkpoint holds the weights,
+        and the file it started from may not exist where the checkpoint is used."""
+        kwargs.setdefault("weights", None)
+        return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
+
     def memory_format(self) -> torch.memory_format:
         return torch.channels_last if self.channels_last else torch.contiguous_format
 

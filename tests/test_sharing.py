@@ -126,3 +126,13 @@ def test_two_stage_recipe_pretrain_export_finetune_beats_random_init(tmp_path):
                     "--trainer.default_root_dir", str(tmp_path / name), *steps])
         runs[name] = float(cli.trainer.callback_metrics["val/map_50"])
     assert runs["pretrained"] >= runs["scratch"], runs
+
+
+def test_a_checkpoint_loads_where_its_initial_weights_file_does_not_exist(tmp_path):
+    rb.save_backbone(rb.resnext("resnet18"), tmp_path / "trunk.safetensors")
+    model = ObjectDetector(backbone="resnet18", num_classes=3, weights=str(tmp_path / "trunk.safetensors"))
+    torch.save({"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams),
+                "pytorch-lightning_version": "2.6.6"}, tmp_path / "fine_tuned.ckpt")
+    (tmp_path / "trunk.safetensors").unlink()  # shared elsewhere: the starting file is not there
+    loaded = ObjectDetector.load_from_checkpoint(tmp_path / "fine_tuned.ckpt", map_location="cpu")
+    torch.testing.assert_close(loaded.model.backbone.body.conv1.weight, model.model.backbone.body.conv1.weight)
