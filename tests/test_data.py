@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 
 from tasks.data import CocoDetection, CocoDetectionDataModule, CocoIndex, ImageFolderDataModule
-from tasks.data.coco import read_rgb
+from tasks.data.coco import check_image_files, read_rgb
 
 
 def write_coco(path, images, annotations, categories):
@@ -96,14 +96,20 @@ def one_image_coco(tmp_path, annotations, images=None):
     return write_coco(tmp_path / "a.json", images, anns, [{"id": 1, "name": "a"}])
 
 
-def test_boxes_are_clipped_or_dropped_with_a_summary(tmp_path, caplog):
+def test_boxes_are_fitted_to_the_image_file_with_summaries(tmp_path, caplog):
+    (tmp_path / "img").mkdir()
+    Image.fromarray(np.zeros((40, 50, 3), np.uint8)).save(tmp_path / "img" / "1.png")
     path = one_image_coco(tmp_path, [{"bbox": [5, 5, 10, 10]}, {"bbox": [5, 5, 0, 10]}, {"bbox": [5, 5, 10, -1]},
-                                     {"bbox": [45, 30, 20, 20]}, {"bbox": [60, 5, 10, 10]}])
+                                     {"bbox": [45, 30, 20, 20]}, {"bbox": [60, 5, 10, 10]}],
+                          [{"id": 1, "file_name": "1.png", "height": 20, "width": 20}])  # the JSON size is wrong
     with caplog.at_level("WARNING", logger="tasks"):
-        index = CocoIndex.from_file(path)
-    assert index.boxes.tolist() == [[5, 5, 15, 15], [45, 30, 50, 40]]  # the second one clipped to 50x40
-    assert "kept 2 of 5 boxes; dropped 2 with zero or negative size, 1 entirely outside their image; clipped 1" \
-        in caplog.text
+        index = check_image_files(CocoIndex.from_file(path), str(tmp_path / "img"), "val_images", False)
+    assert index.sizes.tolist() == [[40, 50]]  # the file wins
+    assert index.boxes.tolist() == [[5, 5, 15, 15], [45, 30, 50, 40]]  # clipped to 50x40, not to 20x20
+    assert "dropped 2 of 5 boxes with zero or negative width or height" in caplog.text
+    assert "clipped 1 boxes partly outside their image, dropped 1 entirely outside" in caplog.text
+    assert "1 images have a width/height in the annotations that differs from the file" in caplog.text
+    assert "json (20, 20) vs file (40, 50)" in caplog.text
 
 
 @pytest.mark.parametrize("annotations, images, message", [

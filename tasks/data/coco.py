@@ -40,8 +40,8 @@ class CocoIndex:
 
     @classmethod
     def from_file(cls, annotations: str) -> CocoIndex:
-        """Read and check a COCO file. Errors name the file and the ids at fault; fixable boxes are fixed (clipped
-        to the image) or dropped (empty, outside the image) and a summary line says how many and why."""
+        """Read and check a COCO file. Errors name the file and the ids at fault; boxes with no area are dropped
+        with a summary line. Boxes are fitted to their images by :func:`check_image_files`, which knows the sizes."""
         from pycocotools.coco import COCO
 
         path = Path(annotations)
@@ -75,24 +75,16 @@ class CocoIndex:
             raise ValueError(f"{path}: annotations {ann_ids[bad][:5].tolist()} have non-finite bbox coordinates")
         sizes = np.asarray([(img.get("height", 0), img.get("width", 0)) for img in images], dtype=np.int64)
         boxes = np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], 1)
-        empty = (xywh[:, 2] <= 0) | (xywh[:, 3] <= 0)
-        h, w = sizes[row_image, 0].astype(np.float64), sizes[row_image, 1].astype(np.float64)
-        known = (h > 0) & (w > 0)
-        clipped = boxes.copy()
-        clipped[known] = np.clip(boxes[known], 0, np.stack([w, h, w, h], 1)[known])
-        outside = ~empty & ((clipped[:, 2] <= clipped[:, 0]) | (clipped[:, 3] <= clipped[:, 1]))
-        was_clipped = ~empty & ~outside & (clipped != boxes).any(1)
-        keep = ~empty & ~outside
-        if empty.any() or outside.any() or was_clipped.any():
-            log.warning("%s: kept %d of %d boxes; dropped %d with zero or negative size, %d entirely outside their "
-                        "image; clipped %d partly outside", path, keep.sum(), len(anns), empty.sum(), outside.sum(),
-                        was_clipped.sum())
+        keep = (xywh[:, 2] > 0) & (xywh[:, 3] > 0)
+        if not keep.all():
+            log.warning("%s: dropped %d of %d boxes with zero or negative width or height", path, (~keep).sum(),
+                        len(anns))
 
         order = np.argsort(row_image[keep], kind="stable")
         rows = np.flatnonzero(keep)[order]
         offsets = np.concatenate([[0], np.cumsum(np.bincount(row_image[rows], minlength=len(images)))])
         return cls(image_ids=image_ids, file_names=[img["file_name"] for img in images], sizes=sizes,
-                   offsets=offsets.astype(np.int64), boxes=clipped[rows].astype(np.float32),
+                   offsets=offsets.astype(np.int64), boxes=boxes[rows].astype(np.float32),
                    labels=np.asarray([label_of[anns[r]["category_id"]] for r in rows], dtype=np.int64),
                    iscrowd=np.asarray([anns[r].get("iscrowd", 0) for r in rows], dtype=np.uint8),
                    areas=np.asarray([anns[r].get("area", xywh[r, 2] * xywh[r, 3]) for r in rows], dtype=np.float32),
@@ -112,19 +104,56 @@ class CocoIndex:
                          areas=self.areas[rows], category_ids=self.category_ids, category_names=self.category_names)
 
 
+    def fit_to_images(self, source: str) -> CocoIndex:
+        """Clip boxes partly outside their image and drop those entirely outside, with a summary line."""
+        counts = np.diff(self.offsets)
+        h, w = (np.repeat(self.sizes[:, i], counts).astype(np.float32) for i in (0, 1))
+        clipped = np.clip(self.boxes, 0, np.stack([w, h, w, h], 1))
+        keep = (clipped[:, 2] > clipped[:, 0]) & (clipped[:, 3] > clipped[:, 1])
+        changed = keep & (clipped != self.boxes).any(1)
+        if changed.any() or not keep.all():
+            log.warning("%s: clipped %d boxes partly outside their image, dropped %d entirely outside", source,
+                        changed.sum(), (~keep).sum())
+        image_of_row = np.repeat(np.arange(len(counts)), counts)
+        offsets = np.concatenate([[0], np.cumsum(np.bincount(image_of_row[keep], minlength=len(counts)))])
+        return CocoIndex(image_ids=self.image_ids, file_names=self.file_names, sizes=self.sizes, offsets=offsets,
+                         boxes=clipped[keep], labels=self.labels[keep], iscrowd=self.iscrowd[keep],
+                         areas=self.areas[keep], category_ids=self.category_ids, category_names=self.category_names)
+
+
+def image_size(path: Path) -> tuple:
+    """(height, width) as decoded, EXIF rotation included, read from the header only."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        width, height = image.size
+        if image.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # rotated by 90 degrees on display
+            width, height = height, width
+    return height, width
+
+
 def check_image_files(index: CocoIndex, images: str, key: str, skip_missing: bool) -> CocoIndex:
-    """Every listed image must exist; else an error with the first missing paths and the count, or (``skip``)
-    the images are dropped with a warning."""
+    """Every listed image must exist (else an error with the first missing paths and the count, or, with
+    ``skip_missing``, they are dropped with a warning); sizes come from the files, with a warning where the JSON
+    disagrees; then boxes are fitted to those sizes."""
     root = Path(images)
     missing = np.asarray([not (root / f).is_file() for f in index.file_names], dtype=bool)
-    if not missing.any():
-        return index
-    first = [str(root / index.file_names[i]) for i in np.flatnonzero(missing)[:5]]
-    message = f"data.{key}: {int(missing.sum())} of {len(index)} listed images are missing, first: {first}"
-    if not skip_missing:
-        raise FileNotFoundError(f"{message}. Fix the paths, or set data.skip_missing_images: true to drop them")
-    log.warning("%s; skipping them (skip_missing_images)", message)
-    return index.subset(~missing)
+    if missing.any():
+        first = [str(root / index.file_names[i]) for i in np.flatnonzero(missing)[:5]]
+        message = f"data.{key}: {int(missing.sum())} of {len(index)} listed images are missing, first: {first}"
+        if not skip_missing:
+            raise FileNotFoundError(f"{message}. Fix the paths, or set data.skip_missing_images: true to drop them")
+        log.warning("%s; skipping them (skip_missing_images)", message)
+        index = index.subset(~missing)
+    actual = np.asarray([image_size(root / f) for f in index.file_names], dtype=np.int64).reshape(-1, 2)
+    wrong = np.flatnonzero((index.sizes != actual).any(1) & (index.sizes > 0).all(1))
+    if len(wrong):
+        i = wrong[0]
+        log.warning("data.%s: %d images have a width/height in the annotations that differs from the file (first: "
+                    "%s, json %s vs file %s); using the file's", key, len(wrong), root / index.file_names[i],
+                    tuple(index.sizes[i].tolist()), tuple(actual[i].tolist()))
+    index.sizes = actual
+    return index.fit_to_images(f"data.{key}")
 
 
 def read_rgb(path: str) -> torch.Tensor:
