@@ -32,15 +32,33 @@ class BackboneTask(LightningModule):
         gamma: lr factor at each milestone.
         channels_last: run the network in NHWC memory format (faster convolutions on CPU and tensor cores).
         compile: ``torch.compile`` the trunk (in place, so checkpoints keep their keys).
+        skip_nonfinite_loss: on a NaN/inf loss, skip the step (zero gradient; momentum and weight decay still
+            apply) and count it, instead of stopping with an error that names the step and the batch.
     """
 
     def __init__(self, *, optimizer: OptimizerCallable, lr_schedule: str, warmup_steps: int,
-                 milestones: Sequence[float], gamma: float, channels_last: bool, compile: bool) -> None:
+                 milestones: Sequence[float], gamma: float, channels_last: bool, compile: bool,
+                 skip_nonfinite_loss: bool) -> None:
         super().__init__()
         warmup_then(lr_schedule, total_steps=1, warmup_steps=0, milestones=milestones)  # validate early
         self.optimizer_factory = optimizer
         self.lr_schedule, self.warmup_steps, self.milestones, self.gamma = lr_schedule, warmup_steps, milestones, gamma
         self.channels_last, self.compile_trunk = channels_last, compile
+        self.skip_nonfinite_loss, self.skipped_steps = skip_nonfinite_loss, 0
+
+    def guard_loss(self, loss: torch.Tensor, what: str) -> torch.Tensor:
+        """``loss`` if finite; else an error naming the step and batch, or (``skip_nonfinite_loss``) a zero loss
+        on every trainable parameter, so that all DDP processes still take part in the step."""
+        if torch.isfinite(loss):
+            return loss
+        message = f"non-finite loss ({loss.item()}) at step {self.global_step}, batch of {what}"
+        if not self.skip_nonfinite_loss:
+            raise FloatingPointError(f"{message}. Lower the learning rate, add warmup or gradient clipping, check "
+                                     "those images' boxes, or set model.skip_nonfinite_loss: true to skip such steps")
+        self.skipped_steps += 1
+        log.warning("%s: step skipped (%d so far)", message, self.skipped_steps)
+        self.log("train/skipped_steps", float(self.skipped_steps))
+        return sum(p.sum() for p in self.parameters() if p.requires_grad) * 0.0
 
     @classmethod
     def load_from_checkpoint(cls, checkpoint_path, *args, **kwargs):
@@ -67,13 +85,6 @@ class BackboneTask(LightningModule):
         factor = warmup_then(self.lr_schedule, total_steps=total_training_steps(self.trainer),
                              warmup_steps=self.warmup_steps, milestones=self.milestones, gamma=self.gamma)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": LambdaLR(optimizer, factor), "interval": "step"}}
-
-
-def check_finite(loss: torch.Tensor, step: int, what: str) -> None:
-    """Stop at the first non-finite loss, naming the step and the batch, rather than train on garbage."""
-    if not torch.isfinite(loss):
-        raise FloatingPointError(f"non-finite loss ({loss.item()}) at step {step}, batch of {what}. Lower the "
-                                 "learning rate, add warmup or gradient clipping, or check those images' boxes")
 
 
 def gather_objects(obj) -> list:

@@ -14,7 +14,7 @@ from torchvision.transforms import v2
 import resnext_backbones as rb
 from resnext_backbones.weights import IMAGENET_MEAN, IMAGENET_STD, source_state_dict
 
-from .base import BackboneTask, check_categories, check_finite, log
+from .base import BackboneTask, check_categories, log
 
 
 def imagenet_sgd(params, lr: float = 0.1, momentum: float = 0.9, weight_decay: float = 1e-4) -> torch.optim.SGD:
@@ -46,9 +46,10 @@ class ImageClassifier(BackboneTask):
                  label_smoothing: float = 0.1, mixup_alpha: float = 0.0, cutmix_alpha: float = 0.0,
                  optimizer: OptimizerCallable = imagenet_sgd, lr_schedule: str = "cosine", warmup_steps: int = 0,
                  milestones: Sequence[float] = (), gamma: float = 0.1, channels_last: bool = False,
-                 compile: bool = False) -> None:
+                 compile: bool = False, skip_nonfinite_loss: bool = False) -> None:
         super().__init__(optimizer=optimizer, lr_schedule=lr_schedule, warmup_steps=warmup_steps,
-                         milestones=milestones, gamma=gamma, channels_last=channels_last, compile=compile)
+                         milestones=milestones, gamma=gamma, channels_last=channels_last, compile=compile,
+                         skip_nonfinite_loss=skip_nonfinite_loss)
         self.categories = check_categories(num_classes, categories)
         self.save_hyperparameters(ignore=["optimizer"])
         self.trunk = rb.resnext(backbone, norm=norm, trainable_stages=trainable_stages, out_features=("c5",),
@@ -94,7 +95,7 @@ class ImageClassifier(BackboneTask):
         if self.mix is not None:
             images, labels = self.mix(images, labels)
         loss = F.cross_entropy(self(images), labels, label_smoothing=self.label_smoothing)
-        check_finite(loss, self.global_step, f"{len(images)} images (batch {batch_idx})")
+        loss = self.guard_loss(loss, f"{len(images)} images (batch {batch_idx})")
         self.log("train/loss", loss, prog_bar=True, batch_size=len(images))
         return loss
 

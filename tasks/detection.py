@@ -14,7 +14,7 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator
 
 import resnext_backbones as rb
 
-from .base import BackboneTask, check_categories, check_finite, gather_objects, log, sgd
+from .base import BackboneTask, check_categories, gather_objects, log, sgd
 
 
 @dataclass(frozen=True)
@@ -85,9 +85,10 @@ class ObjectDetector(BackboneTask):
                  categories: Optional[Dict[int, str]] = None, map_backend: str = "pycocotools",
                  log_images: int = 4, optimizer: OptimizerCallable = sgd, lr_schedule: str = "multistep",
                  warmup_steps: int = 500, milestones: Sequence[float] = (0.667, 0.917), gamma: float = 0.1,
-                 channels_last: bool = False, compile: bool = False) -> None:
+                 channels_last: bool = False, compile: bool = False, skip_nonfinite_loss: bool = False) -> None:
         super().__init__(optimizer=optimizer, lr_schedule=lr_schedule, warmup_steps=warmup_steps,
-                         milestones=milestones, gamma=gamma, channels_last=channels_last, compile=compile)
+                         milestones=milestones, gamma=gamma, channels_last=channels_last, compile=compile,
+                         skip_nonfinite_loss=skip_nonfinite_loss)
         if architecture not in ARCHITECTURES:
             raise ValueError(f"model.architecture={architecture!r} is not supported; "
                              f"choose one of {list(ARCHITECTURES)}")
@@ -145,7 +146,7 @@ class ObjectDetector(BackboneTask):
                    for t in targets]
         losses = self.model(self._inputs(images), targets)
         loss = sum(losses.values())
-        check_finite(loss, self.global_step, f"image ids {[int(t['image_id']) for t in batch[1]]}")
+        loss = self.guard_loss(loss, f"image ids {[int(t['image_id']) for t in batch[1]]}")
         n = len(images)
         self.log("train/loss", loss, prog_bar=True, batch_size=n)
         self.log_dict({f"train/{k}": v for k, v in losses.items()}, batch_size=n)

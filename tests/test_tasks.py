@@ -98,7 +98,8 @@ def test_a_non_finite_loss_stops_training_naming_the_step_and_images():
     model.train()
     images = [torch.full((3, 64, 64), float("nan"))]
     targets = [{"boxes": torch.tensor([[2.0, 2.0, 30.0, 40.0]]), "labels": torch.tensor([0]), "image_id": 17}]
-    with pytest.raises(FloatingPointError, match=r"non-finite loss \(nan\) at step 0, batch of image ids \[17\]"):
+    expected = r"non-finite loss \(nan\) at step 0, batch of image ids \[17\]\. .*skip_nonfinite_loss: true"
+    with pytest.raises(FloatingPointError, match=expected):
         model.training_step((images, targets), 0)
 
 
@@ -143,3 +144,15 @@ def test_batches_with_empty_images_and_mixed_sizes_train(architecture):
         loss = model.training_step((images, targets), 0)
         loss.backward()
         assert torch.isfinite(loss)
+
+
+def test_skip_nonfinite_loss_counts_the_step_and_gives_a_zero_gradient():
+    model = detector("faster_rcnn", skip_nonfinite_loss=True)
+    model.train()
+    images = [torch.full((3, 64, 64), float("nan"))]
+    targets = [{"boxes": torch.tensor([[2.0, 2.0, 30.0, 40.0]]), "labels": torch.tensor([0]), "image_id": 17}]
+    loss = model.training_step((images, targets), 0)
+    loss.backward()
+    assert loss.item() == 0 and model.skipped_steps == 1
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert all(g is not None and torch.count_nonzero(g) == 0 for g in grads)
