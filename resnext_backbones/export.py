@@ -14,33 +14,22 @@ import torch
 from torch import Tensor
 
 from .trunk import ResNeXt
-from .weights import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    WeightsError,
-    _find_prefix,
-    infer_spec,
-    save_backbone,
-    source_state_dict,
-    to_detectron2,
-)
+from .weights import WeightsError, infer_spec, save_backbone, source_state_dict, split_trunk, to_detectron2
 
 FORMATS = ("safetensors", "torchvision", "timm", "mmdet", "detectron2")
 
 
+TRUNK_MODULES = ("conv1", "bn1", "layer1", "layer2", "layer3", "layer4")
+
+
 def trunk_state_dict(source) -> Dict[str, Tensor]:
     """The trunk's tensors (torchvision names, no ``fc``) from any file ``load_weights`` reads."""
-    state = source_state_dict(source)
-    prefix = _find_prefix(state, "conv1.weight", also="layer1.0.conv1.weight")
-    if prefix is None:
-        raise WeightsError(f"no ResNet/ResNeXt trunk found in {source}")
-    trunk = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-    return {k: v for k, v in trunk.items() if k.split(".")[0] in ("conv1", "bn1", "layer1", "layer2", "layer3",
-                                                                  "layer4")}
+    trunk, _, _ = split_trunk(source_state_dict(source))
+    return {k: v for k, v in trunk.items() if k.split(".")[0] in TRUNK_MODULES}
 
 
 def export(source, out, fmt: str = "safetensors") -> Path:
-    """Export the trunk found in ``source`` to ``out`` in ``fmt`` (one of ``FORMATS``)."""
+    """Export the trunk found in ``source`` (a path or a state dict) to ``out`` in ``fmt`` (one of ``FORMATS``)."""
     if fmt not in FORMATS:
         raise ValueError(f"format={fmt!r} is not supported; choose one of {list(FORMATS)}")
     state = trunk_state_dict(source)
@@ -53,7 +42,7 @@ def export(source, out, fmt: str = "safetensors") -> Path:
     if fmt == "safetensors":
         trunk = ResNeXt(spec, norm="bn")
         trunk.load_state_dict(state, strict=False)  # missing num_batches_tracked only (checked by infer_spec)
-        return save_backbone(trunk, out, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+        return save_backbone(trunk, out)
     state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
     if fmt == "torchvision":
         torch.save(state, out)
@@ -82,7 +71,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                           "checkpoint (backbone.*), detectron2 pickle (numpy)")
     args = parser.parse_args(argv)
     try:
-        path = export(args.checkpoint, args.out, args.format)
+        state = trunk_state_dict(args.checkpoint)  # read once: the export and the message share it
+        path = export(state, args.out, args.format)
     except (WeightsError, ValueError, FileNotFoundError) as e:
         parser.exit(2, f"error: {e}\n")
-    print(f"wrote {path} ({args.format}, {infer_spec(trunk_state_dict(args.checkpoint))})")
+    print(f"wrote {path} ({args.format}, {infer_spec(state)})")

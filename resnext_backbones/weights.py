@@ -38,10 +38,11 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .trunk import ResNeXt, ResNeXtSpec, resnext
+from .trunk import STAGE_BLOCKS, ResNeXt, ResNeXtSpec, resnext
 
-__all__ = ["LoadReport", "WeightsError", "load_weights", "read_weights", "source_state_dict", "infer_spec",
-           "save_backbone", "load_backbone", "to_detectron2", "from_detectron2", "IMAGENET_MEAN", "IMAGENET_STD"]
+__all__ = ["LoadReport", "WeightsError", "load_weights", "read_weights", "source_state_dict", "split_trunk",
+           "infer_spec", "save_backbone", "load_backbone", "to_detectron2", "from_detectron2", "IMAGENET_MEAN",
+           "IMAGENET_STD"]
 
 log = logging.getLogger("resnext_backbones")
 
@@ -281,6 +282,17 @@ def source_state_dict(source: Union[PathLike, Mapping]) -> Dict[str, Tensor]:
     return _source_state(source)[0]
 
 
+def split_trunk(state: Mapping[str, Tensor]) -> Tuple[Dict[str, Tensor], List[str], str]:
+    """``(trunk tensors without their prefix, the other keys, the prefix)``: the trunk is found whatever its
+    prefix (``backbone.``, ``model.backbone.body.``, ...), as the ``conv1.weight`` next to ``layer1.0.conv1.weight``."""
+    prefix = _find_prefix(state, "conv1.weight", also="layer1.0.conv1.weight")
+    if prefix is None:
+        raise WeightsError("no ResNet/ResNeXt trunk found in the source: no '*conv1.weight' next to "
+                           f"'*layer1.0.conv1.weight'; first keys: {list(state)[:_SHOW]}")
+    trunk = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    return trunk, [k for k in state if not k.startswith(prefix)], prefix
+
+
 def _pick(state: Mapping[str, Tensor], model: nn.Module) -> Tuple[Dict[str, Tensor], List[str], str]:
     """The source tensors for ``model``'s keys, with the prefix that locates them, and the keys not used."""
     is_fpn = hasattr(model, "body") and hasattr(model, "fpn")
@@ -289,12 +301,7 @@ def _pick(state: Mapping[str, Tensor], model: nn.Module) -> Tuple[Dict[str, Tens
         if prefix is not None:
             picked = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
             return picked, [k for k in state if not k.startswith(prefix)], prefix or "<root>"
-    prefix = _find_prefix(state, "conv1.weight", also="layer1.0.conv1.weight")
-    if prefix is None:
-        raise WeightsError("no ResNet/ResNeXt trunk found in the source: no '*conv1.weight' next to "
-                           f"'*layer1.0.conv1.weight'; first keys: {list(state)[:_SHOW]}")
-    trunk = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-    others = [k for k in state if not k.startswith(prefix)]
+    trunk, others, prefix = split_trunk(state)
     if is_fpn:
         trunk = {"body." + k: v for k, v in trunk.items()}
     return trunk, others, prefix or "<root>"
@@ -345,8 +352,6 @@ def load_weights(model: nn.Module, source: Union[PathLike, Mapping], *, strict: 
 
 def infer_spec(state: Mapping[str, Tensor]) -> ResNeXtSpec:
     """The spec of a torchvision-layout trunk state dict, read off its shapes (blocks per stage, 3x3 groups)."""
-    from .trunk import STAGE_BLOCKS
-
     blocks = tuple(len({k.split(".")[1] for k in state if k.startswith(f"layer{i}.") and k.endswith("conv1.weight")})
                    for i in range(1, 5))
     bottleneck = "layer1.0.conv3.weight" in state
