@@ -40,7 +40,6 @@ class CocoResultsWriter(BasePredictionWriter):
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(results))
             log.info("wrote %d detections to %s", len(results), path)
-            print(f"wrote {len(results)} detections to {path}")
             if self.draw_dir:
                 self._draw(trainer, results)
 

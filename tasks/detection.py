@@ -95,6 +95,8 @@ class ObjectDetector(BackboneTask):
         if map_backend not in MAP_BACKENDS:
             raise ValueError(f"model.map_backend={map_backend!r} is not supported; choose one of {list(MAP_BACKENDS)}")
         self.categories = check_categories(num_classes, categories)
+        self.register_buffer("category_id_table", None if self.categories is None else
+                             torch.tensor(list(self.categories)), persistent=False)  # contiguous label -> id
         self.save_hyperparameters(ignore=["optimizer"])
         arch = ARCHITECTURES[architecture]
         self.label_offset = arch.label_offset
@@ -116,12 +118,14 @@ class ObjectDetector(BackboneTask):
         return self.model.backbone.body
 
     # -- labels: contiguous (data) <-> model (background convention) <-> dataset category ids (metrics, output)
-    def to_category_ids(self, labels: Tensor) -> Tensor:
-        labels = labels - self.label_offset
-        if self.categories is None:
+    def contiguous_to_category_ids(self, labels: Tensor) -> Tensor:
+        if self.category_id_table is None:
             return labels
-        ids = torch.tensor(list(self.categories), device=labels.device)
-        return ids[labels.clamp(0, len(ids) - 1)]
+        return self.category_id_table[labels.clamp(0, len(self.category_id_table) - 1)]
+
+    def to_category_ids(self, labels: Tensor) -> Tensor:
+        """The model's labels (after its background convention) as dataset category ids."""
+        return self.contiguous_to_category_ids(labels - self.label_offset)
 
     def _inputs(self, images: Sequence[Tensor]) -> List[Tensor]:
         return [im.as_subclass(Tensor) for im in images]
@@ -169,7 +173,7 @@ class ObjectDetector(BackboneTask):
 
     def _metric_target(self, target: Dict) -> Dict[str, Tensor]:
         return {"boxes": target["boxes"].as_subclass(Tensor).cpu(),
-                "labels": self.to_category_ids(target["labels"] + self.label_offset).cpu(),
+                "labels": self.contiguous_to_category_ids(target["labels"]).cpu(),
                 "iscrowd": target["iscrowd"].cpu(), "area": target["area"].cpu()}
 
     def _log_epoch_map(self, stage: str) -> None:
