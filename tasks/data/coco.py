@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Dict, List, Optional
 
@@ -19,6 +19,10 @@ from .base import BaseDataModule, eval_sampler
 log = logging.getLogger("tasks")
 
 
+def _offsets(boxes_per_image: np.ndarray) -> np.ndarray:
+    return np.concatenate([[0], np.cumsum(boxes_per_image)]).astype(np.int64)
+
+
 @dataclass
 class CocoIndex:
     """A COCO annotation file as flat arrays (no per-image Python dicts: data-loader workers share the pages).
@@ -29,7 +33,7 @@ class CocoIndex:
 
     image_ids: np.ndarray
     file_names: List[str]
-    sizes: np.ndarray  # (num_images, 2) height, width as listed in the file
+    sizes: np.ndarray  # (num_images, 2) height, width: the JSON's, then the files' (check_image_files)
     offsets: np.ndarray
     boxes: np.ndarray  # (num_boxes, 4) xyxy float32
     labels: np.ndarray
@@ -82,9 +86,9 @@ class CocoIndex:
 
         order = np.argsort(row_image[keep], kind="stable")
         rows = np.flatnonzero(keep)[order]
-        offsets = np.concatenate([[0], np.cumsum(np.bincount(row_image[rows], minlength=len(images)))])
         return cls(image_ids=image_ids, file_names=[img["file_name"] for img in images], sizes=sizes,
-                   offsets=offsets.astype(np.int64), boxes=boxes[rows].astype(np.float32),
+                   offsets=_offsets(np.bincount(row_image[rows], minlength=len(images))),
+                   boxes=boxes[rows].astype(np.float32),
                    labels=np.asarray([label_of[anns[r]["category_id"]] for r in rows], dtype=np.int64),
                    iscrowd=np.asarray([anns[r].get("iscrowd", 0) for r in rows], dtype=np.uint8),
                    areas=np.asarray([anns[r].get("area", xywh[r, 2] * xywh[r, 3]) for r in rows], dtype=np.float32),
@@ -93,16 +97,19 @@ class CocoIndex:
     def __len__(self) -> int:
         return len(self.image_ids)
 
+    def _with_rows(self, rows: np.ndarray, boxes_per_image: np.ndarray, boxes: Optional[np.ndarray] = None,
+                   **images) -> CocoIndex:
+        """A copy keeping the box rows where ``rows`` is true (``boxes`` replaces the box coordinates first)."""
+        boxes = self.boxes if boxes is None else boxes
+        return replace(self, offsets=_offsets(boxes_per_image), boxes=boxes[rows], labels=self.labels[rows],
+                       iscrowd=self.iscrowd[rows], areas=self.areas[rows], **images)
+
     def subset(self, keep: np.ndarray) -> CocoIndex:
         """Only the images where ``keep`` is true, with their boxes."""
         counts = np.diff(self.offsets)
-        rows = np.repeat(keep, counts)
-        return CocoIndex(image_ids=self.image_ids[keep], file_names=[f for f, k in zip(self.file_names, keep,
-                                                                                          strict=True) if k],
-                         sizes=self.sizes[keep], offsets=np.concatenate([[0], np.cumsum(counts[keep])]),
-                         boxes=self.boxes[rows], labels=self.labels[rows], iscrowd=self.iscrowd[rows],
-                         areas=self.areas[rows], category_ids=self.category_ids, category_names=self.category_names)
-
+        return self._with_rows(np.repeat(keep, counts), counts[keep], image_ids=self.image_ids[keep],
+                               file_names=[f for f, k in zip(self.file_names, keep, strict=True) if k],
+                               sizes=self.sizes[keep])
 
     def fit_to_images(self, source: str) -> CocoIndex:
         """Clip boxes partly outside their image and drop those entirely outside, with a summary line."""
@@ -115,10 +122,7 @@ class CocoIndex:
             log.warning("%s: clipped %d boxes partly outside their image, dropped %d entirely outside", source,
                         changed.sum(), (~keep).sum())
         image_of_row = np.repeat(np.arange(len(counts)), counts)
-        offsets = np.concatenate([[0], np.cumsum(np.bincount(image_of_row[keep], minlength=len(counts)))])
-        return CocoIndex(image_ids=self.image_ids, file_names=self.file_names, sizes=self.sizes, offsets=offsets,
-                         boxes=clipped[keep], labels=self.labels[keep], iscrowd=self.iscrowd[keep],
-                         areas=self.areas[keep], category_ids=self.category_ids, category_names=self.category_names)
+        return self._with_rows(keep, np.bincount(image_of_row[keep], minlength=len(counts)), boxes=clipped)
 
 
 def image_size(path: Path) -> tuple:
@@ -152,8 +156,7 @@ def check_image_files(index: CocoIndex, images: str, key: str, skip_missing: boo
         log.warning("data.%s: %d images have a width/height in the annotations that differs from the file (first: "
                     "%s, json %s vs file %s); using the file's", key, len(wrong), root / index.file_names[i],
                     tuple(index.sizes[i].tolist()), tuple(actual[i].tolist()))
-    index.sizes = actual
-    return index.fit_to_images(f"data.{key}")
+    return replace(index, sizes=actual).fit_to_images(f"data.{key}")
 
 
 def read_rgb(path: str) -> torch.Tensor:
