@@ -91,6 +91,8 @@ class ImageClassifier(BackboneTask):
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(c5, 1), 1))
 
     def training_step(self, batch, batch_idx: int) -> Tensor:
+        if batch is None:  # every image of the batch was skipped as corrupt
+            return self.zero_loss()
         images, labels = batch
         if self.mix is not None:
             images, labels = self.mix(images, labels)
@@ -100,6 +102,8 @@ class ImageClassifier(BackboneTask):
         return loss
 
     def validation_step(self, batch, batch_idx: int) -> None:
+        if batch is None:
+            return
         images, labels = batch
         logits = self(images)
         self.val_acc.update(logits, labels)
@@ -109,11 +113,15 @@ class ImageClassifier(BackboneTask):
         self.log("val/acc_top5", self.val_acc_top5, batch_size=len(images))
 
     def test_step(self, batch, batch_idx: int) -> None:
+        if batch is None:
+            return
         images, labels = batch
         logits = self(images)
         self.val_acc.update(logits, labels)
         self.log("test/acc", self.val_acc, batch_size=len(images))
 
     def predict_step(self, batch, batch_idx: int) -> Tensor:
+        if batch is None:
+            return torch.empty(0, self.hparams.num_classes)
         images, _ = batch
         return self(images).softmax(-1)

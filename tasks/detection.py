@@ -145,6 +145,8 @@ class ObjectDetector(BackboneTask):
         return detections
 
     def training_step(self, batch, batch_idx: int) -> Tensor:
+        if batch is None:  # every image of the batch was skipped as corrupt
+            return self.zero_loss()
         images, targets = batch
         targets = [{"boxes": t["boxes"].as_subclass(Tensor), "labels": t["labels"] + self.label_offset}
                    for t in targets]
@@ -157,6 +159,8 @@ class ObjectDetector(BackboneTask):
         return loss
 
     def validation_step(self, batch, batch_idx: int) -> None:
+        if batch is None:
+            return
         images, targets = batch
         detections = self(images)
         self._eval_batches.append(([{k: v.cpu() for k, v in d.items()} for d in detections],
@@ -199,6 +203,8 @@ class ObjectDetector(BackboneTask):
 
     def predict_step(self, batch, batch_idx: int) -> List[Dict]:
         """COCO results (``image_id``, ``category_id``, ``bbox`` as xywh, ``score``) for the batch."""
+        if batch is None:
+            return []
         images, targets = batch
         results = []
         for target, det in zip(targets, self(images), strict=True):

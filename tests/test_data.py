@@ -5,8 +5,10 @@ import pytest
 import torch
 from PIL import Image
 
+from tasks import ObjectDetector
 from tasks.data import CocoDetection, CocoDetectionDataModule, CocoIndex, ImageFolderDataModule
-from tasks.data.coco import check_image_files, read_rgb
+from tasks.data.coco import check_image_files
+from tasks.data.images import CorruptImageError, image_size, read_rgb
 
 
 def write_coco(path, images, annotations, categories):
@@ -60,20 +62,24 @@ def test_horizontal_flip_moves_the_boxes(crowd_coco):
     assert target["boxes"].tolist() == [[50 - 15, 5, 50 - 5, 25]]
 
 
-@pytest.mark.parametrize("mode", ["L", "RGBA", "CMYK", "I;16"])
-def test_images_decode_to_rgb_like_pil(tmp_path, mode):
+@pytest.mark.parametrize("mode", ["L", "RGBA", "CMYK"])
+def test_gray_rgba_and_cmyk_jpeg_decode_to_the_rgb_of_pil(tmp_path, mode):
     rng = np.random.default_rng(0)
-    if mode == "I;16":
-        pil = Image.fromarray(rng.integers(0, 65535, (9, 7), dtype=np.uint16))
-    else:
-        pil = Image.fromarray(rng.integers(0, 255, (9, 7, 3), dtype=np.uint8)).convert(mode)
     path = tmp_path / ("x.jpg" if mode == "CMYK" else "x.png")
-    pil.save(path, quality=100) if mode == "CMYK" else pil.save(path)
-    image = read_rgb(str(path))
-    assert image.shape == (3, 9, 7) and image.dtype == torch.uint8
-    if mode in ("L", "RGBA"):  # lossless: exact
-        expected = torch.from_numpy(np.asarray(Image.open(path).convert("RGB"))).permute(2, 0, 1)
-        assert torch.equal(image, expected)
+    Image.fromarray(rng.integers(0, 255, (9, 7, 3), dtype=np.uint8)).convert(mode).save(path, quality=100)
+    expected = np.asarray(Image.open(path).convert("RGB")).transpose(2, 0, 1)
+    assert torch.equal(read_rgb(str(path)), torch.from_numpy(expected.copy()))
+
+
+def test_16_bit_png_keeps_its_8_most_significant_bits(tmp_path):
+    values = np.random.default_rng(0).integers(0, 65535, (9, 7), dtype=np.uint16)
+    Image.fromarray(values).save(tmp_path / "x.png")
+    decoded_by_pil = np.asarray(Image.open(tmp_path / "x.png")).astype(np.int64)  # PIL's convert("RGB") clips to 255
+    assert (decoded_by_pil == values).all()
+    image = read_rgb(str(tmp_path / "x.png"))
+    assert image.dtype == torch.uint8
+    for channel in image:
+        assert torch.equal(channel, torch.from_numpy(decoded_by_pil >> 8).to(torch.uint8))
 
 
 def test_data_module_gives_classes_and_names(tiny_coco, tiny_folder):
@@ -131,14 +137,82 @@ def test_missing_image_files_fail_with_the_first_paths_or_are_skipped(crowd_coco
     with caplog.at_level("WARNING", logger="tasks"):
         dm = CocoDetectionDataModule(path, images, path, images, skip_missing_images=True, num_workers=0)
     assert dm.val_index.image_ids.tolist() == [1] and dm.val_index.boxes.shape == (2, 4)
-    assert "skipping them" in caplog.text
+    assert "dropping them (data.skip_missing_images)" in caplog.text
 
 
-def test_a_corrupt_image_fails_naming_its_path(tmp_path):
-    bad = tmp_path / "broken.jpg"
-    bad.write_bytes(b"\xff\xd8\xff\xe0 this is not a jpeg")
-    with pytest.raises(RuntimeError, match=r"cannot decode image '.*broken\.jpg'"):
-        read_rgb(str(bad))
+def truncated(path):
+    """Cut an image file in half: its header still reads, its body no longer decodes."""
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+@pytest.mark.parametrize("suffix", [".jpg", ".png"])
+def test_truncated_and_corrupt_files_fail_naming_their_path(tmp_path, suffix):
+    path = tmp_path / f"x{suffix}"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(path)
+    truncated(path)
+    with pytest.raises(CorruptImageError, match=rf"cannot decode image '.*x\{suffix}'"):
+        read_rgb(str(path))
+    (tmp_path / "y.jpg").write_bytes(b"\xff\xd8\xff\xe0 this is not a jpeg")
+    with pytest.raises(CorruptImageError, match=r"cannot read image header of '.*y\.jpg'"):
+        image_size(tmp_path / "y.jpg")
+
+
+@pytest.fixture
+def coco_with_bad_images(tmp_path):
+    """Six images: 2.jpg truncated (its header reads, its body does not decode), 5.jpg not an image at all."""
+    (tmp_path / "img").mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(1, 7):
+        Image.fromarray(rng.integers(0, 255, (40, 50, 3), dtype=np.uint8)).save(tmp_path / "img" / f"{i}.jpg")
+    truncated(tmp_path / "img" / "2.jpg")
+    (tmp_path / "img" / "5.jpg").write_bytes(b"not a jpeg")
+    images = [{"id": i, "file_name": f"{i}.jpg", "height": 40, "width": 50} for i in range(1, 7)]
+    anns = [{"id": i, "image_id": i, "category_id": 1, "bbox": [5, 5, 10, 10], "iscrowd": 0} for i in range(1, 7)]
+    path = write_coco(tmp_path / "a.json", images, anns, [{"id": 1, "name": "a"}])
+    return {"train_annotations": path, "train_images": str(tmp_path / "img"), "val_annotations": path,
+            "val_images": str(tmp_path / "img")}
+
+
+def test_corrupt_images_fail_naming_the_file_unless_skipped(coco_with_bad_images, caplog):
+    with pytest.raises(CorruptImageError, match=r"data.val_images: 1 of 6 listed images cannot be read \(cannot "
+                       r"read image header of '.*5.jpg'.*set data.skip_corrupt_images: true"):
+        CocoDetectionDataModule(**coco_with_bad_images, num_workers=0)
+    with caplog.at_level("WARNING", logger="tasks"):
+        dm = CocoDetectionDataModule(**coco_with_bad_images, num_workers=0, skip_corrupt_images=True)
+    assert dm.val_index.image_ids.tolist() == [1, 2, 3, 4, 6]  # 5.jpg dropped at startup
+    assert "dropping them (data.skip_corrupt_images)" in caplog.text
+
+    strict = CocoDetectionDataModule(**coco_with_bad_images, num_workers=0, skip_corrupt_images=True)
+    strict.skip_corrupt_images = False
+    with pytest.raises(CorruptImageError, match=r"cannot decode image '.*2.jpg'.*skip_corrupt_images: true"):
+        list(strict.val_dataloader())
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_skipped_corrupt_images_leave_their_batch_and_are_counted(coco_with_bad_images, num_workers, caplog):
+    dm = CocoDetectionDataModule(**coco_with_bad_images, batch_size=2, num_workers=num_workers,
+                                 skip_corrupt_images=True)
+    dm.setup("fit")
+    with caplog.at_level("WARNING", logger="tasks"):
+        batches = list(dm.val_dataloader())
+    image_ids = [t["image_id"] for _, targets in batches for t in targets]
+    assert image_ids == [1, 3, 4, 6]  # 2.jpg is left out of its batch, 5.jpg was dropped at startup
+    assert [len(images) for images, _ in batches] == [1, 2, 1]
+    assert dm.skipped_images == 1
+    if num_workers == 0:  # worker processes log to their own stderr
+        assert "cannot decode image" in caplog.text and "skipped (data.skip_corrupt_images), 1 so far" in caplog.text
+    assert len(list(dm.train_dataloader())) == 3 and dm.skipped_images == 2
+
+
+def test_a_batch_of_only_skipped_images_is_none_and_trains_as_a_zero_step(coco_with_bad_images):
+    from tasks.data.base import SkipNone
+    from tasks.data.coco import collate
+
+    assert SkipNone(collate)([None, None]) is None
+    model = ObjectDetector(backbone="resnet18", num_classes=1, min_size=64, max_size=64)
+    loss = model.training_step(None, 0)
+    assert loss.item() == 0.0 and loss.requires_grad
 
 
 def test_exif_rotated_jpeg_loads_upright_like_pil(tmp_path):

@@ -11,10 +11,10 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
-from torchvision.io import ImageReadMode, decode_image, read_file
 from torchvision.transforms import v2
 
-from .base import BaseDataModule, eval_sampler
+from .base import BaseDataModule
+from .images import CorruptImageError, image_size, read_rgb
 
 log = logging.getLogger("tasks")
 
@@ -125,31 +125,39 @@ class CocoIndex:
         return self._with_rows(keep, np.bincount(image_of_row[keep], minlength=len(counts)), boxes=clipped)
 
 
-def image_size(path: Path) -> tuple:
-    """(height, width) as decoded, EXIF rotation included, read from the header only."""
-    from PIL import Image
+def _drop_images(index: CocoIndex, bad: np.ndarray, root: Path, key: str, problem: str, option: str, skip: bool,
+                 error: type) -> CocoIndex:
+    """``index`` without the images where ``bad`` is true: an error naming the first of them and the count, or,
+    with ``skip``, a warning."""
+    if not bad.any():
+        return index
+    first = [str(root / index.file_names[i]) for i in np.flatnonzero(bad)[:5]]
+    message = f"data.{key}: {int(bad.sum())} of {len(index)} listed images {problem}, first: {first}"
+    if not skip:
+        raise error(f"{message}. Fix or remove them, or set data.{option}: true to drop them")
+    log.warning("%s; dropping them (data.%s)", message, option)
+    return index.subset(~bad)
 
-    with Image.open(path) as image:
-        width, height = image.size
-        if image.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # rotated by 90 degrees on display
-            width, height = height, width
-    return height, width
 
-
-def check_image_files(index: CocoIndex, images: str, key: str, skip_missing: bool) -> CocoIndex:
-    """Every listed image must exist (else an error with the first missing paths and the count, or, with
-    ``skip_missing``, they are dropped with a warning); sizes come from the files, with a warning where the JSON
-    disagrees; then boxes are fitted to those sizes."""
+def check_image_files(index: CocoIndex, images: str, key: str, skip_missing: bool,
+                      skip_corrupt: bool = False) -> CocoIndex:
+    """Every listed image must exist and have a readable header (else an error naming the first files at fault and
+    the count, or, with ``skip_missing`` / ``skip_corrupt``, they are dropped with a warning); sizes come from the
+    files, with a warning where the JSON disagrees; then boxes are fitted to those sizes."""
     root = Path(images)
     missing = np.asarray([not (root / f).is_file() for f in index.file_names], dtype=bool)
-    if missing.any():
-        first = [str(root / index.file_names[i]) for i in np.flatnonzero(missing)[:5]]
-        message = f"data.{key}: {int(missing.sum())} of {len(index)} listed images are missing, first: {first}"
-        if not skip_missing:
-            raise FileNotFoundError(f"{message}. Fix the paths, or set data.skip_missing_images: true to drop them")
-        log.warning("%s; skipping them (skip_missing_images)", message)
-        index = index.subset(~missing)
-    actual = np.asarray([image_size(root / f) for f in index.file_names], dtype=np.int64).reshape(-1, 2)
+    index = _drop_images(index, missing, root, key, "are missing", "skip_missing_images", skip_missing,
+                         FileNotFoundError)
+    actual = np.zeros((len(index), 2), dtype=np.int64)
+    unreadable, first_error = np.zeros(len(index), dtype=bool), ""
+    for i, f in enumerate(index.file_names):
+        try:
+            actual[i] = image_size(root / f)
+        except CorruptImageError as e:
+            unreadable[i], first_error = True, first_error or str(e)
+    index = _drop_images(index, unreadable, root, key, f"cannot be read ({first_error})", "skip_corrupt_images",
+                         skip_corrupt, CorruptImageError)
+    actual = actual[~unreadable]
     wrong = np.flatnonzero((index.sizes != actual).any(1) & (index.sizes > 0).all(1))
     if len(wrong):
         i = wrong[0]
@@ -157,17 +165,6 @@ def check_image_files(index: CocoIndex, images: str, key: str, skip_missing: boo
                     "%s, json %s vs file %s); using the file's", key, len(wrong), root / index.file_names[i],
                     tuple(index.sizes[i].tolist()), tuple(actual[i].tolist()))
     return replace(index, sizes=actual).fit_to_images(f"data.{key}")
-
-
-def read_rgb(path: str) -> torch.Tensor:
-    """uint8 RGB CHW from any file torchvision decodes (gray, RGBA, CMYK JPEG, 16-bit PNG), EXIF-rotated."""
-    try:
-        image = decode_image(read_file(path), mode=ImageReadMode.RGB, apply_exif_orientation=True)
-    except RuntimeError as e:
-        raise RuntimeError(f"cannot decode image {path!r}: {e}") from None
-    if image.dtype != torch.uint8:  # 16-bit PNG
-        image = v2.functional.to_dtype(image, torch.uint8, scale=True)
-    return image
 
 
 class CocoDetection(Dataset):
@@ -217,12 +214,16 @@ class CocoDetectionDataModule(BaseDataModule):
         num_workers: data-loading processes per device.
         horizontal_flip: probability of flipping a training image (boxes follow).
         skip_missing_images: drop listed images whose file is missing (with a warning) instead of failing.
+        skip_corrupt_images: drop images that cannot be decoded (a header that cannot be read: at startup; a
+            truncated or corrupt body: from their batch, when loaded), each with a warning and counted, instead of
+            failing with an error that names the file.
     """
 
     def __init__(self, train_annotations: Optional[str] = None, train_images: Optional[str] = None,
                  val_annotations: Optional[str] = None, val_images: Optional[str] = None, batch_size: int = 2,
-                 num_workers: int = 2, horizontal_flip: float = 0.5, skip_missing_images: bool = False) -> None:
-        super().__init__(batch_size=batch_size, num_workers=num_workers)
+                 num_workers: int = 2, horizontal_flip: float = 0.5, skip_missing_images: bool = False,
+                 skip_corrupt_images: bool = False) -> None:
+        super().__init__(batch_size=batch_size, num_workers=num_workers, skip_corrupt_images=skip_corrupt_images)
         paths = [train_annotations, train_images, val_annotations, val_images]
         if all(p is None for p in paths):
             from .shapes import shapes_detection
@@ -238,7 +239,7 @@ class CocoDetectionDataModule(BaseDataModule):
         self.train_annotations, self.train_images, self.val_annotations, self.val_images = map(str, paths)
         self.horizontal_flip, self.skip_missing_images = horizontal_flip, skip_missing_images
         self.val_index = check_image_files(CocoIndex.from_file(self.val_annotations), self.val_images, "val_images",
-                                           skip_missing_images)
+                                           skip_missing_images, skip_corrupt_images)
         self.train_index: Optional[CocoIndex] = None
         self.categories: Dict[int, str] = dict(zip(self.val_index.category_ids, self.val_index.category_names,
                                                    strict=True))
@@ -250,7 +251,8 @@ class CocoDetectionDataModule(BaseDataModule):
     def setup(self, stage: str) -> None:
         if stage == "fit" and self.train_index is None:
             self.train_index = check_image_files(CocoIndex.from_file(self.train_annotations), self.train_images,
-                                                 "train_images", self.skip_missing_images)
+                                                 "train_images", self.skip_missing_images,
+                                                 self.skip_corrupt_images)
             if self.train_index.category_ids != self.val_index.category_ids:
                 raise ValueError(f"{self.train_annotations} and {self.val_annotations} list different categories "
                                  f"({self.train_index.category_ids} vs {self.val_index.category_ids})")
@@ -265,11 +267,11 @@ class CocoDetectionDataModule(BaseDataModule):
 
     def train_dataloader(self):
         dataset = CocoDetection(self.train_index, self.train_images, self.train_transforms())
-        return self.loader(dataset, shuffle=True, collate_fn=collate, drop_last=False)
+        return self.loader(dataset, train=True, collate_fn=collate)
 
     def val_dataloader(self):
         dataset = CocoDetection(self.val_index, self.val_images, self.eval_transforms(), keep_crowd=True)
-        return self.loader(dataset, shuffle=False, collate_fn=collate, sampler=eval_sampler(dataset))
+        return self.loader(dataset, train=False, collate_fn=collate)
 
     test_dataloader = val_dataloader
     predict_dataloader = val_dataloader

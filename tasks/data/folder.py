@@ -10,8 +10,8 @@ import torch
 from torchvision.datasets import ImageFolder
 from torchvision.transforms import v2
 
-from .base import BaseDataModule, eval_sampler
-from .coco import read_rgb
+from .base import BaseDataModule
+from .images import read_rgb
 
 log = logging.getLogger("tasks")
 
@@ -26,11 +26,14 @@ class ImageFolderDataModule(BaseDataModule):
         num_workers: data-loading processes per device.
         image_size: side of the square crop the model sees.
         crop_scale: range of the image area a training crop keeps (``RandomResizedCrop``; ImageNet: 0.08-1).
+        skip_corrupt_images: leave images that cannot be decoded out of their batch, with a warning, and count
+            them, instead of failing with an error that names the file.
     """
 
     def __init__(self, train_dir: Optional[str] = None, val_dir: Optional[str] = None, batch_size: int = 32,
-                 num_workers: int = 2, image_size: int = 224, crop_scale: Tuple[float, float] = (0.08, 1.0)) -> None:
-        super().__init__(batch_size=batch_size, num_workers=num_workers)
+                 num_workers: int = 2, image_size: int = 224, crop_scale: Tuple[float, float] = (0.08, 1.0),
+                 skip_corrupt_images: bool = False) -> None:
+        super().__init__(batch_size=batch_size, num_workers=num_workers, skip_corrupt_images=skip_corrupt_images)
         if train_dir is None and val_dir is None:
             from .shapes import shapes_classification
 
@@ -59,14 +62,14 @@ class ImageFolderDataModule(BaseDataModule):
         transform = v2.Compose([v2.RandomResizedCrop(self.image_size, scale=self.crop_scale, antialias=True),
                                 v2.RandomHorizontalFlip(),
                                 v2.ToDtype(torch.float32, scale=True)])
-        return self.loader(ImageFolder(self.train_dir, transform=transform, loader=read_rgb), shuffle=True,
+        return self.loader(ImageFolder(self.train_dir, transform=transform, loader=read_rgb), train=True,
                            drop_last=True)
 
     def val_dataloader(self):
         transform = v2.Compose([v2.Resize(round(self.image_size / 0.875), antialias=True),
                                 v2.CenterCrop(self.image_size), v2.ToDtype(torch.float32, scale=True)])
         dataset = ImageFolder(self.val_dir, transform=transform, loader=read_rgb)
-        return self.loader(dataset, shuffle=False, sampler=eval_sampler(dataset))
+        return self.loader(dataset, train=False)
 
     test_dataloader = val_dataloader
     predict_dataloader = val_dataloader
