@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
+import random
 from typing import Iterable, Optional, Sequence
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from lightning.pytorch import LightningModule
@@ -58,7 +60,26 @@ class BackboneTask(LightningModule):
         self.skipped_steps += 1
         log.warning("%s: step skipped (%d so far)", message, self.skipped_steps)
         self.log("train/skipped_steps", float(self.skipped_steps))
+        return self.zero_loss()
+
+    def zero_loss(self) -> torch.Tensor:
+        """A loss of zero on every trainable parameter: the step goes on with a zero gradient (momentum and weight
+        decay still apply), and all DDP processes still take part in it."""
         return sum(p.sum() for p in self.parameters() if p.requires_grad) * 0.0
+
+    # -- exact resumption: the RNG states (augmentations, detector sampling, MixUp) are part of the checkpoint and
+    # are put back right before the first training step after a restart, so that nothing Lightning does while
+    # restarting (sanity checks, new loader iterators) can move them.
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["rng_states"] = rng_states()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self._rng_states_to_restore = checkpoint.get("rng_states")
+
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        if getattr(self, "_rng_states_to_restore", None) is not None:
+            set_rng_states(self._rng_states_to_restore)
+            self._rng_states_to_restore = None
 
     @classmethod
     def load_from_checkpoint(cls, checkpoint_path, *args, **kwargs):
@@ -82,9 +103,29 @@ class BackboneTask(LightningModule):
     def configure_optimizers(self):
         params = [p for p in self.parameters() if p.requires_grad]
         optimizer = self.optimizer_factory(params)
-        factor = warmup_then(self.lr_schedule, total_steps=total_training_steps(self.trainer),
+        # The length is asked for after the first step: reading trainer.estimated_stepping_batches here would load
+        # the training data before Lightning restores the loader's position (Lightning issue #20550).
+        factor = warmup_then(self.lr_schedule, total_steps=lambda: total_training_steps(self.trainer),
                              warmup_steps=self.warmup_steps, milestones=self.milestones, gamma=self.gamma)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": LambdaLR(optimizer, factor), "interval": "step"}}
+
+
+def rng_states() -> dict:
+    """The states of every random number generator a training step may draw from (torch CPU and CUDA, numpy,
+    Python's ``random``), as tensors and plain Python values: checkpoints load with ``weights_only=True``."""
+    kind, keys, position, has_gauss, gauss = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), position,
+                                                      has_gauss, gauss),
+            "python": random.getstate(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_states(states: dict) -> None:
+    torch.set_rng_state(states["torch"])
+    kind, keys, position, has_gauss, gauss = states["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, gauss))
+    random.setstate(states["python"])
+    if states["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
 
 
 def gather_objects(obj) -> list:

@@ -11,11 +11,20 @@ import logging
 import sys
 from typing import List, Optional
 
-from lightning.pytorch import LightningDataModule, LightningModule
+from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+from .checkpoint_io import AtomicCheckpointIO
 
 
 class TaskCLI(LightningCLI):
+    def instantiate_trainer(self, **kwargs) -> Trainer:
+        trainer = super().instantiate_trainer(**kwargs)
+        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # not one the user chose
+            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        return trainer
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         # One source of truth: the data module knows the classes, the model is told.
         parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")

@@ -2,34 +2,43 @@
 
 from __future__ import annotations
 
+import functools
 import math
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence, Union
 
 SCHEDULES = ("multistep", "cosine", "constant")
 
 
-def warmup_then(schedule: str, *, total_steps: int, warmup_steps: int, warmup_factor: float = 0.001,
-                milestones: Sequence[float] = (), gamma: float = 0.1, min_factor: float = 0.0
-                ) -> Callable[[int], float]:
+def warmup_then(schedule: str, *, total_steps: Union[int, Callable[[], int]], warmup_steps: int,
+                warmup_factor: float = 0.001, milestones: Sequence[float] = (), gamma: float = 0.1,
+                min_factor: float = 0.0) -> Callable[[int], float]:
     """Multiplier of the base learning rate at optimizer step ``step`` (for ``LambdaLR``).
 
     ``milestones`` are fractions of ``total_steps`` (``[8/12, 11/12]`` is the detection 1x schedule), so one
-    schedule serves any dataset size and epoch count.
+    schedule serves any dataset size and epoch count. ``total_steps`` may be a function, asked once, after step 0.
     """
     if schedule not in SCHEDULES:
         raise ValueError(f"lr_schedule={schedule!r} is not supported; choose one of {list(SCHEDULES)}")
     if any(not 0 < m < 1 for m in milestones):
         raise ValueError(f"milestones={list(milestones)} must be fractions of training in (0, 1), e.g. [0.667, 0.917]")
-    total_steps, warmup_steps = max(1, total_steps), max(0, min(warmup_steps, total_steps))
+    count = total_steps if callable(total_steps) else lambda: total_steps
+
+    @functools.cache
+    def lengths() -> tuple:
+        total = max(1, int(count()))
+        return total, max(0, min(warmup_steps, total))
 
     def factor(step: int) -> float:
-        if step < warmup_steps:
-            alpha = step / warmup_steps
+        if step == 0:  # depends on no length: LambdaLR asks for it before the trainer has loaded the data
+            return warmup_factor if warmup_steps > 0 else 1.0
+        total_steps, warmup_steps_ = lengths()
+        if step < warmup_steps_:
+            alpha = step / warmup_steps_
             return warmup_factor * (1 - alpha) + alpha
         if schedule == "multistep":
             return gamma ** sum(step >= m * total_steps for m in milestones)
         if schedule == "cosine":
-            progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+            progress = (step - warmup_steps_) / max(1, total_steps - warmup_steps_)
             return min_factor + (1 - min_factor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
         return 1.0
 

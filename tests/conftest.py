@@ -1,5 +1,9 @@
+import os
+import signal
+
 import pytest
 import torch
+from lightning.pytorch import Callback
 from torch import nn
 from torchvision.ops import FrozenBatchNorm2d
 
@@ -63,3 +67,16 @@ def classification_args(tmp_path, folder, *extra, backbone="resnet18", image_siz
             "--data.val_dir", folder["val_dir"], "--data.image_size", str(image_size), "--data.batch_size", "6",
             "--data.num_workers", "0", "--trainer.default_root_dir", str(tmp_path),
             "--trainer.enable_progress_bar", "false", *extra]
+
+
+
+class KillAtStep(Callback):
+    """SIGKILL this process when the training batch that makes ``global_step == step`` ends: no cleanup and no
+    checkpoint of that step, as when a machine is lost. (``conftest.KillAtStep`` with ``tests/`` on the path.)"""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, *args) -> None:
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGKILL)

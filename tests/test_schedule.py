@@ -22,3 +22,15 @@ def test_bad_schedule_arguments_name_the_allowed_values():
         warmup_then("step", total_steps=1, warmup_steps=0)
     with pytest.raises(ValueError, match="fractions of training"):
         warmup_then("multistep", total_steps=1, warmup_steps=0, milestones=[8, 11])
+
+
+def test_a_schedule_length_given_as_a_function_is_asked_once_and_never_at_step_0():
+    asked = []
+
+    def count() -> int:
+        asked.append(1)
+        return 1200
+
+    f = warmup_then("multistep", total_steps=count, warmup_steps=100, milestones=[8 / 12, 11 / 12])
+    assert f(0) == pytest.approx(0.001) and not asked  # LambdaLR asks for step 0 before the data is loaded
+    assert f(800) == pytest.approx(0.1) and f(50) == pytest.approx(0.5005) and len(asked) == 1

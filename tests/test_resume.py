@@ -1,0 +1,110 @@
+"""Interrupted runs: a kill mid-epoch loses nothing, and the resumed run ends exactly where the uninterrupted one
+does; a kill while saving leaves the previous checkpoint whole."""
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from test_cli import detection_config
+
+from tasks.checkpoint_io import AtomicCheckpointIO
+
+TESTS = Path(__file__).resolve().parent
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    path = [str(TESTS), str(TESTS.parent), os.environ.get("PYTHONPATH", "")]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(path)}
+    return subprocess.run([sys.executable, "-m", "tasks", *args], env=env, capture_output=True, text=True,
+                          timeout=600)
+
+
+def resumable_config(tmp_path, data, kill_at=None) -> str:
+    tmp_path.mkdir(exist_ok=True)
+    path = detection_config(tmp_path, data)
+    config = yaml.safe_load(Path(path).read_text())
+    config["data"]["init_args"]["num_workers"] = 2  # workers load in any order: augmentations must not care
+    config["trainer"].update(max_epochs=2, deterministic=True, num_sanity_val_steps=0)
+    config["trainer"]["callbacks"] = [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": {
+        "dirpath": str(tmp_path / "ckpt"), "every_n_train_steps": 1, "save_top_k": 0, "save_last": True}}]
+    if kill_at is not None:
+        config["trainer"]["callbacks"].append({"class_path": "conftest.KillAtStep", "init_args": {"step": kill_at}})
+    Path(path).write_text(yaml.safe_dump(config))
+    return path
+
+
+def final_state(tmp_path) -> dict:
+    return torch.load(tmp_path / "ckpt" / "last.ckpt", map_location="cpu", weights_only=True)
+
+
+def test_a_run_killed_mid_epoch_resumes_from_last_to_the_same_weights(tmp_path, tiny_coco):
+    """8 images, batch 2: 4 steps per epoch. The kill comes at step 6, in the middle of the second epoch."""
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    done = run_cli("fit", "--config", resumable_config(whole, tiny_coco))
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    config = resumable_config(killed, tiny_coco, kill_at=6)
+    interrupted = run_cli("fit", "--config", config)
+    assert interrupted.returncode == -signal.SIGKILL, interrupted.stderr[-3000:]
+    assert final_state(killed)["global_step"] == 5  # the step the kill interrupted was never saved
+    config = resumable_config(killed, tiny_coco)  # the same run, without the kill
+    resumed = run_cli("fit", "--config", config, "--ckpt_path", "last")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "not resumable" not in resumed.stderr
+
+    expected, actual = final_state(whole), final_state(killed)
+    assert actual["global_step"] == expected["global_step"] == 8
+    assert expected["state_dict"].keys() == actual["state_dict"].keys()
+    for key, value in expected["state_dict"].items():
+        assert torch.equal(value, actual["state_dict"][key]), key
+    assert torch.equal(expected["optimizer_states"][0]["state"][0]["momentum_buffer"],
+                       actual["optimizer_states"][0]["state"][0]["momentum_buffer"])
+
+
+def test_a_failure_while_saving_leaves_the_previous_checkpoint_whole(tmp_path, monkeypatch):
+    path = tmp_path / "last.ckpt"
+    io = AtomicCheckpointIO()
+    io.save_checkpoint({"step": 1, "weights": torch.ones(1000)}, path)
+
+    def save_half_then_fail(obj, f):
+        f.write(b"\x00" * 4096)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", save_half_then_fail)
+    with pytest.raises(KeyboardInterrupt):
+        io.save_checkpoint({"step": 2, "weights": torch.zeros(1000)}, path)
+    monkeypatch.undo()
+    assert torch.load(path, weights_only=True)["step"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]  # no temporary file left behind
+
+
+def test_a_kill_while_saving_leaves_the_previous_checkpoint_whole(tmp_path):
+    """A real SIGKILL half-way through writing the second checkpoint."""
+    path = tmp_path / "last.ckpt"
+    script = f"""
+import os, signal, torch
+from tasks.checkpoint_io import AtomicCheckpointIO
+io = AtomicCheckpointIO()
+io.save_checkpoint({{"step": 1, "weights": torch.ones(1000)}}, {str(path)!r})
+def save_half_then_die(obj, f):
+    f.write(b"\\x00" * 4096)
+    f.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
+torch.save = save_half_then_die
+io.save_checkpoint({{"step": 2, "weights": torch.zeros(1000)}}, {str(path)!r})
+"""
+    killed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert torch.load(path, weights_only=True)["step"] == 1
+
+
+def test_the_lightning_command_saves_atomically(tmp_path, tiny_coco):
+    from tasks.cli import cli
+
+    built = cli(["--config", detection_config(tmp_path, tiny_coco)], run=False)  # no subcommand without run
+    assert isinstance(built.trainer.strategy.checkpoint_io, AtomicCheckpointIO)
