@@ -9,6 +9,7 @@ from typing import Optional
 
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
+from torchvision.transforms.v2.functional import to_dtype
 
 from .base import gather_objects
 
@@ -58,5 +59,6 @@ class CocoResultsWriter(BasePredictionWriter):
             dets = [r for r in by_image.get(target["image_id"], []) if r["score"] >= self.draw_threshold]
             boxes = torch.tensor([r["bbox"] for r in dets], dtype=torch.float32).reshape(-1, 4)
             boxes[:, 2:] += boxes[:, :2]
-            picture = draw_bounding_boxes((image * 255).byte(), boxes, [str(r["category_id"]) for r in dets])
+            picture = draw_bounding_boxes(to_dtype(image, torch.uint8, scale=True), boxes,
+                                          [str(r["category_id"]) for r in dets])
             write_png(picture, str(out / f"{target['image_id']}.png"))

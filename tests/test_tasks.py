@@ -41,6 +41,16 @@ def test_detections_and_training_use_dataset_category_ids(architecture):
     assert all(torch.isfinite(v) for v in loss.values())
 
 
+def test_uint8_images_from_the_data_modules_detect_as_their_float_equivalent():
+    model = detector("faster_rcnn", detector_kwargs={"box_score_thresh": 0.0}).eval()
+    image = torch.randint(0, 256, (3, 64, 64), dtype=torch.uint8)
+    with torch.no_grad():
+        (from_uint8,), (from_float,) = model([image]), model([image.float() / 255])
+    assert len(from_float["boxes"]) == len(from_uint8["boxes"]) > 0
+    torch.testing.assert_close(from_uint8["boxes"], from_float["boxes"], atol=1e-3, rtol=0)
+    torch.testing.assert_close(from_uint8["scores"], from_float["scores"], atol=1e-5, rtol=0)
+
+
 def test_frozen_stages_have_no_gradient_so_ddp_needs_no_unused_parameter_search():
     model = detector("faster_rcnn", trainable_stages=2)
     trunk = model.model.backbone.body

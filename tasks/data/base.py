@@ -72,8 +72,8 @@ class Samples(Dataset):
         try:
             if seed is None:
                 return self.dataset[index]
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed)
+            with torch.random.fork_rng(devices=[]):  # the CPU generator only: transforms run on the CPU
+                torch.default_generator.manual_seed(seed)  # (torch.manual_seed would also queue CUDA seeding)
                 return self.dataset[index]
         except CorruptImageError as e:
             if not self.skip_corrupt:
