@@ -1,6 +1,6 @@
 """Every benchmark, on the machine at hand: ``python -m benchmarks`` (results go to benchmarks/README.md)."""
 
-from . import backbone, evaluation
+from . import backbone, data, detector, evaluation
 
-for module in (backbone, evaluation):
+for module in (backbone, detector, data, evaluation):
     module.main([])
