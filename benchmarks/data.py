@@ -5,7 +5,8 @@
 Two tables, written to benchmarks/README.md:
 
 - throughput: images/s of decode + augment + collate with 2 workers, on the same synthetic 640x480 JPEGs and the
-  same transforms (flip, to float, clamp, sanitize), epochs alternating, median of ``--repeats``;
+  same transforms (flip, clamp, sanitize; torchvision's also converts to float in the workers, ours leaves that
+  to the model on its device), epochs alternating, median of ``--repeats``;
 - memory: resident memory (RSS) of each of 4 workers after the first and after the last batch of an epoch over a
   synthetic COCO set of ``--memory-images`` images and ``--memory-boxes`` boxes. Python objects read by a worker
   get their reference counts written, which copies their pages into the worker; compact arrays are not copied.
@@ -108,8 +109,9 @@ def worker_memory(loader: DataLoader) -> tuple:
     next(iterator)
     pids = [w.pid for w in iterator._workers]
     first = np.mean([memory_mib(p) for p in pids], 0)
-    for _ in iterator:
-        last = np.mean([memory_mib(p) for p in pids], 0)  # read before the iterator ends: workers still live
+    for i, _ in enumerate(iterator, start=2):
+        if i == len(loader):  # the last batch: read while the workers still live
+            last = np.mean([memory_mib(p) for p in pids], 0)
     return first, last, time.perf_counter() - start
 
 
@@ -147,8 +149,10 @@ def main(argv=None) -> str:
     body = (f"## Data loading: `CocoDetectionDataModule` vs torchvision `CocoDetection` + transforms v2\n\n"
             f"`python -m benchmarks.data --images {args.images} --repeats {args.repeats} --memory-images "
             f"{args.memory_images} --memory-boxes {args.memory_boxes}`. Machine: {machine()}.\n\n"
-            f"Throughput: decode + flip + to float + clamp + sanitize + collate, batch {args.batch}, 2 workers, "
-            f"{args.images} JPEGs of 640x480, median of {args.repeats} alternating epochs.\n\n{speed}\n"
+            f"Throughput: decode + flip + clamp + sanitize + collate, batch {args.batch}, 2 workers, "
+            f"{args.images} JPEGs of 640x480, median of {args.repeats} alternating epochs. Ours hands uint8 images "
+            "to the model (ObjectDetector scales them on its device); the torchvision pipeline converts to float "
+            f"in the workers, as its documentation writes it.\n\n{speed}\n"
             f"Memory: one epoch, 4 workers, batch {args.batch}, {args.memory_images} JPEGs of 32x32 with "
             f"{args.memory_boxes} boxes.\n\n{rss}")
     if not args.no_write:

@@ -8,8 +8,9 @@ torchvision ``FasterRCNN`` inside it. Both run SGD steps (forward, backward, opt
 (the config's batch size, images of its ``min_size``, 3 boxes each).
 Ours is timed inside ``Trainer.fit`` from the second step's start to the last step's end, so the rows include
 everything Lightning does per step (hooks, logging of 5 losses, the lr scheduler); the bare loop does the same
-steps and a scheduler step. Rounds alternate (ABBA); the per-step median is reported. Rows: our default,
-``channels_last: true``, and (with ``--compile``) ``compile: true``, each against the bare loop in NCHW eager.
+steps and a scheduler step. Every round runs the bare loop and each of our variants (``channels_last: false``,
+``channels_last: true``, with ``--compile`` also ``compile: true``), in reversed order every other round; the
+per-step median is reported, each variant against the same bare-loop (NCHW eager) timings.
 """
 
 from __future__ import annotations
@@ -96,7 +97,7 @@ def bare_step_seconds(model: FasterRCNN, batch, steps: int) -> float:
 
 def main(argv=None) -> str:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default=str(CONFIG))
+    parser.add_argument("--config", default=str(CONFIG.relative_to(CONFIG.parents[1])))
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
@@ -105,7 +106,7 @@ def main(argv=None) -> str:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    config = yaml.safe_load(Path(args.config).read_text())
+    config = yaml.safe_load((CONFIG.parents[1] / args.config).read_text())  # relative to the repository
     init = {k: v for k, v in config["model"]["init_args"].items() if k not in ("optimizer", "channels_last", "compile")}
     batch = make_batch(config["data"]["init_args"]["batch_size"], init["min_size"])
     options = {"channels_last: false": {"channels_last": False}, "channels_last: true": {"channels_last": True}}
@@ -118,18 +119,20 @@ def main(argv=None) -> str:
                               **option)
 
     reference = ours()
-    rows = ["| ours (Lightning) | ours s/step | bare loop s/step | ratio |", "|---|---|---|---|"]
-    for name, option in options.items():
-        times = {"ours": [], "bare": []}
-        for r in range(args.repeats):
-            model, bare = ours(**option), copy.deepcopy(reference.model)  # the same torchvision FasterRCNN
+    times = {name: [] for name in ["bare", *options]}
+    for r in range(args.repeats):  # every variant in every round, the order reversed every other round
+        bare = copy.deepcopy(reference.model)  # the same torchvision FasterRCNN, trained by a bare loop
+        runs = [("bare", partial(bare_step_seconds, bare, batch, args.steps))]
+        for name, option in options.items():
+            model = ours(**option)
             model.model.load_state_dict(reference.model.state_dict())
-            runs = [("ours", partial(lightning_step_seconds, model, batch, args.steps)),
-                    ("bare", partial(bare_step_seconds, bare, batch, args.steps))]
-            for key, run in runs if r % 2 == 0 else runs[::-1]:
-                times[key].append(run())
-        t = {k: statistics.median(v) for k, v in times.items()}
-        rows.append(f"| {name} | {t['ours']:.3f} | {t['bare']:.3f} | {t['bare'] / t['ours']:.3f} |")
+            runs.append((name, partial(lightning_step_seconds, model, batch, args.steps)))
+        for name, run in runs if r % 2 == 0 else runs[::-1]:
+            times[name].append(run())
+    t = {name: statistics.median(v) for name, v in times.items()}
+    rows = ["| ours (Lightning) | ours s/step | bare loop s/step | ratio |", "|---|---|---|---|"]
+    for name in options:
+        rows.append(f"| {name} | {t[name]:.3f} | {t['bare']:.3f} | {t['bare'] / t[name]:.3f} |")
         print(rows[-1], flush=True)
     body = (f"## Detector training step: `ObjectDetector` in Lightning vs a bare loop over torchvision `FasterRCNN`"
             f"\n\n`python -m benchmarks.detector --config {args.config} --steps {args.steps} --repeats {args.repeats}"

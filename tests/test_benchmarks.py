@@ -1,0 +1,19 @@
+"""The GPU benchmark's code path, run on the CPU at toy sizes (no GPU here to run it for real)."""
+
+from benchmarks import gpu
+
+
+def test_gpu_benchmark_runs_end_to_end_on_tiny_shapes():
+    body = gpu.main(["--device", "cpu", "--models", "resnet18", "--batch", "2", "--size", "32", "--repeats", "1",
+                     "--detector-backbone", "resnet18", "--detector-size", "64", "96", "--detector-steps", "1",
+                     "--peak-tflops", "1", "--no-write"])
+    rows = [line for line in body.splitlines() if line.startswith("| resnet18 |")]
+    assert [row.split(" | ")[1] for row in rows] == ["bf16", "fp16"]
+    assert all(row.rstrip(" |").endswith("%") for row in rows)  # an MFU for each row
+    assert "s/iter" in body
+
+
+def test_forward_flops_are_the_papers_multiply_adds_times_two():
+    import resnext_backbones as rb
+
+    assert abs(gpu.forward_flops(rb.resnext("resnext50_32x4d"), 224) / 2 / 1e9 - 4.23) < 0.01  # 4.2 GMACs, Table 1
