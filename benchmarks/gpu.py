@@ -39,8 +39,10 @@ def peak_tflops(device: torch.device) -> float | None:
 
 def forward_flops(model: torch.nn.Module, size: int) -> int:
     """FLOPs (2 per multiply-add) of one image through ``model``'s forward."""
+    training = model.training
     with FlopCounterMode(display=False) as counter, torch.no_grad():
-        model(torch.rand(1, 3, size, size, device=next(model.parameters()).device))
+        model.eval()(torch.rand(1, 3, size, size, device=next(model.parameters()).device))
+    model.train(training)
     return counter.get_total_flops()
 
 
