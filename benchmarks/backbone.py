@@ -10,7 +10,6 @@ Results go to benchmarks/README.md.
 
 from __future__ import annotations
 
-import argparse
 from functools import partial
 
 import torch
@@ -19,7 +18,7 @@ import torchvision
 
 import resnext_backbones as rb
 
-from .common import machine, median_seconds_alternating, write_section
+from .common import benchmark_parser, machine, median_seconds_alternating, publish
 
 
 def build_pair(name: str, memory_format: torch.memory_format):
@@ -49,13 +48,12 @@ def ratio_row(label: str, fns: dict, batch: int, repeats: int) -> str:
 
 
 def main(argv=None) -> str:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = benchmark_parser(__doc__)
     parser.add_argument("--model", default="resnext50_32x4d")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--repeats", type=int, default=8)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--no-write", action="store_true", help="print only; leave benchmarks/README.md alone")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -95,9 +93,7 @@ def main(argv=None) -> str:
             f"takes minutes on a CPU). Inference rows: ours with BatchNorm folded (`fuse()`), channels_last, vs "
             f"torchvision eager NCHW; max |diff| of C5 (compiled) vs torchvision: {diff:.1e}.\n"
             f"Machine: {machine()}.\n\n" + "\n".join(rows))
-    if not args.no_write:
-        write_section("backbone", body)
-    return body
+    return publish("backbone", body, args)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import platform
 import statistics
 import time
@@ -57,3 +58,17 @@ def write_section(name: str, body: str) -> None:
     else:
         text = text.rstrip() + "\n\n" + block + "\n"
     README.write_text(text)
+
+
+def benchmark_parser(doc: str) -> argparse.ArgumentParser:
+    """The command line every benchmark starts from: its docstring as help, and ``--no-write``."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--no-write", action="store_true", help="print only; leave benchmarks/README.md alone")
+    return parser
+
+
+def publish(section: str, body: str, args: argparse.Namespace) -> str:
+    """Write ``body`` as ``section`` of benchmarks/README.md (unless ``--no-write``) and return it."""
+    if not args.no_write:
+        write_section(section, body)
+    return body

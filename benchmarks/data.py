@@ -14,7 +14,6 @@ Two tables, written to benchmarks/README.md:
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import tempfile
@@ -31,7 +30,7 @@ from torchvision.transforms import v2
 from tasks.data import CocoDetectionDataModule
 from tasks.data.coco import collate
 
-from .common import machine, write_section
+from .common import benchmark_parser, machine, publish
 
 
 def synthetic_coco(root: Path, images: int, boxes: int, size: tuple, seed: int = 0) -> dict:
@@ -127,13 +126,12 @@ def memory(paths: dict, batch: int) -> str:
 
 
 def main(argv=None) -> str:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = benchmark_parser(__doc__)
     parser.add_argument("--images", type=int, default=256, help="640x480 JPEGs for the throughput table")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--memory-images", type=int, default=20000)
     parser.add_argument("--memory-boxes", type=int, default=200000)
-    parser.add_argument("--no-write", action="store_true", help="print only; leave benchmarks/README.md alone")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
@@ -155,9 +153,7 @@ def main(argv=None) -> str:
             f"in the workers, as its documentation writes it.\n\n{speed}\n"
             f"Memory: one epoch, 4 workers, batch {args.batch}, {args.memory_images} JPEGs of 32x32 with "
             f"{args.memory_boxes} boxes.\n\n{rss}")
-    if not args.no_write:
-        write_section("data", body)
-    return body
+    return publish("data", body, args)
 
 
 if __name__ == "__main__":

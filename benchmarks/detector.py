@@ -15,7 +15,6 @@ per-step median is reported, each variant against the same bare-loop (NCHW eager
 
 from __future__ import annotations
 
-import argparse
 import copy
 import statistics
 import time
@@ -29,7 +28,7 @@ from torchvision.models.detection import FasterRCNN
 
 from tasks import ObjectDetector
 
-from .common import machine, write_section
+from .common import benchmark_parser, machine, publish
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "detection.yaml"
 
@@ -96,13 +95,12 @@ def bare_step_seconds(model: FasterRCNN, batch, steps: int) -> float:
 
 
 def main(argv=None) -> str:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = benchmark_parser(__doc__)
     parser.add_argument("--config", default=str(CONFIG.relative_to(CONFIG.parents[1])))
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--compile", action="store_true", help="add the compile: true row (minutes on a CPU)")
-    parser.add_argument("--no-write", action="store_true", help="print only; leave benchmarks/README.md alone")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -140,9 +138,7 @@ def main(argv=None) -> str:
             f"{len(batch[0])} images of {init['min_size']}x{init['min_size']}), SGD, median s/step of "
             f"{args.repeats} alternating rounds; ratio = bare / ours (> 1: ours faster; the bare loop is NCHW eager)."
             f"\nMachine: {machine()}.\n\n" + "\n".join(rows))
-    if not args.no_write:
-        write_section("detector", body)
-    return body
+    return publish("detector", body, args)
 
 
 if __name__ == "__main__":

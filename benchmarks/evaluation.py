@@ -9,13 +9,11 @@ ratio of their times.
 
 from __future__ import annotations
 
-import argparse
-
 import numpy as np
 import torch
 from torchmetrics.detection import MeanAveragePrecision
 
-from .common import machine, median_seconds_alternating, write_section
+from .common import benchmark_parser, machine, median_seconds_alternating, publish
 
 CATEGORY_IDS = np.array([1, 3, 7, 8, 12, 20, 33, 41, 56, 90])
 
@@ -50,11 +48,10 @@ def evaluate(backend: str, preds, targets) -> dict:
 
 
 def main(argv=None) -> str:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = benchmark_parser(__doc__)
     parser.add_argument("--images", type=int, default=5000)
     parser.add_argument("--detections", type=int, default=100)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--no-write", action="store_true", help="print only; leave benchmarks/README.md alone")
     args = parser.parse_args(argv)
     preds, targets = synthetic(args.images, args.detections)
     results = {b: evaluate(b, preds, targets) for b in ("faster_coco_eval", "pycocotools")}
@@ -70,9 +67,7 @@ def main(argv=None) -> str:
             f"\n\nfaster_coco_eval / pycocotools speed: {t['pycocotools'] / t['faster_coco_eval']:.2f}x; "
             f"numbers agree to 1e-4: {'yes' if agree else 'NO'}.")
     print(body, flush=True)
-    if not args.no_write:
-        write_section("evaluation", body)
-    return body
+    return publish("evaluation", body, args)
 
 
 if __name__ == "__main__":

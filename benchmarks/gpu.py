@@ -13,7 +13,6 @@ FasterRCNN on our FPN vs on torchvision's ``resnet_fpn_backbone``, same weights,
 
 from __future__ import annotations
 
-import argparse
 import time
 from functools import partial
 
@@ -25,7 +24,7 @@ from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
 import resnext_backbones as rb
 
 from .backbone import build_pair
-from .common import machine, median_seconds_alternating, write_section
+from .common import benchmark_parser, machine, median_seconds_alternating, publish
 
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0, "RTX 3090": 71.0}  # dense bf16/fp16
 
@@ -75,7 +74,7 @@ def detector_seconds(detector: FasterRCNN, images, targets, dtype, steps: int) -
 
 
 def main(argv=None) -> str:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = benchmark_parser(__doc__)
     parser.add_argument("--models", nargs="+", default=["resnext50_32x4d", "resnext101_32x8d"])
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--size", type=int, default=224)
@@ -85,7 +84,6 @@ def main(argv=None) -> str:
     parser.add_argument("--detector-size", type=int, nargs=2, default=[800, 1333])
     parser.add_argument("--detector-steps", type=int, default=10)
     parser.add_argument("--device", default="cuda")
-    parser.add_argument("--no-write", action="store_true", help="print only; leave benchmarks/README.md alone")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     torch.manual_seed(0)
@@ -131,9 +129,7 @@ def main(argv=None) -> str:
             f"peak {peak} TFLOPS. Machine: {machine()}.\n\n" + "\n".join(rows) + f"\n\n{detector_row}\n"
             "Anchors: timm RTX 3090 AMP NHWC resnext50_32x4d training 1001 img/s; NVIDIA A100 AMP "
             "ResNeXt101-32x4d 1211 img/s.")
-    if not args.no_write:
-        write_section("gpu", body)
-    return body
+    return publish("gpu", body, args)
 
 
 if __name__ == "__main__":
