@@ -38,10 +38,10 @@ class ResumableSampler(DistributedSampler):
     start its epoch ``resume_at = (epoch, samples already seen by this process)``: a resumed run sees exactly the
     samples, in the order and with the augmentations, that the interrupted run would have seen."""
 
-    def __init__(self, dataset: Dataset, seed: int, resume_at: Optional[tuple] = None) -> None:
+    def __init__(self, dataset: Dataset, seed: int) -> None:
         world, rank = _world()
         super().__init__(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed)
-        self.resume_at = resume_at
+        self.resume_at: Optional[tuple] = None  # set by ResumableLoader.load_state_dict
 
     def __iter__(self):
         start = self.resume_at[1] if self.resume_at is not None and self.resume_at[0] == self.epoch else 0
