@@ -12,8 +12,9 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
-from torch.nn.utils.fusion import fuse_conv_bn_eval
 from torchvision.ops import FrozenBatchNorm2d
+
+from .fused import FusedBlock, FusedConv2d
 
 __all__ = ["ResNeXt", "ResNeXtSpec", "Bottleneck", "BasicBlock", "MODELS", "FEATURES", "NORMS",
            "list_models", "resnext", "make_norm"]
@@ -121,6 +122,7 @@ class Bottleneck(nn.Module):
     """
 
     expansion = 4
+    num_convs = 3  # conv1..conv3, each followed by bn1..bn3
 
     def __init__(self, cin: int, planes: int, stride: int, cardinality: int, base_width: int,
                  norm: Callable[[int], nn.Module]) -> None:
@@ -146,6 +148,7 @@ class BasicBlock(nn.Module):
     """Two 3x3 convolutions (ResNet-18/34)."""
 
     expansion = 1
+    num_convs = 2
 
     def __init__(self, cin: int, planes: int, stride: int, cardinality: int, base_width: int,
                  norm: Callable[[int], nn.Module]) -> None:
@@ -243,18 +246,11 @@ class ResNeXt(nn.Module):
                 getattr(self, name).eval()
         return self
 
-    def _conv_norm_pairs(self):
-        yield self, "conv1", "bn1"
-        for m in self.modules():
-            if isinstance(m, (Bottleneck, BasicBlock)):
-                for k in (1, 2, 3) if isinstance(m, Bottleneck) else (1, 2):
-                    yield m, f"conv{k}", f"bn{k}"
-                if m.downsample is not None:
-                    yield m.downsample, "0", "1"
-
     @torch.no_grad()
     def fuse(self) -> ResNeXt:
-        """Fold every norm into the convolution before it, for inference: same outputs, fewer passes over memory.
+        """Turn the trunk into its inference form (:mod:`resnext_backbones.fused`): every norm folded into the
+        convolution before it, ReLU and the residual add fused in; on the CPU, one oneDNN kernel per convolution
+        on weights reordered once. Same features to float tolerance.
 
         In place; returns ``self``. The fused trunk has conv biases instead of norm layers, so its state dict no
         longer matches torchvision's: fuse after loading weights, and do not train it. GroupNorm depends on the
@@ -264,15 +260,12 @@ class ResNeXt(nn.Module):
             raise RuntimeError("fuse() is for inference: call .eval() first")
         if self.norm == "gn":
             raise ValueError("norm='gn' cannot be fused: GroupNorm's statistics depend on the input")
-        for parent, conv_name, norm_name in list(self._conv_norm_pairs()):
-            norm = getattr(parent, norm_name)
-            if isinstance(norm, nn.Identity):
-                continue  # already fused
-            fused = fuse_conv_bn_eval(getattr(parent, conv_name), norm)
-            fused.weight.requires_grad_(False)
-            fused.bias.requires_grad_(False)
-            setattr(parent, conv_name, fused)
-            setattr(parent, norm_name, nn.Identity())
+        if not isinstance(self.conv1, FusedConv2d):  # a second call has nothing left to do
+            self.conv1, self.bn1, self.relu = FusedConv2d(self.conv1, self.bn1, relu=True), nn.Identity(), nn.Identity()
+        for layer in (self.layer1, self.layer2, self.layer3, self.layer4)[: self.num_stages]:
+            for i, block in enumerate(layer):
+                if isinstance(block, (Bottleneck, BasicBlock)):
+                    layer[i] = FusedBlock(block, reuse_input=True)  # forward() never reads it again
         return self
 
     def forward(self, x: Tensor) -> Dict[str, Tensor]:

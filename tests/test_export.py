@@ -11,6 +11,9 @@ import resnext_backbones as rb
 
 MODELS = {
     "trunk": lambda: rb.resnext("resnext26_32x4d", norm="frozen_bn"),
+    # the inference form on channels_last input, which eager runs on oneDNN's fused kernels: under tracing it
+    # computes with the plain aten ops, which export
+    "fused trunk": lambda: randomize_norm_stats(rb.resnext("resnext26_32x4d", norm="frozen_bn")).eval().fuse(),
     "fpn": lambda: rb.resnext_fpn("resnet18"),
 }
 
@@ -18,13 +21,16 @@ MODELS = {
 @pytest.fixture(params=list(MODELS))
 def model_and_input(request):
     torch.manual_seed(0)
-    return randomize_norm_stats(MODELS[request.param]()).eval(), torch.rand(1, 3, 64, 64)
+    x = torch.rand(1, 3, 64, 64)
+    if request.param == "fused trunk":
+        x = x.to(memory_format=torch.channels_last)
+    return randomize_norm_stats(MODELS[request.param]()).eval(), x
 
 
 def test_torch_export_program_gives_the_same_outputs(model_and_input):
     model, x = model_and_input
     program = torch.export.export(model, (x,))
-    x2 = torch.rand(1, 3, 64, 64)  # a different input than the one traced
+    x2 = torch.rand_like(x)  # another input than the one traced, in its layout
     with torch.no_grad():
         ref, out = model(x2), program.module()(x2)
     assert list(out) == list(ref)

@@ -1,3 +1,6 @@
+import copy
+import pickle
+
 import pytest
 import torch
 import torchvision
@@ -9,6 +12,8 @@ from torchvision.models.resnet import ResNet as TvResNet
 from torchvision.ops import FrozenBatchNorm2d
 
 import resnext_backbones as rb
+from resnext_backbones.fused import _ONEDNN as ONEDNN
+from resnext_backbones.fused import FusedBlock, FusedConv2d
 from resnext_backbones.trunk import STAGE_BLOCKS
 
 
@@ -156,17 +161,100 @@ def test_zero_init_residual_zeroes_the_last_norm_of_each_block():
     assert torch.all(trunk.bn1.weight == 1)
 
 
+def channels_last(x):
+    return x.to(memory_format=torch.channels_last)
+
+
+def packed_convs(trunk):
+    """Which convolutions hold a oneDNN-reordered weight, i.e. ran the fused CPU kernels."""
+    return [m._packed is not None for m in trunk.modules() if isinstance(m, FusedConv2d)]
+
+
 @pytest.mark.parametrize("norm", ["bn", "frozen_bn"])
-def test_fused_inference_path_gives_the_same_features(norm, images):
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_fused_trunk_gives_the_same_features_in_the_layout_of_its_input(norm, memory_format, images):
     trunk = randomize_norm_stats(rb.resnext("resnext26_32x4d", norm=norm)).eval()
+    x = images.to(memory_format=memory_format)
+    before = x.clone()
     with torch.no_grad():
         ref = trunk(images)
-        trunk.fuse().to(memory_format=torch.channels_last)
-        out = trunk(images.to(memory_format=torch.channels_last))
+        out = trunk.fuse()(x)
     assert not any(isinstance(m, (nn.BatchNorm2d, FrozenBatchNorm2d)) for m in trunk.modules())
-    assert trunk.layer1[0].conv2.bias is not None and trunk.layer2[0].downsample[0].bias is not None
+    assert torch.equal(x, before)  # the in-place shortcut sums never reach the caller's tensor
     for key in ref:
         torch.testing.assert_close(out[key], ref[key], rtol=1e-4, atol=1e-4)
+        assert out[key].is_contiguous(memory_format=memory_format)
+    # channels_last runs oneDNN's fused kernels on weights reordered once; NCHW runs the plain aten ops
+    fast = memory_format == torch.channels_last and ONEDNN
+    assert all(packed_convs(trunk)) if fast else not any(packed_convs(trunk))
+
+
+def test_fused_basic_block_trunk_gives_the_same_features(images):
+    trunk = randomize_norm_stats(rb.resnext("resnet18")).eval()
+    with torch.no_grad():
+        ref, out = trunk(images), trunk.fuse()(channels_last(images))
+    for key in ref:
+        torch.testing.assert_close(out[key], ref[key], rtol=1e-4, atol=1e-4)
+
+
+def test_fused_state_dict_is_the_trunks_convolutions_with_biases_and_no_norms():
+    trunk = rb.resnext("resnext26_32x4d").eval()
+    convs = [k[: -len(".weight")] for k, v in trunk.state_dict().items() if v.dim() == 4]
+    assert set(trunk.fuse().state_dict()) == {f"{c}.{p}" for c in convs for p in ("weight", "bias")}
+    assert set(trunk.fuse().state_dict()) == {f"{c}.{p}" for c in convs for p in ("weight", "bias")}  # idempotent
+
+
+def test_fused_trunk_follows_new_input_shapes_and_reloaded_weights():
+    first, second = (randomize_norm_stats(rb.resnext("resnext26_32x4d"), seed=s).eval() for s in (0, 1))
+    fused = copy.deepcopy(first).fuse()
+    small, tall = channels_last(torch.rand(2, 3, 64, 64)), channels_last(torch.rand(1, 3, 96, 64))
+    with torch.no_grad():
+        for x in (small, tall, small):  # each shape change reorders the weights for the new shape
+            torch.testing.assert_close(fused(x)["c5"], first(x)["c5"], rtol=1e-4, atol=1e-4)
+        fused.load_state_dict(copy.deepcopy(second).fuse().state_dict())  # in place: the reordered copies go stale
+        for x in (small, tall):
+            torch.testing.assert_close(fused(x)["c5"], second(x)["c5"], rtol=1e-4, atol=1e-4)
+
+
+def test_fused_trunk_survives_deepcopy_pickle_and_dtype_changes(images):
+    trunk = randomize_norm_stats(rb.resnext("resnext26_32x4d")).eval()
+    fused = copy.deepcopy(trunk).fuse()
+    x = channels_last(images)
+    with torch.no_grad():
+        ref = trunk(images)["c5"]
+        fused(x)  # holds reordered weights now
+        for twin in (copy.deepcopy(fused), pickle.loads(pickle.dumps(fused))):
+            torch.testing.assert_close(twin(x)["c5"], ref, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(fused.double()(x.double())["c5"].float(), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_fused_trunk_gives_input_gradients_and_runs_under_autocast(images):
+    torch.manual_seed(0)
+    trunk = randomize_norm_stats(rb.resnext("resnext26_32x4d")).eval()
+    fused = copy.deepcopy(trunk).fuse()
+    grads = []
+    for model in (trunk, fused):
+        x = channels_last(images).requires_grad_(True)
+        model(x)["c5"].sum().backward()
+        grads.append(x.grad)
+    # Forwards that differ by ~1e-6 flip a few ReLU and max-pool decisions at ties, which moves some gradient
+    # locally (up to 8e-4 of its norm over 30 seeds); a wrong backward would be off by order 1.
+    assert ((grads[1] - grads[0]).norm() / grads[0].norm()).item() < 1e-2
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out, ref = fused(channels_last(images[:1, :, :32, :32]))["c5"], trunk(images[:1, :, :32, :32])["c5"]
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), ref.float(), rtol=0.1, atol=0.1)
+
+
+def test_a_fused_block_called_alone_keeps_its_input():
+    block = randomize_norm_stats(rb.resnext("resnext26_32x4d")).eval().layer1[1]
+    assert block.downsample is None  # its shortcut is its input
+    fused = FusedBlock(block)  # reuse_input=False: only the trunk, which owns the tensor, lets it be overwritten
+    x = channels_last(torch.rand(1, 256, 8, 8))
+    before = x.clone()
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), block(x), rtol=1e-4, atol=1e-4)
+    assert torch.equal(x, before)
 
 
 def test_fuse_refuses_training_mode_and_group_norm():
@@ -183,3 +271,13 @@ def test_frozen_batchnorm_with_zero_variance_stays_finite_in_half_precision(dtyp
     with torch.no_grad():
         out = trunk.bn1.to(dtype)(torch.randn(1, 64, 4, 4, dtype=dtype))
     assert torch.isfinite(out).all()
+
+
+def test_fused_trunk_compiles_to_one_graph_with_the_same_features(images):
+    trunk = randomize_norm_stats(rb.resnext("resnet18", out_features=("c2", "c3"))).eval().fuse()
+    x = channels_last(images)
+    with torch.no_grad():
+        ref = trunk(x)  # oneDNN kernels in eager; under compile, the aten ops inductor fuses itself
+        out = torch.compile(trunk, fullgraph=True)(x)
+    for key in ref:
+        torch.testing.assert_close(out[key], ref[key], rtol=1e-4, atol=1e-4)
