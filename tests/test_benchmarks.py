@@ -17,3 +17,16 @@ def test_forward_flops_are_the_papers_multiply_adds_times_two():
     import resnext_backbones as rb
 
     assert abs(gpu.forward_flops(rb.resnext("resnext50_32x4d"), 224) / 2 / 1e9 - 4.23) < 0.01  # 4.2 GMACs, Table 1
+
+
+def test_trunk_benchmark_gives_every_row_and_equal_features_on_tiny_shapes():
+    from benchmarks import backbone
+
+    body = backbone.main(["--model", "resnet18", "--batches", "2", "--size", "64", "--repeats", "1", "--no-compile",
+                          "--malloc", "default", "--no-write"])
+    rows = [line.split(" | ")[:4] for line in body.splitlines() if line.startswith("| 2 |")]
+    assert rows == [["| 2", "forward", "NCHW", "eager"], ["| 2", "forward+backward", "NCHW", "eager"],
+                    ["| 2", "forward", "channels_last", "eager"], ["| 2", "forward+backward", "channels_last", "eager"],
+                    ["| 2", "inference: ours vs torchvision eager NCHW", "channels_last", "fused, eager"]]
+    diff = float(body.split("max |diff| of C5 vs torchvision: ")[1].split(".\n")[0])
+    assert diff < 1e-4
