@@ -3,13 +3,15 @@
     python -m benchmarks.backbone [--batches 1 8] [--size 224] [--repeats 8] [--threads 2] [--malloc pinned]
 
 Rows per batch size and layout (NCHW, channels_last): forward (eval, no grad) and forward+backward (train),
-eager and compiled (both models compiled alike). Then our inference fast path (``trunk.eval().fuse()``: norms
+eager and compiled (both models compiled alike). An A/A row (torchvision against a copy of itself) shows how far
+from 1.0 the same work reads on this machine. Then our inference fast path (``trunk.eval().fuse()``: norms
 folded, oneDNN fused kernels on reordered weights, channels_last), eager and compiled, against torchvision eager
 NCHW. Ratio = ours/torchvision throughput (> 1 means ours is faster). Results go to benchmarks/README.md.
 """
 
 from __future__ import annotations
 
+import copy
 from functools import partial
 
 import torch
@@ -80,6 +82,13 @@ def main(argv=None) -> str:
                     ours.train(train), tv.train(train)
                     fns = {k: partial(step, m, x, train) for k, m in models.items()}
                     rows.append(ratio_row(f"{batch} | {name} | {layout} | {mode}", fns, batch, args.repeats))
+        # The noise floor: torchvision against a copy of itself, the same work alternating like every row above.
+        _, tv = build_pair(args.model, torch.contiguous_format)
+        twin = copy.deepcopy(tv)
+        x = torch.rand(batch, 3, args.size, args.size)
+        fns = {"ours": partial(step, twin, x, True), "tv": partial(step, tv, x, True)}
+        label = f"{batch} | A/A control: torchvision vs a copy of itself, forward+backward | NCHW | eager"
+        rows.append(ratio_row(label, fns, batch, args.repeats))
         # The inference fast path vs torchvision eager NCHW: norms folded, fused oneDNN kernels, channels_last.
         ours, tv = build_pair(args.model, torch.contiguous_format)
         ours, tv = ours.eval().fuse().to(memory_format=torch.channels_last), tv.eval()

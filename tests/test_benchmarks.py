@@ -27,6 +27,7 @@ def test_trunk_benchmark_gives_every_row_and_equal_features_on_tiny_shapes():
     rows = [line.split(" | ")[:4] for line in body.splitlines() if line.startswith("| 2 |")]
     assert rows == [["| 2", "forward", "NCHW", "eager"], ["| 2", "forward+backward", "NCHW", "eager"],
                     ["| 2", "forward", "channels_last", "eager"], ["| 2", "forward+backward", "channels_last", "eager"],
+                    ["| 2", "A/A control: torchvision vs a copy of itself, forward+backward", "NCHW", "eager"],
                     ["| 2", "inference: ours vs torchvision eager NCHW", "channels_last", "fused, eager"]]
     diff = float(body.split("max |diff| of C5 vs torchvision: ")[1].split(".\n")[0])
     assert diff < 1e-4
