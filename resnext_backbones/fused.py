@@ -70,11 +70,12 @@ class FusedConv2d(nn.Module):
         # shape runs up to 4x slower. So the last shape's copy is kept, and made again when the shape or the
         # weight changes (load_state_dict bumps the version; .to() moves the storage).
         key = (tuple(x.shape), self.weight.data_ptr(), self.weight._version)
-        if self._packed is None or self._packed[0] != key:
-            packed = torch.ops.mkldnn._reorder_convolution_weight(
-                self.weight.detach(), self.padding, self.stride, self.dilation, self.groups, list(x.shape))
-            self._packed = (key, packed)
-        return self._packed[1]
+        packed = self._packed  # read once: threads sharing the module each use a (key, weight) pair that matches
+        if packed is None or packed[0] != key:
+            packed = (key, torch.ops.mkldnn._reorder_convolution_weight(
+                self.weight.detach(), self.padding, self.stride, self.dilation, self.groups, list(x.shape)))
+            self._packed = packed
+        return packed[1]
 
     def _apply(self, fn, recurse: bool = True):
         self._packed = None  # .to()/.float()/.cpu(): the reordered copy belongs to the old tensor
