@@ -1,10 +1,16 @@
-"""Every benchmark, on the machine at hand: ``python -m benchmarks`` (results go to benchmarks/README.md)."""
+"""Every benchmark, on the machine at hand: ``python -m benchmarks`` (results go to benchmarks/README.md).
+
+Each runs in a fresh process, so that none measures what another left behind: the trunk benchmark pins the
+allocator and keeps gigabytes of freed heap, which forked data-loader workers would inherit, and compiled code
+and thread settings outlive a benchmark too.
+"""
+
+import subprocess
+import sys
 
 import torch
 
-from . import backbone, data, detector, evaluation, gpu
-
-for module in (backbone, detector, data, evaluation):
-    module.main([])
-if torch.cuda.is_available():
-    gpu.main([])
+names = ["backbone", "detector", "data", "evaluation"] + (["gpu"] if torch.cuda.is_available() else [])
+for name in names:
+    print(f"== python -m benchmarks.{name}", flush=True)
+    subprocess.run([sys.executable, "-m", f"benchmarks.{name}"], check=True)

@@ -1,4 +1,6 @@
-"""The GPU benchmark's code path, run on the CPU at toy sizes (no GPU here to run it for real)."""
+"""The benchmarks run at toy sizes on the CPU: their code paths, rows and wiring (the figures come from real runs)."""
+
+import torch
 
 from benchmarks import gpu
 
@@ -31,3 +33,15 @@ def test_trunk_benchmark_gives_every_row_and_equal_features_on_tiny_shapes():
                     ["| 2", "inference: ours vs torchvision eager NCHW", "channels_last", "fused, eager"]]
     diff = float(body.split("max |diff| of C5 vs torchvision: ")[1].split(".\n")[0])
     assert diff < 1e-4
+
+
+def test_the_benchmark_command_runs_each_benchmark_in_a_fresh_process(monkeypatch):
+    import runpy
+    import subprocess
+    import sys
+
+    calls = []
+    monkeypatch.setattr(subprocess, "run", lambda cmd, check: calls.append(cmd))
+    runpy.run_module("benchmarks", run_name="__main__")
+    expected = ["backbone", "detector", "data", "evaluation"] + (["gpu"] if torch.cuda.is_available() else [])
+    assert calls == [[sys.executable, "-m", f"benchmarks.{name}"] for name in expected]
