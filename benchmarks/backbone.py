@@ -79,8 +79,9 @@ def main(argv=None) -> str:
             ours, tv = build_pair(args.model, fmt)
             x = torch.rand(batch, 3, args.size, args.size).to(memory_format=fmt)
             for mode in modes:
-                models = {"ours": ours, "tv": tv} if mode == "eager" else {k: torch.compile(m) for k, m in
-                                                                           [("ours", ours), ("tv", tv)]}
+                models = {"ours": ours, "tv": tv}
+                if mode == "compile":
+                    models = {k: torch.compile(m) for k, m in models.items()}
                 for name, train in [("forward", False), ("forward+backward", True)]:
                     ours.train(train), tv.train(train)
                     fns = {k: partial(step, m, x, train) for k, m in models.items()}
