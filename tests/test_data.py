@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 
 from tasks import ObjectDetector
-from tasks.data import CocoDetection, CocoDetectionDataModule, CocoIndex, ImageFolderDataModule
+from tasks.data import CocoDetection, CocoDetectionDataModule, CocoIndex, ImageFolderDataModule, LabelMap
 from tasks.data.coco import check_image_files
 from tasks.data.images import CorruptImageError, image_size, read_rgb
 
@@ -30,8 +30,9 @@ def crowd_coco(tmp_path):
 
 
 def test_sparse_category_ids_map_to_contiguous_labels_and_images_without_objects_are_kept(crowd_coco):
-    index = CocoIndex.from_file(crowd_coco[0])
-    assert index.category_ids == [2, 7] and index.category_names == ["a", "b"]
+    index = CocoIndex.from_file(crowd_coco[0])  # the file lists category 7 before category 2
+    assert index.label_map.category_ids == (2, 7) and index.label_map.names == ("a", "b")
+    assert index.labels.tolist() == [1, 0]  # category 7's box, then category 2's (crowd) box
     assert len(index) == 2
     _, target = CocoDetection(index, crowd_coco[1])[1]
     assert target["boxes"].shape == (0, 4) and target["labels"].shape == (0,)
@@ -43,6 +44,18 @@ def test_crowd_boxes_are_left_out_of_training_targets_and_kept_for_evaluation(cr
     _, evaluation = CocoDetection(index, crowd_coco[1], keep_crowd=True)[0]
     assert train["labels"].tolist() == [1] and train["boxes"].tolist() == [[5, 5, 15, 25]]
     assert evaluation["iscrowd"].tolist() == [0, 1] and evaluation["area"].tolist() == [150, 900]
+
+
+def test_files_that_are_not_coco_json_fail_naming_the_file(tmp_path):
+    (tmp_path / "a.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"a.json: not a JSON file"):
+        CocoIndex.from_file(str(tmp_path / "a.json"))
+    (tmp_path / "b.json").write_text("[]")
+    with pytest.raises(ValueError, match=r"b.json: a COCO file holds one JSON object, not a list"):
+        CocoIndex.from_file(str(tmp_path / "b.json"))
+    write_coco(tmp_path / "c.json", [], [], [{"id": 1, "name": "a"}, {"id": 1, "name": "b"}])
+    with pytest.raises(ValueError, match=r"c.json: duplicate category ids \[1\]"):
+        CocoIndex.from_file(str(tmp_path / "c.json"))
 
 
 def test_unknown_category_is_an_error_naming_the_annotation(tmp_path):
@@ -87,6 +100,32 @@ def test_data_module_gives_classes_and_names(tiny_coco, tiny_folder):
     assert det.num_classes == 3 and det.categories == {3: "square", 5: "disk", 9: "triangle"}
     cls = ImageFolderDataModule(**tiny_folder, num_workers=0)
     assert cls.num_classes == 3 and cls.categories == {0: "disk", 1: "square", 2: "triangle"}
+
+
+def test_building_the_data_modules_prints_nothing(tiny_coco, tiny_folder, capfd):
+    """pycocotools' "loading annotations..." / "creating index..." do not reach the console."""
+    CocoDetectionDataModule(**tiny_coco, num_workers=0).setup("fit")
+    ImageFolderDataModule(**tiny_folder, num_workers=0)
+    assert capfd.readouterr().out == ""
+
+
+def test_the_label_map_orders_categories_by_id_and_refuses_what_is_out_of_range():
+    labels = LabelMap.from_categories({9: "triangle", 3: "square", 5: "disk"})
+    assert labels.category_ids == (3, 5, 9) and labels.names == ("square", "disk", "triangle")
+    assert labels.labels([9, 3, 5, 5]).tolist() == [2, 0, 1, 1]
+    assert labels.category_ids_of(torch.tensor([2, 0, 1])).tolist() == [9, 3, 5]
+    with pytest.raises(ValueError, match=r"category ids \[4\] are not in the label map \[3, 5, 9\]"):
+        labels.labels([3, 4])
+    with pytest.raises(ValueError, match=r"label 3 is out of range 0..2"):  # no clamping to 9
+        labels.category_ids_of(torch.tensor([0, 3]))
+    behind_background = labels.with_offset(1)  # Faster R-CNN: class 0 is the background
+    assert behind_background.to_model(torch.tensor([0, 2])).tolist() == [1, 3]
+    assert behind_background.category_ids_of_model(torch.tensor([1, 3])).tolist() == [3, 9]
+    with pytest.raises(ValueError, match=r"model class 0 is out of range 1..3"):
+        behind_background.category_ids_of_model(torch.tensor([0]))
+    with pytest.raises(ValueError, match=r"model class 4 is out of range 1..3"):
+        behind_background.category_ids_of_model(torch.tensor([4]))
+    assert LabelMap.from_dict(behind_background.to_dict()) == behind_background
 
 
 def test_missing_paths_fail_naming_the_key(tiny_coco):

@@ -2,5 +2,6 @@
 
 from .coco import CocoDetection, CocoDetectionDataModule, CocoIndex
 from .folder import ImageFolderDataModule
+from .labels import LabelMap
 
-__all__ = ["CocoDetection", "CocoDetectionDataModule", "CocoIndex", "ImageFolderDataModule"]
+__all__ = ["CocoDetection", "CocoDetectionDataModule", "CocoIndex", "ImageFolderDataModule", "LabelMap"]

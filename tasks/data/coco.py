@@ -1,7 +1,9 @@
-"""COCO detection data: pycocotools for the file, compact arrays for the samples, transforms v2 for the boxes."""
+"""COCO detection data: the JSON read directly (no pycocotools index, no console noise), compact arrays for the
+samples, transforms v2 for the boxes."""
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -15,6 +17,7 @@ from torchvision.transforms import v2
 
 from .base import BaseDataModule
 from .images import CorruptImageError, image_size, read_rgb
+from .labels import LabelMap
 
 log = logging.getLogger("tasks")
 
@@ -27,8 +30,8 @@ def _offsets(boxes_per_image: np.ndarray) -> np.ndarray:
 class CocoIndex:
     """A COCO annotation file as flat arrays (no per-image Python dicts: data-loader workers share the pages).
 
-    Boxes of image ``i`` are rows ``offsets[i]:offsets[i + 1]``; ``labels`` are contiguous (0..N-1) indices into
-    ``category_ids``.
+    Boxes of image ``i`` are rows ``offsets[i]:offsets[i + 1]``; ``labels`` are contiguous (0..N-1), translated by
+    ``label_map`` from the file's category ids.
     """
 
     image_ids: np.ndarray
@@ -39,22 +42,28 @@ class CocoIndex:
     labels: np.ndarray
     iscrowd: np.ndarray
     areas: np.ndarray
-    category_ids: List[int]
-    category_names: List[str]
+    label_map: LabelMap
 
     @classmethod
     def from_file(cls, annotations: str) -> CocoIndex:
         """Read and check a COCO file. Errors name the file and the ids at fault; boxes with no area are dropped
         with a summary line. Boxes are fitted to their images by :func:`check_image_files`, which knows the sizes."""
-        from pycocotools.coco import COCO
-
         path = Path(annotations)
         if not path.is_file():
             raise FileNotFoundError(f"annotation file {str(path)!r} does not exist")
-        data = COCO(str(path)).dataset
-        cats = sorted(data.get("categories", []), key=lambda c: c["id"])
+        try:
+            data = json.loads(path.read_bytes())
+        except ValueError as e:
+            raise ValueError(f"{path}: not a JSON file ({e})") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: a COCO file holds one JSON object, not a {type(data).__name__}")
+        cats = data.get("categories", [])
         if not cats:
             raise ValueError(f"{path}: 'categories' is empty; a detection file needs at least one category")
+        try:
+            label_map = LabelMap.from_coco(cats)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
         images = sorted(data.get("images", []), key=lambda img: img["id"])
         anns = data.get("annotations", [])
         image_ids = np.asarray([img["id"] for img in images], dtype=np.int64)
@@ -64,15 +73,15 @@ class CocoIndex:
             if (counts > 1).any():
                 raise ValueError(f"{path}: duplicate {name} ids {unique[counts > 1][:5].tolist()}; ids must be unique")
 
-        label_of = {c["id"]: i for i, c in enumerate(cats)}
+        known = set(label_map.category_ids)
         row_image = np.searchsorted(image_ids, [a["image_id"] for a in anns]).astype(np.int64)
         for a, i in zip(anns, row_image, strict=True):
             if i >= len(image_ids) or image_ids[i] != a["image_id"]:
                 raise ValueError(f"{path}: annotation {a.get('id')} refers to image_id {a['image_id']}, which has no "
                                  "entry in 'images'")
-            if a["category_id"] not in label_of:
+            if a["category_id"] not in known:
                 raise ValueError(f"{path}: annotation {a.get('id')} has category_id {a['category_id']}, which is "
-                                 f"not in 'categories' {sorted(label_of)}")
+                                 f"not in 'categories' {list(label_map.category_ids)}")
         xywh = np.asarray([a["bbox"] for a in anns], dtype=np.float64).reshape(-1, 4)
         bad = ~np.isfinite(xywh).all(1)
         if bad.any():
@@ -89,10 +98,10 @@ class CocoIndex:
         return cls(image_ids=image_ids, file_names=[img["file_name"] for img in images], sizes=sizes,
                    offsets=_offsets(np.bincount(row_image[rows], minlength=len(images))),
                    boxes=boxes[rows].astype(np.float32),
-                   labels=np.asarray([label_of[anns[r]["category_id"]] for r in rows], dtype=np.int64),
+                   labels=label_map.labels([anns[r]["category_id"] for r in rows]),
                    iscrowd=np.asarray([anns[r].get("iscrowd", 0) for r in rows], dtype=np.uint8),
                    areas=np.asarray([anns[r].get("area", xywh[r, 2] * xywh[r, 3]) for r in rows], dtype=np.float32),
-                   category_ids=[c["id"] for c in cats], category_names=[c["name"] for c in cats])
+                   label_map=label_map)
 
     def __len__(self) -> int:
         return len(self.image_ids)
@@ -241,21 +250,26 @@ class CocoDetectionDataModule(BaseDataModule):
         self.val_index = check_image_files(CocoIndex.from_file(self.val_annotations), self.val_images, "val_images",
                                            skip_missing_images, skip_corrupt_images)
         self.train_index: Optional[CocoIndex] = None
-        self.categories: Dict[int, str] = dict(zip(self.val_index.category_ids, self.val_index.category_names,
-                                                   strict=True))
+        self.label_map: LabelMap = self.val_index.label_map
+
+    @property
+    def categories(self) -> Dict[int, str]:
+        """``{category id: name}``: the model is told these (``lightning`` links them)."""
+        return self.label_map.categories
 
     @property
     def num_classes(self) -> int:
-        return len(self.categories)
+        return len(self.label_map)
 
     def setup(self, stage: str) -> None:
         if stage == "fit" and self.train_index is None:
             self.train_index = check_image_files(CocoIndex.from_file(self.train_annotations), self.train_images,
                                                  "train_images", self.skip_missing_images,
                                                  self.skip_corrupt_images)
-            if self.train_index.category_ids != self.val_index.category_ids:
+            train_ids, val_ids = self.train_index.label_map.category_ids, self.label_map.category_ids
+            if train_ids != val_ids:
                 raise ValueError(f"{self.train_annotations} and {self.val_annotations} list different categories "
-                                 f"({self.train_index.category_ids} vs {self.val_index.category_ids})")
+                                 f"({list(train_ids)} vs {list(val_ids)})")
 
     # Images stay uint8 until the model (ObjectDetector scales them on its device): a quarter of the bytes to pass
     # between processes and to the GPU, and no float conversion in the workers.

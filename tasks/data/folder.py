@@ -12,6 +12,7 @@ from torchvision.transforms import v2
 
 from .base import BaseDataModule
 from .images import read_rgb
+from .labels import LabelMap
 
 log = logging.getLogger("tasks")
 
@@ -52,11 +53,16 @@ class ImageFolderDataModule(BaseDataModule):
         train_classes = sorted(p.name for p in Path(train_dir).iterdir() if p.is_dir())
         if classes != train_classes:
             raise ValueError(f"data.train_dir and data.val_dir hold different classes: {train_classes} vs {classes}")
-        self.categories: Dict[int, str] = dict(enumerate(classes))
+        self.label_map = LabelMap.from_categories(dict(enumerate(classes)))  # ImageFolder's class indices
+
+    @property
+    def categories(self) -> Dict[int, str]:
+        """``{class index: folder name}``: the model is told these (``lightning`` links them)."""
+        return self.label_map.categories
 
     @property
     def num_classes(self) -> int:
-        return len(self.categories)
+        return len(self.label_map)
 
     def train_dataloader(self):
         transform = v2.Compose([v2.RandomResizedCrop(self.image_size, scale=self.crop_scale, antialias=True),
