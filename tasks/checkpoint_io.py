@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-import tempfile
+import secrets
 from pathlib import Path
 from typing import Any, Dict, Optional
 
@@ -19,6 +19,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     ``last.ckpt`` or the new one, whole. (Lightning's own writer stages the file in the system temp folder and then
     moves it; where that folder is on another filesystem, the move is a copy that a kill can cut short.)
 
+    The file gets the permissions any new file gets (``0o666`` less the umask: ``0o644`` under the usual ``022``), as
+    with Lightning's writer, so that a teammate or a serving process running as another user can read it.
+
     The ``lightning`` command installs it; with a ``Trainer`` of your own, pass ``plugins=[AtomicCheckpointIO()]``.
     Remote paths (``s3://``, ...) go to Lightning's writer.
     """
@@ -29,7 +32,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             return super().save_checkpoint(checkpoint, path, storage_options)
         target = Path(local_path)
         target.parent.mkdir(parents=True, exist_ok=True)
-        fd, temp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
+        fd, temp = _create_beside(target)
         try:
             with os.fdopen(fd, "wb") as f:
                 torch.save(checkpoint, f)
@@ -45,3 +48,14 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 os.fsync(directory)
             finally:
                 os.close(directory)
+
+
+def _create_beside(target: Path) -> tuple:
+    """A new, uniquely named file next to ``target``, open for writing. Unlike ``tempfile.mkstemp`` (always
+    ``0o600``), it is created with mode ``0o666`` and the kernel applies the process's umask."""
+    while True:
+        temp = target.parent / f".{target.name}.{secrets.token_hex(8)}.part"
+        try:
+            return os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666), temp
+        except FileExistsError:
+            continue

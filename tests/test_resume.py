@@ -3,6 +3,7 @@ does; a kill while saving leaves the previous checkpoint whole."""
 
 import os
 import signal
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -81,6 +82,23 @@ def test_a_failure_while_saving_leaves_the_previous_checkpoint_whole(tmp_path, m
     monkeypatch.undo()
     assert torch.load(path, weights_only=True)["step"] == 1
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]  # no temporary file left behind
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_checkpoints_get_the_permissions_of_any_new_file_under_the_umask(tmp_path, umask):
+    """0o644 under the usual umask, as Lightning's own writer gives, so that other users can read last.ckpt."""
+    previous = os.umask(umask)
+    try:
+        AtomicCheckpointIO().save_checkpoint({"step": 1}, tmp_path / "last.ckpt")
+        AtomicCheckpointIO().save_checkpoint({"step": 2}, tmp_path / "last.ckpt")  # replacing one too
+        with open(tmp_path / "plain", "w"):  # what the system gives a new file
+            pass
+    finally:
+        os.umask(previous)
+    mode = stat.S_IMODE((tmp_path / "last.ckpt").stat().st_mode)
+    assert mode == stat.S_IMODE((tmp_path / "plain").stat().st_mode) == 0o666 & ~umask
+    assert torch.load(tmp_path / "last.ckpt", weights_only=True)["step"] == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt", "plain"]
 
 
 def test_a_kill_while_saving_leaves_the_previous_checkpoint_whole(tmp_path):
