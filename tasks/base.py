@@ -1,18 +1,22 @@
-"""What both tasks share: optimizer and warmup schedule, channels_last, torch.compile, weight reporting."""
+"""What both tasks share: the label map, the steps and their guards, per-stage metrics, optimizer and warmup
+schedule, channels_last, torch.compile, exact resumption."""
 
 from __future__ import annotations
 
 import logging
 import random
-from typing import Iterable, Optional, Sequence
+from typing import Dict, Iterable, Optional, Sequence, Union
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import OptimizerCallable
+from torch import Tensor, nn
 from torch.optim.lr_scheduler import LambdaLR
+from torchmetrics import Metric, MetricCollection
 
+from .data.labels import LabelMap
 from .schedule import total_training_steps, warmup_then
 
 log = logging.getLogger("tasks")
@@ -24,9 +28,17 @@ def sgd(params: Iterable, lr: float = 0.02, momentum: float = 0.9, weight_decay:
 
 
 class BackboneTask(LightningModule):
-    """Base of :class:`~tasks.ImageClassifier` and :class:`~tasks.ObjectDetector`.
+    """Base of :class:`~tasks.ImageClassifier` and :class:`~tasks.ObjectDetector`: the label map, the steps with the
+    skipped-batch and non-finite-loss guards, metrics cloned per evaluation stage, optimizer and schedule.
+
+    A subclass declares its own recipe (``optimizer``, ``lr_schedule``, ``warmup_steps``, ``milestones``, whose
+    defaults differ by task) and forwards the rest with ``**kwargs``: jsonargparse and ``save_hyperparameters`` see
+    them as the subclass's own.
 
     Args:
+        num_classes: classes (object categories without background), told by the data module in the CLI.
+        categories: ``{category id: name}``, told by the data module; the label map is built from it (without it,
+            ``num_classes`` labels that are their own ids) and saved in checkpoints as ``checkpoint["label_map"]``.
         optimizer: any ``torch.optim`` class (``class_path`` + ``init_args`` in YAML); frozen parameters are left out.
         lr_schedule: ``multistep`` | ``cosine`` | ``constant``, after a linear warmup, stepped every optimizer step.
         warmup_steps: optimizer steps of linear warmup from ``0.001 x lr``.
@@ -38,15 +50,68 @@ class BackboneTask(LightningModule):
             apply) and count it, instead of stopping with an error that names the step and the batch.
     """
 
-    def __init__(self, *, optimizer: OptimizerCallable, lr_schedule: str, warmup_steps: int,
-                 milestones: Sequence[float], gamma: float, channels_last: bool, compile: bool,
-                 skip_nonfinite_loss: bool) -> None:
+    STAGES = ("val", "test")
+
+    def __init__(self, *, num_classes: int, categories: Optional[Dict[int, str]], optimizer: OptimizerCallable,
+                 lr_schedule: str, warmup_steps: int, milestones: Sequence[float], gamma: float = 0.1,
+                 channels_last: bool = False, compile: bool = False, skip_nonfinite_loss: bool = False) -> None:
         super().__init__()
+        # the arguments of this __init__ and of the subclass's that called it (Lightning walks the frames)
+        self.save_hyperparameters(ignore=["optimizer"])
         warmup_then(lr_schedule, total_steps=1, warmup_steps=0, milestones=milestones)  # validate early
+        self.label_map = label_map_of(num_classes, categories)
         self.optimizer_factory = optimizer
         self.lr_schedule, self.warmup_steps, self.milestones, self.gamma = lr_schedule, warmup_steps, milestones, gamma
         self.channels_last, self.compile_trunk = channels_last, compile
         self.skip_nonfinite_loss, self.skipped_steps = skip_nonfinite_loss, 0
+
+    @property
+    def categories(self) -> Dict[int, str]:
+        """``{category id: name}`` of the model's classes."""
+        return self.label_map.categories
+
+    def stage_metrics(self, metrics: Union[Metric, MetricCollection]) -> nn.ModuleDict:
+        """A clone of ``metrics`` per evaluation stage (``val``, ``test``): no stage reads another's state."""
+        return nn.ModuleDict({stage: metrics.clone() for stage in self.STAGES})
+
+    # -- the steps. A batch is ``None`` when every image in it was skipped as corrupt (data.skip_corrupt_images):
+    # training still takes a (zero) step, so that all DDP processes take part in it; evaluation skips it.
+    def training_step(self, batch, batch_idx: int) -> Tensor:
+        if batch is None:
+            return self.zero_loss()
+        loss = self.guard_loss(self.training_loss(batch, batch_idx), self.describe_batch(batch, batch_idx))
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch[0]))
+        return loss
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        if batch is not None:
+            self.evaluation_step(batch, batch_idx, "val")
+
+    def test_step(self, batch, batch_idx: int) -> None:
+        if batch is not None:
+            self.evaluation_step(batch, batch_idx, "test")
+
+    def predict_step(self, batch, batch_idx: int):
+        return self.empty_prediction() if batch is None else self.predict_batch(batch)
+
+    def training_loss(self, batch, batch_idx: int) -> Tensor:
+        """The loss of a training batch (log its parts here; ``train/loss`` is logged by the base)."""
+        raise NotImplementedError
+
+    def evaluation_step(self, batch, batch_idx: int, stage: str) -> None:
+        """Validation and test alike; ``stage`` is ``val`` or ``test``, the prefix of what is logged."""
+        raise NotImplementedError
+
+    def predict_batch(self, batch):
+        raise NotImplementedError
+
+    def empty_prediction(self):
+        """What ``predict`` gives for a batch whose images were all skipped."""
+        return []
+
+    def describe_batch(self, batch, batch_idx: int) -> str:
+        """The batch, as an error message names it."""
+        return f"{len(batch[0])} images (batch {batch_idx})"
 
     def guard_loss(self, loss: torch.Tensor, what: str) -> torch.Tensor:
         """``loss`` if finite; else an error naming the step and batch, or (``skip_nonfinite_loss``) a zero loss
@@ -72,6 +137,7 @@ class BackboneTask(LightningModule):
     # restarting (sanity checks, new loader iterators) can move them.
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["rng_states"] = rng_states()
+        checkpoint["label_map"] = self.label_map.to_dict()  # as plain values, beside the categories it came from
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self._rng_states_to_restore = checkpoint.get("rng_states")
@@ -137,11 +203,11 @@ def gather_objects(obj) -> list:
     return gathered
 
 
-def check_categories(num_classes: int, categories: Optional[dict]) -> Optional[dict]:
+def label_map_of(num_classes: int, categories: Optional[Dict[int, str]]) -> LabelMap:
+    """The model's label map: its categories (from the data module) or, without them, ``num_classes`` labels that
+    are their own ids."""
     if not isinstance(num_classes, int) or num_classes < 1:
         raise ValueError(f"model.num_classes={num_classes!r} must be a positive integer")
-    if categories is not None:
-        categories = {int(k): str(v) for k, v in categories.items()}
-        if len(categories) != num_classes:
-            raise ValueError(f"model.categories has {len(categories)} entries but num_classes={num_classes}")
-    return categories
+    if categories is not None and len(categories) != num_classes:
+        raise ValueError(f"model.categories has {len(categories)} entries but num_classes={num_classes}")
+    return LabelMap.from_categories(categories, num_classes)

@@ -8,13 +8,13 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor, nn
+from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 from torchvision.transforms import v2
 
 import resnext_backbones as rb
-from resnext_backbones.weights import IMAGENET_MEAN, IMAGENET_STD, source_state_dict
 
-from .base import BackboneTask, check_categories, log
+from .base import BackboneTask, log
 
 
 def imagenet_sgd(params, lr: float = 0.1, momentum: float = 0.9, weight_decay: float = 1e-4) -> torch.optim.SGD:
@@ -38,6 +38,10 @@ class ImageClassifier(BackboneTask):
         label_smoothing: cross-entropy label smoothing.
         mixup_alpha: MixUp's alpha (0 = off).
         cutmix_alpha: CutMix's alpha (0 = off); with both on, one of the two per batch.
+        optimizer: default SGD, lr 0.1 for 256 images, momentum 0.9, weight decay 1e-4 (the ImageNet recipe).
+        lr_schedule: ``multistep`` | ``cosine`` | ``constant``, after a linear warmup.
+        warmup_steps: optimizer steps of linear warmup from ``0.001 x lr``.
+        milestones: for ``multistep``, fractions of training where the lr drops by ``gamma``.
     """
 
     def __init__(self, backbone: str = "resnext50_32x4d", num_classes: int = 1000, weights: Optional[str] = None,
@@ -45,31 +49,27 @@ class ImageClassifier(BackboneTask):
                  zero_init_residual: bool = False, categories: Optional[Dict[int, str]] = None,
                  label_smoothing: float = 0.1, mixup_alpha: float = 0.0, cutmix_alpha: float = 0.0,
                  optimizer: OptimizerCallable = imagenet_sgd, lr_schedule: str = "cosine", warmup_steps: int = 0,
-                 milestones: Sequence[float] = (), gamma: float = 0.1, channels_last: bool = False,
-                 compile: bool = False, skip_nonfinite_loss: bool = False) -> None:
-        super().__init__(optimizer=optimizer, lr_schedule=lr_schedule, warmup_steps=warmup_steps,
-                         milestones=milestones, gamma=gamma, channels_last=channels_last, compile=compile,
-                         skip_nonfinite_loss=skip_nonfinite_loss)
-        self.categories = check_categories(num_classes, categories)
-        self.save_hyperparameters(ignore=["optimizer"])
+                 milestones: Sequence[float] = (), **kwargs) -> None:
+        super().__init__(num_classes=num_classes, categories=categories, optimizer=optimizer,
+                         lr_schedule=lr_schedule, warmup_steps=warmup_steps, milestones=milestones, **kwargs)
         self.trunk = rb.resnext(backbone, norm=norm, trainable_stages=trainable_stages, out_features=("c5",),
                                 zero_init_residual=zero_init_residual)
         self.fc = nn.Linear(self.trunk.out_channels["c5"], num_classes)
-        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("mean", torch.tensor(rb.IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(rb.IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
         self.label_smoothing = label_smoothing
         mixes = ([v2.MixUp(alpha=mixup_alpha, num_classes=num_classes)] if mixup_alpha > 0 else []) + \
                 ([v2.CutMix(alpha=cutmix_alpha, num_classes=num_classes)] if cutmix_alpha > 0 else [])
         self.mix = v2.RandomChoice(mixes) if mixes else None
-        top5 = min(5, num_classes)
-        self.val_acc = MulticlassAccuracy(num_classes, top_k=1, average="micro")
-        self.val_acc_top5 = MulticlassAccuracy(num_classes, top_k=top5, average="micro")
+        self.metrics = self.stage_metrics(MetricCollection({
+            "acc": MulticlassAccuracy(num_classes, top_k=1, average="micro"),
+            "acc_top5": MulticlassAccuracy(num_classes, top_k=min(5, num_classes), average="micro")}))
         if weights is not None:
             self.load_trunk_and_head(weights, strict=strict_weights)
 
     def load_trunk_and_head(self, weights: str, strict: bool = True) -> None:
-        state = source_state_dict(weights)
-        log.info("%s", rb.load_weights(self.trunk, state, strict=strict))
+        state = rb.source_state_dict(weights)
+        rb.load_weights(self.trunk, state, strict=strict)  # logs its report
         for prefix in ("fc.", "model.fc.", "head.fc."):
             head = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
             if head:
@@ -90,38 +90,24 @@ class ImageClassifier(BackboneTask):
         c5 = self.trunk(x)["c5"]
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(c5, 1), 1))
 
-    def training_step(self, batch, batch_idx: int) -> Tensor:
-        if batch is None:  # every image of the batch was skipped as corrupt
-            return self.zero_loss()
+    def training_loss(self, batch, batch_idx: int) -> Tensor:
         images, labels = batch
         if self.mix is not None:
             images, labels = self.mix(images, labels)
-        loss = F.cross_entropy(self(images), labels, label_smoothing=self.label_smoothing)
-        loss = self.guard_loss(loss, f"{len(images)} images (batch {batch_idx})")
-        self.log("train/loss", loss, prog_bar=True, batch_size=len(images))
-        return loss
+        return F.cross_entropy(self(images), labels, label_smoothing=self.label_smoothing)
 
-    def validation_step(self, batch, batch_idx: int) -> None:
-        if batch is None:
-            return
+    def evaluation_step(self, batch, batch_idx: int, stage: str) -> None:
         images, labels = batch
         logits = self(images)
-        self.val_acc.update(logits, labels)
-        self.val_acc_top5.update(logits, labels)
-        self.log("val/loss", F.cross_entropy(logits, labels), batch_size=len(images), sync_dist=True)
-        self.log("val/acc", self.val_acc, prog_bar=True, batch_size=len(images))
-        self.log("val/acc_top5", self.val_acc_top5, batch_size=len(images))
+        metrics = self.metrics[stage]
+        metrics.update(logits, labels)
+        self.log(f"{stage}/loss", F.cross_entropy(logits, labels), batch_size=len(images), sync_dist=True)
+        self.log_dict({f"{stage}/{name}": metric for name, metric in metrics.items()}, prog_bar=stage == "val",
+                      batch_size=len(images))
 
-    def test_step(self, batch, batch_idx: int) -> None:
-        if batch is None:
-            return
-        images, labels = batch
-        logits = self(images)
-        self.val_acc.update(logits, labels)
-        self.log("test/acc", self.val_acc, batch_size=len(images))
-
-    def predict_step(self, batch, batch_idx: int) -> Tensor:
-        if batch is None:
-            return torch.empty(0, self.hparams.num_classes)
+    def predict_batch(self, batch) -> Tensor:
         images, _ = batch
         return self(images).softmax(-1)
+
+    def empty_prediction(self) -> Tensor:
+        return torch.empty(0, len(self.label_map))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Type, Union
 
 import torch
 from lightning.pytorch.cli import OptimizerCallable
@@ -15,34 +15,44 @@ from torchvision.transforms.v2.functional import to_dtype
 
 import resnext_backbones as rb
 
-from .base import BackboneTask, check_categories, gather_objects, log, sgd
+from .base import BackboneTask, gather_objects, sgd
 
 
 @dataclass(frozen=True)
 class Architecture:
-    build: Callable[..., nn.Module]
-    returned_features: tuple
-    extra_blocks: str
-    label_offset: int  # 1 where class 0 is the background (Faster R-CNN), 0 where there is none (sigmoid heads)
+    """What differs between torchvision's detectors, in one row each."""
+
+    detector: Type[nn.Module]
+    returned_features: tuple  # trunk stages the FPN reads
+    extra_blocks: str  # FPN levels above C5
+    background_classes: int  # head classes beyond the categories: 1 (softmax with background) or 0 (sigmoid)
     anchors: Callable[[int], AnchorGenerator]  # base anchor size -> generator over the 5 pyramid levels
+    anchor_keyword: str  # the detector's keyword for the anchor generator
+    default_anchor_size: int  # torchvision's
+    detections_keyword: str  # the detector's keyword for detections per image
+
+    def build(self, backbone: nn.Module, num_classes: int, anchor_size: Optional[int], detections_per_image: int,
+              **kwargs) -> nn.Module:
+        anchors = self.anchors(anchor_size or self.default_anchor_size)
+        return self.detector(backbone, num_classes=num_classes + self.background_classes,
+                             **{self.anchor_keyword: anchors, self.detections_keyword: detections_per_image}, **kwargs)
 
 
 ARCHITECTURES: Dict[str, Architecture] = {
     "faster_rcnn": Architecture(
-        lambda bb, n, anchors, **kw: FasterRCNN(bb, num_classes=n + 1, rpn_anchor_generator=anchors, **kw),
-        ("c2", "c3", "c4", "c5"), "pool", 1,
-        lambda s: AnchorGenerator(tuple((s * 2**i,) for i in range(5)), ((0.5, 1.0, 2.0),) * 5)),
+        FasterRCNN, ("c2", "c3", "c4", "c5"), "pool", background_classes=1,
+        anchors=lambda s: AnchorGenerator(tuple((s * 2**i,) for i in range(5)), ((0.5, 1.0, 2.0),) * 5),
+        anchor_keyword="rpn_anchor_generator", default_anchor_size=32, detections_keyword="box_detections_per_img"),
     "retinanet": Architecture(
-        lambda bb, n, anchors, **kw: RetinaNet(bb, num_classes=n, anchor_generator=anchors, **kw),
-        ("c3", "c4", "c5"), "p6p7", 0,
-        lambda s: AnchorGenerator(tuple((x, int(x * 2 ** (1 / 3)), int(x * 2 ** (2 / 3)))
-                                        for x in (s * 2**i for i in range(5))), ((0.5, 1.0, 2.0),) * 5)),
+        RetinaNet, ("c3", "c4", "c5"), "p6p7", background_classes=0,
+        anchors=lambda s: AnchorGenerator(tuple((x, int(x * 2 ** (1 / 3)), int(x * 2 ** (2 / 3)))
+                                                for x in (s * 2**i for i in range(5))), ((0.5, 1.0, 2.0),) * 5),
+        anchor_keyword="anchor_generator", default_anchor_size=32, detections_keyword="detections_per_img"),
     "fcos": Architecture(
-        lambda bb, n, anchors, **kw: FCOS(bb, num_classes=n, anchor_generator=anchors, **kw),
-        ("c3", "c4", "c5"), "p6p7", 0,
-        lambda s: AnchorGenerator(tuple((s * 2**i,) for i in range(5)), ((1.0,),) * 5)),
+        FCOS, ("c3", "c4", "c5"), "p6p7", background_classes=0,
+        anchors=lambda s: AnchorGenerator(tuple((s * 2**i,) for i in range(5)), ((1.0,),) * 5),
+        anchor_keyword="anchor_generator", default_anchor_size=8, detections_keyword="detections_per_img"),
 }
-DEFAULT_ANCHOR = {"faster_rcnn": 32, "retinanet": 32, "fcos": 8}  # torchvision's defaults
 MAP_BACKENDS = ("pycocotools", "faster_coco_eval")
 
 
@@ -69,7 +79,9 @@ class ObjectDetector(BackboneTask):
         norm: trunk norm, ``frozen_bn`` | ``bn`` | ``sync_bn`` | ``gn`` (``bn`` or ``gn`` to train from scratch).
         min_size: shorter image side the detector resizes to; a list picks one at random per training batch.
         max_size: longest image side after resizing.
-        anchor_size: anchor (FCOS: sampling) size at the first pyramid level, doubling per level.
+        anchor_size: anchor (FCOS: sampling) size at the first pyramid level, doubling per level (default:
+            torchvision's, 32 or FCOS 8).
+        fpn_channels: channels of every pyramid level.
         detections_per_image: most detections kept per image.
         detector_kwargs: further keyword arguments of torchvision's detector class (``box_batch_size_per_image``,
             ``rpn_post_nms_top_n_train``, ``score_thresh``, ...), e.g. to size the heads to small images.
@@ -77,6 +89,10 @@ class ObjectDetector(BackboneTask):
         map_backend: ``faster_coco_eval`` (the same numbers, ~5x faster: benchmarks/README.md) | ``pycocotools``,
             for torchmetrics' ``MeanAveragePrecision``.
         log_images: validation images with predicted boxes sent to loggers that take pictures (TensorBoard).
+        optimizer: default SGD, lr 0.02 for 16 images, momentum 0.9, weight decay 1e-4 (the detection 1x recipe).
+        lr_schedule: ``multistep`` | ``cosine`` | ``constant``, after a linear warmup.
+        warmup_steps: optimizer steps of linear warmup from ``0.001 x lr``.
+        milestones: for ``multistep``, fractions of training where the lr drops by ``gamma`` (1x: [0.667, 0.917]).
     """
 
     def __init__(self, architecture: str = "faster_rcnn", backbone: str = "resnext50_32x4d", num_classes: int = 91,
@@ -86,48 +102,30 @@ class ObjectDetector(BackboneTask):
                  detector_kwargs: Optional[Dict[str, Any]] = None,
                  categories: Optional[Dict[int, str]] = None, map_backend: str = "faster_coco_eval",
                  log_images: int = 4, optimizer: OptimizerCallable = sgd, lr_schedule: str = "multistep",
-                 warmup_steps: int = 500, milestones: Sequence[float] = (0.667, 0.917), gamma: float = 0.1,
-                 channels_last: bool = False, compile: bool = False, skip_nonfinite_loss: bool = False) -> None:
-        super().__init__(optimizer=optimizer, lr_schedule=lr_schedule, warmup_steps=warmup_steps,
-                         milestones=milestones, gamma=gamma, channels_last=channels_last, compile=compile,
-                         skip_nonfinite_loss=skip_nonfinite_loss)
+                 warmup_steps: int = 500, milestones: Sequence[float] = (0.667, 0.917), **kwargs) -> None:
         if architecture not in ARCHITECTURES:
             raise ValueError(f"model.architecture={architecture!r} is not supported; "
                              f"choose one of {list(ARCHITECTURES)}")
         if map_backend not in MAP_BACKENDS:
             raise ValueError(f"model.map_backend={map_backend!r} is not supported; choose one of {list(MAP_BACKENDS)}")
-        self.categories = check_categories(num_classes, categories)
-        self.register_buffer("category_id_table", None if self.categories is None else
-                             torch.tensor(list(self.categories)), persistent=False)  # contiguous label -> id
-        self.save_hyperparameters(ignore=["optimizer"])
+        super().__init__(num_classes=num_classes, categories=categories, optimizer=optimizer,
+                         lr_schedule=lr_schedule, warmup_steps=warmup_steps, milestones=milestones, **kwargs)
         arch = ARCHITECTURES[architecture]
-        self.label_offset = arch.label_offset
+        self.label_map = self.label_map.with_offset(arch.background_classes)
         fpn = rb.resnext_fpn(backbone, returned_features=arch.returned_features, extra_blocks=arch.extra_blocks,
                              trainable_stages=trainable_stages, norm=norm, out_channels=fpn_channels)
         if weights is not None:
-            log.info("%s", rb.load_weights(fpn, weights, strict=strict_weights))
+            rb.load_weights(fpn, weights, strict=strict_weights)  # logs its report
         min_size = tuple(min_size) if isinstance(min_size, (list, tuple)) else min_size
-        limits = ({"box_detections_per_img": detections_per_image} if architecture == "faster_rcnn"
-                  else {"detections_per_img": detections_per_image})
-        self.model = arch.build(fpn, num_classes, arch.anchors(anchor_size or DEFAULT_ANCHOR[architecture]),
-                                min_size=min_size, max_size=max_size, **limits, **(detector_kwargs or {}))
-        self.val_map = MeanAveragePrecision(box_format="xyxy", iou_type="bbox", backend=map_backend,
-                                            sync_on_compute=False)
+        self.model = arch.build(fpn, num_classes, anchor_size, detections_per_image, min_size=min_size,
+                                max_size=max_size, **(detector_kwargs or {}))
+        self.metrics = self.stage_metrics(MeanAveragePrecision(box_format="xyxy", iou_type="bbox",
+                                                               backend=map_backend, sync_on_compute=False))
         self._eval_batches: List = []
         self.log_images = log_images
 
     def trunk_module(self) -> nn.Module:
         return self.model.backbone.body
-
-    # -- labels: contiguous (data) <-> model (background convention) <-> dataset category ids (metrics, output)
-    def contiguous_to_category_ids(self, labels: Tensor) -> Tensor:
-        if self.category_id_table is None:
-            return labels
-        return self.category_id_table[labels.clamp(0, len(self.category_id_table) - 1)]
-
-    def to_category_ids(self, labels: Tensor) -> Tensor:
-        """The model's labels (after its background convention) as dataset category ids."""
-        return self.contiguous_to_category_ids(labels - self.label_offset)
 
     def _inputs(self, images: Sequence[Tensor]) -> List[Tensor]:
         """Plain float tensors in [0, 1]; uint8 images (as the data modules give them) are scaled here, on the
@@ -146,44 +144,43 @@ class ObjectDetector(BackboneTask):
         ``labels`` (dataset category ids)."""
         detections = self.model(self._inputs(images))
         for d in detections:
-            d["labels"] = self.to_category_ids(d["labels"])
+            d["labels"] = self.label_map.category_ids_of_model(d["labels"])
         return detections
 
-    def training_step(self, batch, batch_idx: int) -> Tensor:
-        if batch is None:  # every image of the batch was skipped as corrupt
-            return self.zero_loss()
+    def training_loss(self, batch, batch_idx: int) -> Tensor:
         images, targets = batch
-        targets = [{"boxes": t["boxes"].as_subclass(Tensor), "labels": t["labels"] + self.label_offset}
+        targets = [{"boxes": t["boxes"].as_subclass(Tensor), "labels": self.label_map.to_model(t["labels"])}
                    for t in targets]
         losses = self.model(self._inputs(images), targets)
-        loss = sum(losses.values())
-        loss = self.guard_loss(loss, f"image ids {[int(t['image_id']) for t in batch[1]]}")
-        n = len(images)
-        self.log("train/loss", loss, prog_bar=True, batch_size=n)
-        self.log_dict({f"train/{k}": v for k, v in losses.items()}, batch_size=n)
-        return loss
+        self.log_dict({f"train/{k}": v for k, v in losses.items()}, batch_size=len(images))
+        return sum(losses.values())
 
-    def validation_step(self, batch, batch_idx: int) -> None:
-        if batch is None:
-            return
+    def describe_batch(self, batch, batch_idx: int) -> str:
+        return f"image ids {[int(t['image_id']) for t in batch[1]]}"
+
+    def evaluation_step(self, batch, batch_idx: int, stage: str) -> None:
         images, targets = batch
         detections = self(images)
         self._eval_batches.append(([{k: v.cpu() for k, v in d.items()} for d in detections],
                                    [self._metric_target(t) for t in targets]))
-        if batch_idx == 0 and self.log_images:
+        if stage == "val" and batch_idx == 0 and self.log_images:
             self._log_pictures(images, detections)
 
-    test_step = validation_step
+    def _metric_target(self, target: Dict) -> Dict[str, Tensor]:
+        return {"boxes": target["boxes"].as_subclass(Tensor).cpu(),
+                "labels": self.label_map.category_ids_of(target["labels"]).cpu(),
+                "iscrowd": target["iscrowd"].cpu(), "area": target["area"].cpu()}
 
     def on_validation_epoch_start(self) -> None:
         self._eval_batches = []
 
     on_test_epoch_start = on_validation_epoch_start
 
-    def _metric_target(self, target: Dict) -> Dict[str, Tensor]:
-        return {"boxes": target["boxes"].as_subclass(Tensor).cpu(),
-                "labels": self.contiguous_to_category_ids(target["labels"]).cpu(),
-                "iscrowd": target["iscrowd"].cpu(), "area": target["area"].cpu()}
+    def on_validation_epoch_end(self) -> None:
+        self._log_epoch_map("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_epoch_map("test")
 
     def _log_epoch_map(self, stage: str) -> None:
         # Each process saw a different, unpadded share of the images; gather them whole, then evaluate once per
@@ -196,20 +193,12 @@ class ObjectDetector(BackboneTask):
         self._eval_batches = []
         if not preds:
             return
-        result = coco_map(self.val_map, preds, targets)
+        result = coco_map(self.metrics[stage], preds, targets)
         self.log_dict({f"{stage}/map": result["map"], f"{stage}/map_50": result["map_50"],
                        f"{stage}/map_75": result["map_75"]}, prog_bar=True, rank_zero_only=False)
 
-    def on_validation_epoch_end(self) -> None:
-        self._log_epoch_map("val")
-
-    def on_test_epoch_end(self) -> None:
-        self._log_epoch_map("test")
-
-    def predict_step(self, batch, batch_idx: int) -> List[Dict]:
+    def predict_batch(self, batch) -> List[Dict]:
         """COCO results (``image_id``, ``category_id``, ``bbox`` as xywh, ``score``) for the batch."""
-        if batch is None:
-            return []
         images, targets = batch
         results = []
         for target, det in zip(targets, self(images), strict=True):
@@ -225,9 +214,9 @@ class ObjectDetector(BackboneTask):
             return
         from torchvision.utils import draw_bounding_boxes
 
+        names = self.categories
         for i, (image, det) in enumerate(zip(images[: self.log_images], detections, strict=False)):
             keep = det["scores"] > 0.3
-            names = [str((self.categories or {}).get(int(c), int(c))) for c in det["labels"][keep]]
             picture = draw_bounding_boxes(to_dtype(image.cpu(), torch.uint8, scale=True), det["boxes"][keep].cpu(),
-                                          names)
+                                          [names[int(c)] for c in det["labels"][keep]])
             experiment.add_image(f"val/detections_{i}", picture, self.global_step)

@@ -5,7 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tasks import ObjectDetector
+from tasks import ImageClassifier, ObjectDetector
 from tasks.data import CocoDetection, CocoDetectionDataModule, CocoIndex, ImageFolderDataModule, LabelMap
 from tasks.data.coco import check_image_files
 from tasks.data.images import CorruptImageError, image_size, read_rgb
@@ -252,6 +252,9 @@ def test_a_batch_of_only_skipped_images_is_none_and_trains_as_a_zero_step(coco_w
     model = ObjectDetector(backbone="resnet18", num_classes=1, min_size=64, max_size=64)
     loss = model.training_step(None, 0)
     assert loss.item() == 0.0 and loss.requires_grad
+    assert model.validation_step(None, 0) is None and model.test_step(None, 0) is None  # and evaluation skips it
+    assert model.predict_step(None, 0) == []
+    assert ImageClassifier(backbone="resnet18", num_classes=3).predict_step(None, 0).shape == (0, 3)
 
 
 def test_exif_rotated_jpeg_loads_upright_like_pil(tmp_path):

@@ -80,7 +80,7 @@ def test_logged_map_equals_raw_pycocotools(hard_val_set, backend, detections):
         preds.append({"boxes": boxes.float(), "scores": torch.tensor([r["score"] for r in mine]),
                       "labels": torch.tensor([r["category_id"] for r in mine], dtype=torch.long)})
     assert sum(int(t["iscrowd"].sum()) for t in targets) == 1 and any(len(t["boxes"]) == 0 for t in targets)
-    result = coco_map(model.val_map, preds, targets)
+    result = coco_map(model.metrics["val"], preds, targets)
     if results:
         assert 0.05 < evaluation.stats[0] < 0.95  # a non-trivial case
     assert float(result["map"]) == pytest.approx(evaluation.stats[0], abs=1e-4)

@@ -2,8 +2,10 @@ import pytest
 import torch
 import torchvision
 from conftest import randomize_norm_stats
+from lightning.pytorch import Callback, Trainer
 
 from tasks import ImageClassifier, ObjectDetector
+from tasks.data import CocoDetectionDataModule, ImageFolderDataModule
 from tasks.detection import ARCHITECTURES
 
 LEVELS = {"faster_rcnn": ["0", "1", "2", "3", "pool"], "retinanet": ["0", "1", "2", "p6", "p7"],
@@ -11,8 +13,9 @@ LEVELS = {"faster_rcnn": ["0", "1", "2", "3", "pool"], "retinanet": ["0", "1", "
 
 
 def detector(architecture, **kwargs):
+    kwargs = {"categories": {3: "square", 5: "disk", 9: "triangle"}} | kwargs
     return ObjectDetector(architecture=architecture, backbone="resnet18", num_classes=3, min_size=64, max_size=64,
-                          categories={3: "square", 5: "disk", 9: "triangle"}, **kwargs)
+                          **kwargs)
 
 
 @pytest.mark.parametrize("architecture", ARCHITECTURES)
@@ -26,19 +29,53 @@ def test_each_architecture_gets_its_pyramid_and_background_convention(architectu
     assert head == (4 if architecture == "faster_rcnn" else 3)  # Faster R-CNN adds a background class
 
 
-@pytest.mark.parametrize("architecture", ARCHITECTURES)
-def test_detections_and_training_use_dataset_category_ids(architecture):
-    model = detector(architecture, detector_kwargs={"score_thresh": 0.0} if architecture != "faster_rcnn"
-                     else {"box_score_thresh": 0.0})
-    model.eval()
+CLASSIFICATION_LOSS = {"faster_rcnn": "loss_classifier", "retinanet": "classification", "fcos": "classification"}
+
+
+def force_class(model, architecture, label):
+    """Make the head score contiguous label ``label`` far above every other category, through its bias (torchvision's
+    conventions: Faster R-CNN's class 0 is the background, scored as high, so that its negatives cost the same
+    whatever the target; RetinaNet/FCOS logits are anchor-major, class-minor)."""
     with torch.no_grad():
-        (det,) = model([torch.rand(3, 64, 64)])
-    assert len(det["labels"]) and set(det["labels"].tolist()) <= {3, 5, 9}
-    model.train()
-    targets = [{"boxes": torch.tensor([[2.0, 2.0, 30.0, 40.0]]), "labels": torch.tensor([2])}]  # contiguous label
-    loss = model.model([torch.rand(3, 64, 64)], [{"boxes": t["boxes"], "labels": t["labels"] + model.label_offset}
-                                                 for t in targets])
-    assert all(torch.isfinite(v) for v in loss.values())
+        if architecture == "faster_rcnn":
+            bias = model.model.roi_heads.box_predictor.cls_score.bias
+            bias.fill_(-50.0)
+            bias[0] = bias[label + 1] = 50.0
+        else:
+            head = model.model.head.classification_head
+            bias = head.cls_logits.bias.view(head.num_anchors, head.num_classes)
+            bias.fill_(-50.0)
+            bias[:, label] = 50.0
+
+
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+def test_the_class_of_label_k_detects_the_kth_smallest_category_id(architecture):
+    """The data gives category ids 3, 5, 9 the labels 0, 1, 2 (ascending ids); categories arrive in another order."""
+    model = detector(architecture, categories={9: "triangle", 3: "square", 5: "disk"}).eval()
+    image = torch.rand(3, 64, 64, generator=torch.Generator().manual_seed(0))
+    for label, category_id in enumerate([3, 5, 9]):
+        force_class(model, architecture, label)
+        with torch.no_grad():
+            (det,) = model([image])
+        assert len(det["labels"]) > 0
+        assert det["labels"].tolist() == [category_id] * len(det["labels"]), (label, det["labels"])
+
+
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+def test_a_training_target_of_label_k_is_the_class_the_head_scores_as_k(architecture):
+    """The training side of the same map: with the head forced to label 1, a target of label 1 costs least (a target
+    of another label adds ~100 (softmax) or ~50 (sigmoid) per positive, averaged with the negatives)."""
+    torch.manual_seed(0)
+    model = detector(architecture).train()
+    force_class(model, architecture, 1)
+    image, box = torch.rand(3, 64, 64), torch.tensor([[8.0, 8.0, 40.0, 40.0]])
+    costs = []
+    for label in range(3):
+        torch.manual_seed(0)  # the same proposal sampling for every label
+        losses = model.model(model._inputs([image]),
+                             [{"boxes": box, "labels": model.label_map.to_model(torch.tensor([label]))}])
+        costs.append(float(losses[CLASSIFICATION_LOSS[architecture]]))
+    assert costs[1] + 0.1 < min(costs[0], costs[2]), costs
 
 
 def test_uint8_images_from_the_data_modules_detect_as_their_float_equivalent():
@@ -74,6 +111,20 @@ def test_torchvision_classification_weights_give_torchvision_logits(tmp_path):
     normalized = torchvision.transforms.v2.functional.normalize(images, [0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
     with torch.no_grad():
         torch.testing.assert_close(model(images), tv(normalized), rtol=1e-4, atol=1e-4)
+
+
+def test_the_weights_report_is_logged_once_per_task(tmp_path, caplog):
+    import resnext_backbones as rb
+
+    weights = str(tmp_path / "trunk.safetensors")
+    rb.save_backbone(rb.resnext("resnet18"), weights)
+    for build in (lambda: detector("faster_rcnn", weights=weights),
+                  lambda: ImageClassifier(backbone="resnet18", num_classes=3, weights=weights)):
+        caplog.clear()
+        with caplog.at_level("INFO"):
+            build()
+        reports = [r for r in caplog.records if " tensors from " in r.getMessage()]
+        assert len(reports) == 1, [r.getMessage() for r in reports]
 
 
 def test_classifier_head_of_another_size_is_left_at_init(tmp_path):
@@ -154,6 +205,37 @@ def test_batches_with_empty_images_and_mixed_sizes_train(architecture):
         loss = model.training_step((images, targets), 0)
         loss.backward()
         assert torch.isfinite(loss)
+
+
+class NanAtStep(Callback):
+    """Fill the trunk's first convolution with NaN right before the training batch that ends at ``global_step ==
+    step + 1``: every loss of that batch, and none before it, is NaN."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            with torch.no_grad():
+                pl_module.trunk_module().conv1.weight.fill_(float("nan"))
+
+
+def tiny_trainer(tmp_path, **kwargs) -> Trainer:
+    return Trainer(accelerator="cpu", devices=1, max_steps=4, logger=False, enable_checkpointing=False,
+                   enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                   limit_val_batches=0, default_root_dir=tmp_path, **kwargs)
+
+
+@pytest.mark.parametrize("task", ["detection", "classification"])
+def test_a_nan_loss_inside_fit_stops_training_naming_its_step_and_batch(task, tmp_path, tiny_coco, tiny_folder):
+    if task == "detection":
+        model, batch = detector("faster_rcnn"), r"image ids \[\d+, \d+\]"
+        data = CocoDetectionDataModule(**tiny_coco, batch_size=2, num_workers=0)
+    else:
+        model, batch = ImageClassifier(backbone="resnet18", num_classes=3), r"6 images \(batch 2\)"
+        data = ImageFolderDataModule(**tiny_folder, image_size=32, batch_size=6, num_workers=0)
+    with pytest.raises(FloatingPointError, match=rf"non-finite loss \(nan\) at step 2, batch of {batch}\. "):
+        tiny_trainer(tmp_path, callbacks=[NanAtStep(2)]).fit(model, data)
 
 
 def test_skip_nonfinite_loss_counts_the_step_and_gives_a_zero_gradient():
