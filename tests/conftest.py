@@ -61,6 +61,53 @@ def tiny_folder(tmp_path_factory):
     return {"train_dir": str(root / "train"), "val_dir": str(root / "val")}
 
 
+@pytest.fixture(scope="session")
+def colour_folder(tmp_path_factory):
+    """A classification set that a few steps separate: 32-px images whose class is the one bright channel (red,
+    green, blue); 8 training and 4 validation images per class."""
+    import numpy as np
+    from torchvision.io import encode_png, write_file
+
+    root = tmp_path_factory.mktemp("colours")
+    rng = np.random.default_rng(14)
+    for split, count in (("train", 8), ("val", 4)):
+        for channel, name in enumerate(["red", "green", "blue"]):
+            (root / split / name).mkdir(parents=True)
+            for i in range(count):
+                image = rng.integers(0, 100, (3, 32, 32)).astype(np.uint8)
+                image[channel] = rng.integers(150, 256, (32, 32))
+                write_file(str(root / split / name / f"{i}.png"), encode_png(torch.from_numpy(image)))
+    return {"train_dir": str(root / "train"), "val_dir": str(root / "val")}
+
+
+@pytest.fixture(scope="session")
+def large_object_coco(tiny_coco, tmp_path_factory):
+    """``tiny_coco`` with another validation set: 5 images (an odd count) of one large shape each, which a
+    checkpoint of a few steps already finds now and then, so that its mAP is above zero."""
+    import json
+
+    import numpy as np
+
+    from tasks.data.shapes import CATEGORIES, _write, draw
+
+    root = tmp_path_factory.mktemp("large_objects")
+    (root / "val").mkdir()
+    rng = np.random.default_rng(15)
+    ids = list(CATEGORIES)
+    images, annotations = [], []
+    for i in range(5):
+        category = ids[i % len(ids)]
+        image, [(x0, y0, x1, y1)] = draw(rng, 96, 96, [CATEGORIES[category]], min_size=60, max_size=90)
+        _write(image, root / "val" / f"{i}.jpg")
+        images.append({"id": 100 + i, "file_name": f"{i}.jpg", "height": 96, "width": 96})
+        annotations.append({"id": i + 1, "image_id": 100 + i, "category_id": category, "iscrowd": 0,
+                            "bbox": [x0, y0, x1 - x0, y1 - y0], "area": (x1 - x0) * (y1 - y0)})
+    categories = [{"id": k, "name": v} for k, v in CATEGORIES.items()]
+    (root / "val.json").write_text(json.dumps({"images": images, "annotations": annotations,
+                                               "categories": categories}))
+    return {**tiny_coco, "val_annotations": str(root / "val.json"), "val_images": str(root / "val")}
+
+
 def classification_args(tmp_path, folder, *extra, backbone="resnet18", image_size=32):
     return ["fit", "--model", "tasks.ImageClassifier", "--model.backbone", backbone,
             "--data", "tasks.data.ImageFolderDataModule", "--data.train_dir", folder["train_dir"],

@@ -11,6 +11,8 @@ import pytest
 import torch
 import yaml
 from conftest import classification_args
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
 
 from tasks import ObjectDetector
 from tasks.cli import cli as lightning_cli
@@ -67,6 +69,31 @@ def test_fit_trains_logs_finite_metrics_and_writes_a_checkpoint(fitted):
     assert (tmp / "ckpt" / "last.ckpt").is_file()
     assert cli.model.hparams.num_classes == 3  # from the data module, never written in the config
     assert cli.model.categories == {3: "square", 5: "disk", 9: "triangle"}
+    checkpoint = torch.load(tmp / "ckpt" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert checkpoint["label_map"] == {"category_ids": [3, 5, 9], "names": ["square", "disk", "triangle"],
+                                       "offset": 1}  # Faster R-CNN's class 0 is the background
+    assert checkpoint["hyper_parameters"]["gamma"] == 0.1  # base arguments (through **kwargs) are recorded too
+
+
+def raw_cocoeval(annotations: str, results: str) -> dict:
+    """pycocotools' own box mAP of a results file, the reference the logged metrics must equal."""
+    ground_truth = COCO(annotations)
+    evaluation = COCOeval(ground_truth, ground_truth.loadRes(results), "bbox")
+    evaluation.evaluate(), evaluation.accumulate(), evaluation.summarize()
+    return dict(zip(["map", "map_50", "map_75"], evaluation.stats[:3].tolist(), strict=True))
+
+
+def test_validate_and_predict_of_one_checkpoint_equal_raw_cocoeval_of_the_written_predictions(
+        fitted, large_object_coco, tmp_path):
+    """The logged mAP, and predictions.json as pycocotools reads it (xywh boxes, dataset category ids), agree."""
+    ckpt = str(fitted[2] / "ckpt" / "last.ckpt")
+    config = detection_config(tmp_path, large_object_coco)
+    validated = lightning_cli(["validate", "--config", config, "--ckpt_path", ckpt])
+    logged = {k: float(validated.trainer.callback_metrics[f"val/{k}"]) for k in ("map", "map_50", "map_75")}
+    lightning_cli(["predict", "--config", config, "--ckpt_path", ckpt])
+    reference = raw_cocoeval(large_object_coco["val_annotations"], str(tmp_path / "predictions.json"))
+    assert reference["map"] > 0 and reference["map_50"] > 0, reference
+    assert logged == pytest.approx(reference, abs=1e-6)
 
 
 def test_validate_and_test_from_the_checkpoint(fitted):
@@ -100,13 +127,18 @@ def test_load_from_checkpoint_outside_the_cli_predicts(fitted, tiny_coco):
     assert det["boxes"].shape[1] == 4 and set(det["labels"].tolist()) <= {3, 5, 9}
 
 
-def test_classification_fit_through_the_cli(tmp_path, tiny_folder):
-    args = classification_args(tmp_path, tiny_folder, "--trainer.max_epochs", "1", "--trainer.accelerator", "cpu")
+def test_classification_fit_through_the_cli_learns_a_separable_set(tmp_path, colour_folder):
+    """12 steps on images whose class is their bright channel: well above the 1/3 of chance, in validation and, with
+    metric objects of its own, in test."""
+    args = classification_args(tmp_path, colour_folder, "--trainer.max_epochs", "3", "--trainer.accelerator", "cpu",
+                               "--model.optimizer", "torch.optim.AdamW", "--model.optimizer.lr", "0.001")
     cli = lightning_cli(args)
-    metrics = cli.trainer.callback_metrics
-    assert 0 <= float(metrics["val/acc"]) <= 1 and 0 <= float(metrics["val/acc_top5"]) <= 1
-    assert float(metrics["val/acc_top5"]) == 1.0  # 3 classes: the top 3 always holds the answer
     assert cli.model.hparams.num_classes == 3
+    validated = float(cli.trainer.callback_metrics["val/acc"])
+    assert validated >= 0.75
+    (tested,) = cli.trainer.test(cli.model, datamodule=cli.datamodule)
+    assert tested["test/acc"] == validated  # the same images and weights
+    assert cli.model.metrics["test"]["acc"] is not cli.model.metrics["val"]["acc"]
 
 
 @pytest.mark.parametrize("config", sorted(str(p.relative_to(REPO)) for p in (REPO / "configs").rglob("*.yaml")
@@ -120,6 +152,22 @@ def test_every_shipped_config_parses(config, capsys):
     assert exit_.value.code in (0, None)
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["model"]["class_path"].startswith("tasks.")
+    assert BASE_ARGUMENTS <= set(printed["model"]["init_args"])  # the forwarded **kwargs among them
+
+
+BASE_ARGUMENTS = {"optimizer", "lr_schedule", "warmup_steps", "milestones", "gamma", "channels_last", "compile",
+                  "skip_nonfinite_loss"}
+
+
+@pytest.mark.parametrize("task", ["tasks.ObjectDetector", "tasks.ImageClassifier"])
+def test_help_documents_the_base_arguments_from_the_base_docstring(task, capsys):
+    with pytest.raises(SystemExit):
+        lightning_cli(["fit", "--model.help", task])
+    shown = " ".join(capsys.readouterr().out.split())
+    for name in BASE_ARGUMENTS:
+        assert f"--model.{name} " in shown, name
+    assert "--model.gamma GAMMA lr factor at each milestone. (type: float, default: 0.1)" in shown
+    assert "--model.skip_nonfinite_loss {true,false} on a NaN/inf loss, skip the step" in shown
 
 
 @pytest.mark.parametrize("argument, named", [("--model.init_args.min_sizee=3", "min_sizee"),
@@ -137,15 +185,28 @@ def tiny_fit_args(tmp_path, data, precision):
             "--trainer.max_steps", "2", "--trainer.limit_val_batches", "1"]
 
 
+def fit_recording_trunk_dtypes(args) -> tuple:
+    """Run ``fit`` through the CLI with a forward hook on the trunk: the CLI and the dtypes of every feature map the
+    trunk gave, in training and validation."""
+    cli = lightning_cli(args[1:], run=False)
+    dtypes = set()
+    cli.model.trunk_module().register_forward_hook(lambda module, args, out: dtypes.update(v.dtype for v in
+                                                                                          out.values()))
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    return cli, dtypes
+
+
 def test_detection_trains_in_bf16_mixed_on_cpu(tmp_path, tiny_coco):
-    cli = lightning_cli(tiny_fit_args(tmp_path, tiny_coco, "bf16-mixed"))
+    cli, dtypes = fit_recording_trunk_dtypes(tiny_fit_args(tmp_path, tiny_coco, "bf16-mixed"))
+    assert dtypes == {torch.bfloat16}
     assert math.isfinite(float(cli.trainer.callback_metrics["train/loss"]))
 
 
 def test_classification_trains_in_bf16_mixed_on_cpu(tmp_path, tiny_folder):
     args = classification_args(tmp_path, tiny_folder, "--trainer.max_steps", "2", "--trainer.accelerator", "cpu",
-                               "--trainer.precision", "bf16-mixed")
-    cli = lightning_cli(args)
+                               "--trainer.precision", "bf16-mixed", "--trainer.limit_val_batches", "1")
+    cli, dtypes = fit_recording_trunk_dtypes(args)
+    assert dtypes == {torch.bfloat16}
     assert math.isfinite(float(cli.trainer.callback_metrics["train/loss"]))
 
 
@@ -173,18 +234,20 @@ def run_cli(*args, cwd):
     return result
 
 
-def test_ddp_on_two_processes_trains_and_evaluates_each_image_once(fitted, tmp_path):
+def test_ddp_on_two_processes_trains_and_evaluates_each_image_once(fitted, large_object_coco, tmp_path):
     """DDP needs no find_unused_parameters (frozen stages), and mAP over an odd-sized validation set equals the
     single-process value: the evaluation sampler does not pad with repeated images."""
     _, config, tmp = fitted
     ckpt = str(tmp / "ckpt" / "last.ckpt")
+    validation = detection_config(tmp_path, large_object_coco)  # 5 images, a mAP above zero
     single = tmp_path / "single"
-    run_cli("validate", "--config", config, "--ckpt_path", ckpt, "--trainer.logger.init_args.save_dir", str(single),
-            cwd=tmp_path)
+    run_cli("validate", "--config", validation, "--ckpt_path", ckpt, "--trainer.logger.init_args.save_dir",
+            str(single), cwd=tmp_path)
     ddp = tmp_path / "ddp"
     ddp_args = ["--trainer.devices", "2", "--trainer.strategy", "ddp", "--trainer.logger.init_args.save_dir", str(ddp)]
-    run_cli("validate", "--config", config, "--ckpt_path", ckpt, *ddp_args, cwd=tmp_path)
+    run_cli("validate", "--config", validation, "--ckpt_path", ckpt, *ddp_args, cwd=tmp_path)
     one, two = last_metrics(single), last_metrics(ddp)
+    assert one["val/map"] > 0 and one["val/map_50"] > 0, one
     assert one["val/map"] == pytest.approx(two["val/map"], abs=1e-6)
     assert one["val/map_50"] == pytest.approx(two["val/map_50"], abs=1e-6)
     run_cli("fit", "--config", config, "--model.init_args.trainable_stages", "2", "--trainer.max_steps", "2",
