@@ -1,9 +1,24 @@
-"""ResNeXt trunks with C2-C5 features and an FPN adapter for torchvision detectors. Pure PyTorch: no Lightning."""
+"""ResNeXt trunks with C2-C5 features and an FPN adapter for torchvision detectors. Pure PyTorch: no Lightning.
 
-from .fpn import ResNeXtFPN, resnext_fpn
-from .trunk import MODELS, ResNeXt, ResNeXtSpec, list_models, resnext
-from .weights import LoadReport, WeightsError, load_backbone, load_weights, save_backbone
+Layers, imported one way only (each imports only those below it):
 
-__all__ = ["MODELS", "LoadReport", "ResNeXt", "ResNeXtFPN", "ResNeXtSpec", "WeightsError", "list_models",
-           "load_backbone", "load_weights", "resnext", "resnext_fpn", "save_backbone"]
+- ``builders``: ``resnext``, ``resnext_fpn``, ``load_backbone`` (a spec plus weights -> a module)
+- ``export``: ``python -m resnext_backbones export`` (any source -> any writer)
+- ``loading``: ``load_weights`` and its ``LoadReport``, ``infer_spec``
+- ``formats``: one module per ecosystem (reader + writers) and the detection table over them
+- ``files``: safe file reading, ``WeightsError``, file digests
+- ``trunk``, ``fpn``, ``fused``: model code
+"""
+
+from .builders import load_backbone, resnext, resnext_fpn
+from .files import UnverifiedWeightsWarning, WeightsError, file_sha256
+from .formats.safetensors import backbone_metadata, save_backbone
+from .fpn import ResNeXtFPN
+from .loading import LoadReport, infer_spec, load_weights, source_state_dict
+from .trunk import IMAGENET_MEAN, IMAGENET_STD, MODELS, ResNeXt, ResNeXtSpec, list_models
+
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "MODELS", "LoadReport", "ResNeXt", "ResNeXtFPN", "ResNeXtSpec",
+           "UnverifiedWeightsWarning", "WeightsError", "backbone_metadata", "file_sha256", "infer_spec",
+           "list_models", "load_backbone", "load_weights", "resnext", "resnext_fpn", "save_backbone",
+           "source_state_dict"]
 __version__ = "0.1.0"

@@ -2,12 +2,14 @@
 
 The module layout (``body.*``, ``fpn.*``) and output names (``"0".."3"``, ``"pool"`` or ``"p6"``, ``"p7"``) are
 those of torchvision's ``BackboneWithFPN``, so its state dicts load strictly and its detectors take this as is.
+Model code only: :func:`resnext_backbones.resnext_fpn` (in :mod:`resnext_backbones.builders`) builds one from a
+name and weights.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional
 
 from torch import Tensor, nn
 from torchvision.ops.feature_pyramid_network import (
@@ -17,9 +19,9 @@ from torchvision.ops.feature_pyramid_network import (
     LastLevelP6P7,
 )
 
-from .trunk import FEATURES, ResNeXt, resolve_spec
+from .trunk import ResNeXt
 
-__all__ = ["ResNeXtFPN", "resnext_fpn", "EXTRA_BLOCKS"]
+__all__ = ["ResNeXtFPN", "EXTRA_BLOCKS"]
 
 EXTRA_BLOCKS = ("pool", "p6p7", None)
 
@@ -35,12 +37,13 @@ def _extra_block(kind: Optional[str], out_channels: int) -> Optional[ExtraFPNBlo
 
 
 class ResNeXtFPN(nn.Module):
-    """Trunk features ``returned_features`` -> FPN levels of ``out_channels`` channels each."""
+    """The trunk's ``returned_features`` -> FPN levels ``"0".."N-1"`` (+ extra blocks) of ``out_channels``
+    channels each."""
 
     def __init__(self, body: ResNeXt, *, out_channels: int = 256, extra_blocks: Optional[str] = "pool") -> None:
         super().__init__()
         self.body = body
-        self.returned_features: List[str] = list(body.out_features)
+        self.returned_features: List[str] = list(body.returned_features)
         self.fpn = FeaturePyramidNetwork([body.out_channels[f] for f in self.returned_features], out_channels,
                                          extra_blocks=_extra_block(extra_blocks, out_channels))
         self.out_channels = out_channels
@@ -53,25 +56,3 @@ class ResNeXtFPN(nn.Module):
             levels[str(i)] = feats[name]
         return self.fpn(levels)
 
-
-def resnext_fpn(name: Optional[str] = None, *, depth: Optional[int] = None, cardinality: Optional[int] = None,
-                base_width: Optional[int] = None, out_channels: int = 256,
-                returned_features: Sequence[str] = FEATURES, extra_blocks: Optional[str] = "pool",
-                trainable_stages: int = 3, norm: str = "frozen_bn", weights: Optional[str] = None,
-                strict: bool = True) -> ResNeXtFPN:
-    """A ResNeXt-FPN backbone for torchvision detectors (``FasterRCNN(resnext_fpn(...), num_classes=91)``).
-
-    ``returned_features=("c3", "c4", "c5")`` with ``extra_blocks="p6p7"`` gives RetinaNet's and FCOS's P3-P7.
-    ``weights`` may hold a trunk (any format :func:`resnext_backbones.load_weights` reads) or a whole
-    ``BackboneWithFPN``/detector state dict.
-    """
-    spec = resolve_spec(name, depth=depth, cardinality=cardinality, base_width=base_width)
-    if not isinstance(out_channels, int) or out_channels < 1:
-        raise ValueError(f"out_channels={out_channels!r} must be a positive integer")
-    body = ResNeXt(spec, norm=norm, trainable_stages=trainable_stages, out_features=returned_features)
-    model = ResNeXtFPN(body, out_channels=out_channels, extra_blocks=extra_blocks)
-    if weights is not None:
-        from .weights import load_weights
-
-        load_weights(model, weights, strict=strict)
-    return model

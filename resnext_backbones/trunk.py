@@ -2,13 +2,14 @@
 
 One class, configured by ``depth``, ``cardinality`` and ``base_width``, and one table of named specs.
 Module names follow torchvision's ``ResNet`` (``conv1``, ``bn1``, ``layer1..4``, ``downsample.0/1``) so that
-state dicts move between the two without renaming.
+state dicts move between the two without renaming. Model code only: building from a name with weights is
+:mod:`resnext_backbones.builders`.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -16,12 +17,16 @@ from torchvision.ops import FrozenBatchNorm2d
 
 from .fused import FusedBlock, FusedConv2d
 
-__all__ = ["ResNeXt", "ResNeXtSpec", "Bottleneck", "BasicBlock", "MODELS", "FEATURES", "NORMS",
-           "list_models", "resnext", "make_norm"]
+__all__ = ["ResNeXt", "ResNeXtSpec", "Bottleneck", "BasicBlock", "MODELS", "FEATURES", "NORMS", "STAGE_BLOCKS",
+           "IMAGENET_MEAN", "IMAGENET_STD", "list_models", "make_norm", "resolve_returned_features"]
 
 FEATURES = ("c2", "c3", "c4", "c5")
 STRIDES = {"c2": 4, "c3": 8, "c4": 16, "c5": 32}
 NORMS = ("bn", "frozen_bn", "sync_bn", "gn")
+
+# The input normalisation of ImageNet-pretrained trunks (RGB in [0, 1]), torchvision's and timm's default.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 # depth -> (bottleneck?, blocks per stage). Bottleneck depth = 3 * sum(blocks) + 2, two-layer: 2 * sum + 2.
 STAGE_BLOCKS: Dict[int, tuple] = {
@@ -110,6 +115,24 @@ def make_norm(norm: str) -> Callable[[int], nn.Module]:
     raise ValueError(f"norm={norm!r} is not supported; choose one of {list(NORMS)}")
 
 
+def resolve_returned_features(returned: Optional[Sequence[str]] = None,
+                              out_features: Optional[Sequence[str]] = None) -> Tuple[str, ...]:
+    """The trunk features to return, in stride order (default: all of ``FEATURES``).
+
+    ``returned_features`` is the name; ``out_features`` (detectron2's word, this library's first one) is
+    accepted as an alias for the same thing. Giving both with different values is an error.
+    """
+    if returned is not None and out_features is not None and tuple(returned) != tuple(out_features):
+        raise ValueError(f"returned_features={tuple(returned)!r} and out_features={tuple(out_features)!r} name "
+                         "the same thing (out_features is the alias); give one of them")
+    given = returned if returned is not None else out_features
+    arg = "returned_features" if returned is not None else "out_features"
+    features = FEATURES if given is None else tuple(given)
+    if not features or any(f not in FEATURES for f in features) or len(set(features)) != len(features):
+        raise ValueError(f"{arg}={features!r} must be a non-empty subset of {FEATURES}")
+    return tuple(f for f in FEATURES if f in features)
+
+
 def _conv(cin: int, cout: int, kernel: int, stride: int = 1, groups: int = 1) -> nn.Conv2d:
     return nn.Conv2d(cin, cout, kernel, stride=stride, padding=kernel // 2, groups=groups, bias=False)
 
@@ -175,23 +198,22 @@ def _shortcut(cin: int, cout: int, stride: int, norm: Callable[[int], nn.Module]
 class ResNeXt(nn.Module):
     """ResNeXt trunk returning ``{"c2": .., "c3": .., "c4": .., "c5": ..}`` (strides 4, 8, 16, 32).
 
-    Stages after the last requested feature are not built (as torchvision's ``IntermediateLayerGetter``).
-    ``trainable_stages`` (0..5) freezes exactly what torchvision's ``trainable_layers`` freezes: parameters get
-    ``requires_grad=False`` and BatchNorm layers of frozen parts stay in eval mode under ``.train()``.
+    ``returned_features`` picks the features returned (``out_features`` is accepted as its alias); stages after
+    the last one are not built (as torchvision's ``IntermediateLayerGetter``). ``trainable_stages`` (0..5)
+    freezes exactly what torchvision's ``trainable_layers`` freezes: parameters get ``requires_grad=False`` and
+    BatchNorm layers of frozen parts stay in eval mode under ``.train()``.
     """
 
     def __init__(self, spec: ResNeXtSpec, *, norm: str = "bn", trainable_stages: int = 5,
-                 out_features: Sequence[str] = FEATURES, zero_init_residual: bool = False) -> None:
+                 returned_features: Optional[Sequence[str]] = None, out_features: Optional[Sequence[str]] = None,
+                 zero_init_residual: bool = False) -> None:
         super().__init__()
-        out_features = tuple(out_features)
-        if not out_features or any(f not in FEATURES for f in out_features) \
-                or len(set(out_features)) != len(out_features):
-            raise ValueError(f"out_features={out_features!r} must be a non-empty subset of {FEATURES}")
+        features = resolve_returned_features(returned_features, out_features)
         if not isinstance(trainable_stages, int) or not 0 <= trainable_stages <= 5:
             raise ValueError(f"trainable_stages={trainable_stages!r} must be an integer in 0..5 "
                              "(0 freezes everything, 5 trains the stem too)")
         self.spec, self.norm = spec, norm
-        self.out_features = tuple(f for f in FEATURES if f in out_features)  # always in stride order
+        self.returned_features = features
         self.trainable_stages = trainable_stages
         norm_layer = make_norm(norm)
         block = Bottleneck if spec.bottleneck else BasicBlock
@@ -200,22 +222,20 @@ class ResNeXt(nn.Module):
         self.bn1 = norm_layer(64)
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
-        self.num_stages = FEATURES.index(self.out_features[-1]) + 1
+        self.num_stages = FEATURES.index(features[-1]) + 1
         self.out_channels: Dict[str, int] = {}
         cin = 64
-        for i, blocks in enumerate(spec.blocks):
+        for i, blocks in enumerate(spec.blocks[: self.num_stages]):
             planes, stride = 64 * 2**i, 1 if i == 0 else 2
             layers: List[nn.Module] = []
             for j in range(blocks):
                 layers.append(block(cin, planes, stride if j == 0 else 1, spec.cardinality, spec.base_width,
                                     norm_layer))
                 cin = planes * block.expansion
-            # Unused stages stay as parameter-free placeholders so forward() can be scripted.
-            setattr(self, f"layer{i + 1}", nn.Sequential(*layers) if i < self.num_stages else nn.Identity())
-            if FEATURES[i] in self.out_features:
+            setattr(self, f"layer{i + 1}", nn.Sequential(*layers))
+            if FEATURES[i] in features:
                 self.out_channels[FEATURES[i]] = cin
-        self.strides: Dict[str, int] = {f: STRIDES[f] for f in self.out_features}
-        self._want = [f in self.out_features for f in FEATURES]
+        self.strides: Dict[str, int] = {f: STRIDES[f] for f in features}
 
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
@@ -227,6 +247,15 @@ class ResNeXt(nn.Module):
                     if getattr(last, "weight", None) is not None:
                         nn.init.zeros_(last.weight)
         self._freeze()
+
+    @property
+    def out_features(self) -> Tuple[str, ...]:
+        """Alias of :attr:`returned_features`."""
+        return self.returned_features
+
+    def stages(self) -> List[nn.Sequential]:
+        """The built stages ``layer1..layerN``, in order (stage ``i`` gives ``FEATURES[i]``)."""
+        return [getattr(self, f"layer{i + 1}") for i in range(self.num_stages)]
 
     def _frozen_prefixes(self) -> List[str]:
         trainable = ["layer4", "layer3", "layer2", "layer1", "conv1"][: self.trainable_stages]
@@ -262,7 +291,7 @@ class ResNeXt(nn.Module):
             raise ValueError("norm='gn' cannot be fused: GroupNorm's statistics depend on the input")
         if not isinstance(self.conv1, FusedConv2d):  # a second call has nothing left to do
             self.conv1, self.bn1, self.relu = FusedConv2d(self.conv1, self.bn1, relu=True), nn.Identity(), nn.Identity()
-        for layer in (self.layer1, self.layer2, self.layer3, self.layer4)[: self.num_stages]:
+        for layer in self.stages():
             for i, block in enumerate(layer):
                 if isinstance(block, (Bottleneck, BasicBlock)):
                     layer[i] = FusedBlock(block, reuse_input=True)  # forward() never reads it again
@@ -271,55 +300,8 @@ class ResNeXt(nn.Module):
     def forward(self, x: Tensor) -> Dict[str, Tensor]:
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         out: Dict[str, Tensor] = {}
-        x = self.layer1(x)
-        if self._want[0]:
-            out["c2"] = x
-        if self.num_stages > 1:
-            x = self.layer2(x)
-            if self._want[1]:
-                out["c3"] = x
-        if self.num_stages > 2:
-            x = self.layer3(x)
-            if self._want[2]:
-                out["c4"] = x
-        if self.num_stages > 3:
-            x = self.layer4(x)
-            if self._want[3]:
-                out["c5"] = x
+        for i, stage in enumerate(self.stages()):
+            x = stage(x)
+            if FEATURES[i] in self.returned_features:
+                out[FEATURES[i]] = x
         return out
-
-
-def resolve_spec(name: Optional[str] = None, *, depth: Optional[int] = None, cardinality: Optional[int] = None,
-                 base_width: Optional[int] = None) -> ResNeXtSpec:
-    """A named spec, or one from explicit arguments. Arguments given with a name must agree with it."""
-    if name is None:
-        if depth is None:
-            raise ValueError(f"give a model name (one of {list_models()}) or depth=...")
-        return ResNeXtSpec(depth, 1 if cardinality is None else cardinality, 64 if base_width is None else base_width)
-    if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; known models: {list_models()}")
-    spec = MODELS[name]
-    given = {"depth": depth, "cardinality": cardinality, "base_width": base_width}
-    clash = {k: v for k, v in given.items() if v is not None and v != getattr(spec, k)}
-    if clash:
-        raise ValueError(f"{name!r} is {spec}; conflicting arguments {clash}. Drop the name or the arguments.")
-    return spec
-
-
-def resnext(name: Optional[str] = None, *, depth: Optional[int] = None, cardinality: Optional[int] = None,
-            base_width: Optional[int] = None, norm: str = "bn", trainable_stages: int = 5,
-            out_features: Sequence[str] = FEATURES, zero_init_residual: bool = False,
-            weights: Optional[str] = None, strict: bool = True) -> ResNeXt:
-    """Build a ResNeXt trunk from a name in :func:`list_models` or from ``depth``/``cardinality``/``base_width``.
-
-    ``weights`` is a local file in any format :func:`resnext_backbones.load_weights` reads.
-    """
-    spec = resolve_spec(name, depth=depth, cardinality=cardinality, base_width=base_width)
-    model = ResNeXt(spec, norm=norm, trainable_stages=trainable_stages, out_features=out_features,
-                    zero_init_residual=zero_init_residual)
-    if weights is not None:
-        from .weights import load_weights
-
-        load_weights(model, weights, strict=strict)
-    return model
-

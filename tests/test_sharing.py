@@ -12,8 +12,8 @@ from conftest import classification_args, randomize_norm_stats
 from safetensors import safe_open
 
 import resnext_backbones as rb
+from resnext_backbones import WeightsError
 from resnext_backbones.export import export
-from resnext_backbones.weights import WeightsError
 from tasks import ImageClassifier, ObjectDetector
 from tasks.cli import cli as lightning_cli
 

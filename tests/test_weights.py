@@ -8,7 +8,8 @@ from safetensors.torch import save_file
 from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
 
 import resnext_backbones as rb
-from resnext_backbones.weights import WeightsError, to_detectron2
+from resnext_backbones import WeightsError
+from resnext_backbones.formats.detectron2 import to_detectron2
 
 
 @pytest.fixture

@@ -1,0 +1,69 @@
+"""Weight formats, one module per ecosystem, each holding its reader and its writers:
+
+============== ==================================================================================================
+safetensors    ours (:func:`save_backbone`): tensors + spec, normalisation and a sha256 of the tensors
+lightning      Lightning checkpoints of either task (reader only: Lightning writes them)
+mmdet          mmdet/mmpretrain checkpoints, ``state_dict`` with ``backbone.*``
+detectron2     ``stem``/``res2..5``/``convN.norm``/``shortcut`` names; BGR stem and stride-in-1x1 handled
+torchvision    flat torchvision/timm state dicts, and anything that nests one (detectors, ``BackboneWithFPN``)
+============== ==================================================================================================
+
+A format module has ``NAME``, ``detect(content, meta) -> bool``, ``read(content, meta, source, pinned=...) ->
+(tensors with torchvision names, conversion notes)`` and ``WRITERS`` (``{export name: write(state, path, spec)}``).
+The format of a file is the first entry of :data:`READERS` that detects it, from the content, never the file
+name. Adding a format is its module plus one line in each table below.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Dict, List, Mapping, NamedTuple, Optional, Union
+
+from torch import Tensor
+
+from ..files import PathLike, check_sha256, read_file
+from . import detectron2, lightning, mmdet, safetensors, torchvision
+
+__all__ = ["READERS", "WRITERS", "Source", "detect", "read"]
+
+# Detection order: the most specific first; torchvision accepts anything and comes last.
+READERS = (safetensors, lightning, mmdet, detectron2, torchvision)
+
+# Export targets, in the order the command line lists them.
+WRITERS: Dict[str, Callable] = {name: write for module in (safetensors, torchvision, mmdet, detectron2, lightning)
+                                for name, write in module.WRITERS.items()}
+
+
+class Source(NamedTuple):
+    """A weight source, read: flat tensors with torchvision names, and what was done to get them."""
+
+    state: Dict[str, Tensor]
+    format: str
+    notes: List[str]
+    name: str
+
+
+def detect(content: Mapping, meta: Optional[Mapping[str, str]] = None):
+    """The format module that reads ``content`` (a file's content, and its safetensors metadata if any)."""
+    return next(module for module in READERS if module.detect(content, meta or {}))
+
+
+def read(source: Union[PathLike, Mapping], *, expected_sha256: Optional[str] = None) -> Source:
+    """Read a file (or an in-memory checkpoint / state dict) in any supported format.
+
+    With ``expected_sha256`` (the sha256 of the file's bytes, or a prefix of at least 8 hex characters) the bytes
+    are checked before anything in them is parsed."""
+    if isinstance(source, Mapping):
+        if expected_sha256 is not None:
+            raise ValueError("expected_sha256 checks a file's bytes; pass the file's path, not its loaded state dict")
+        content, meta, name = dict(source), {}, "<state dict>"
+    else:
+        name = str(source)
+        if expected_sha256 is not None:
+            check_sha256(Path(source), expected_sha256)
+        content, meta = read_file(source)
+    module = detect(content, meta)
+    state, notes = module.read(content, meta, name, pinned=expected_sha256 is not None)
+    if expected_sha256 is not None:
+        notes = [f"file sha256 matches the pinned {expected_sha256.strip().lower()}"] + notes
+    return Source(state, module.NAME, notes, name)
