@@ -79,11 +79,31 @@ def test_channels_last_input_gives_the_same_values(images):
         torch.testing.assert_close(out[key], ref[key], rtol=1e-4, atol=1e-5)
 
 
-def test_out_features_subset_skips_unused_stages(images):
-    trunk = rb.resnext("resnet18", out_features=("c4", "c3")).eval()
+def test_returned_features_subset_builds_no_later_stage(images):
+    trunk = rb.resnext("resnet18", returned_features=("c4", "c3")).eval()
     assert list(trunk(images)) == ["c3", "c4"]
     assert trunk.out_channels == {"c3": 128, "c4": 256}
-    assert not any(k.startswith("layer4.") for k in trunk.state_dict())
+    assert [name for name, _ in trunk.named_children()] == ["conv1", "bn1", "relu", "maxpool", "layer1", "layer2",
+                                                            "layer3"]  # no placeholder for layer4
+
+
+def test_forward_runs_every_built_stage_in_order(images):
+    trunk = rb.resnext("resnet18", returned_features=("c2", "c4"))
+    ran = []
+    for name in ("layer1", "layer2", "layer3"):
+        getattr(trunk, name).register_forward_hook(lambda module, args, out, name=name: ran.append(name))
+    feats = trunk.eval()(images)
+    assert ran == ["layer1", "layer2", "layer3"] and list(feats) == ["c2", "c4"]
+
+
+def test_out_features_is_an_alias_of_returned_features():
+    by_alias = rb.resnext("resnet18", out_features=("c3",))
+    assert by_alias.returned_features == by_alias.out_features == ("c3",)
+    assert rb.resnext("resnet18", returned_features=("c3",), out_features=["c3"]).returned_features == ("c3",)
+    with pytest.raises(ValueError, match="name the same thing"):
+        rb.resnext("resnet18", returned_features=("c3",), out_features=("c4",))
+    fpn = rb.resnext_fpn("resnet18", out_features=("c3", "c4", "c5"), extra_blocks="p6p7")
+    assert fpn.returned_features == ["c3", "c4", "c5"]
 
 
 @pytest.mark.parametrize("depth", sorted(STAGE_BLOCKS))
@@ -110,7 +130,8 @@ def test_any_cardinality_and_width_builds_and_runs(images):
     (dict(name="resnext50_32x4d", cardinality=64), "conflicting arguments {'cardinality': 64}"),
     (dict(name="resnet18", norm="layer"), "choose one of ['bn', 'frozen_bn', 'sync_bn', 'gn']"),
     (dict(name="resnet18", trainable_stages=6), "must be an integer in 0..5"),
-    (dict(name="resnet18", out_features=("c6",)), "non-empty subset of ('c2', 'c3', 'c4', 'c5')"),
+    (dict(name="resnet18", out_features=("c6",)), "out_features=('c6',) must be a non-empty subset of ('c2', 'c3'"),
+    (dict(name="resnet18", returned_features=()), "returned_features=() must be a non-empty subset of ('c2', 'c3'"),
 ])
 def test_invalid_specs_raise_value_error_naming_allowed_values(kwargs, message):
     name = kwargs.pop("name", None)
@@ -274,7 +295,7 @@ def test_frozen_batchnorm_with_zero_variance_stays_finite_in_half_precision(dtyp
 
 
 def test_fused_trunk_compiles_to_one_graph_with_the_same_features(images):
-    trunk = randomize_norm_stats(rb.resnext("resnet18", out_features=("c2", "c3"))).eval().fuse()
+    trunk = randomize_norm_stats(rb.resnext("resnet18", returned_features=("c2", "c3"))).eval().fuse()
     x = channels_last(images)
     with torch.no_grad():
         ref = trunk(x)  # oneDNN kernels in eager; under compile, the aten ops inductor fuses itself
