@@ -30,6 +30,10 @@ def trunk_tensors(trunk):
     return {k: v for k, v in trunk.state_dict().items() if not k.endswith("num_batches_tracked")}
 
 
+def counted(keys):
+    return {k for k in keys if not k.endswith("num_batches_tracked")}
+
+
 def test_detector_starts_from_a_classifier_checkpoint_with_the_same_trunk(classifier_checkpoint):
     classifier = ImageClassifier.load_from_checkpoint(classifier_checkpoint, map_location="cpu")
     detector = ObjectDetector(backbone="resnet18", num_classes=3, weights=str(classifier_checkpoint), norm="bn")
@@ -75,20 +79,32 @@ def test_torchvision_export_loads_strictly_into_torchvision_fc_excepted(classifi
         torch.testing.assert_close(c5, classifier.trunk(x)["c5"])
 
 
-def test_mmdet_timm_and_detectron2_exports_have_their_layouts(classifier_checkpoint, tmp_path):
+def test_mmdet_timm_and_detectron2_exports_hold_the_trained_trunks_values(classifier_checkpoint, tmp_path):
+    trained = trunk_tensors(ImageClassifier.load_from_checkpoint(classifier_checkpoint, map_location="cpu").trunk)
     mm = torch.load(export(classifier_checkpoint, tmp_path / "mm.pth", "mmdet"), weights_only=True)
-    assert all(k.startswith("backbone.") for k in mm["state_dict"])
-    assert "backbone.layer4.1.bn2.weight" in mm["state_dict"]
+    assert counted(mm["state_dict"]) == {"backbone." + k for k in trained}
     with safe_open(str(export(classifier_checkpoint, tmp_path / "timm.safetensors", "timm")), framework="pt") as f:
-        assert "layer1.0.conv1.weight" in f.keys()
+        timm = {k: f.get_tensor(k) for k in f.keys()}
+    assert counted(timm) == set(trained)
     with open(export(classifier_checkpoint, tmp_path / "d2.pkl", "detectron2"), "rb") as f:
         d2 = pickle.load(f)
-    assert d2["matching_heuristics"] is True and d2["stride_in_1x1"] is False
-    assert {"stem.conv1.weight", "stem.conv1.norm.running_var", "res5.1.conv2.norm.bias", "res3.0.shortcut.weight",
-            "res3.0.shortcut.norm.weight"} <= set(d2["model"])
+    assert d2["matching_heuristics"] is True and d2["stride_in_1x1"] is False and d2["input_format"] == "RGB"
     assert all(isinstance(v, np.ndarray) for v in d2["model"].values())
-    for path in (tmp_path / "mm.pth", tmp_path / "timm.safetensors", tmp_path / "d2.pkl"):
-        assert rb.load_weights(rb.resnext("resnet18"), path).ok  # and every export loads back
+    # in each target's own names, the values of the trained trunk (detectron2's, spelled out for a few)
+    for d2_name, key in [("stem.conv1.weight", "conv1.weight"), ("stem.conv1.norm.running_var", "bn1.running_var"),
+                         ("res5.1.conv2.norm.bias", "layer4.1.bn2.bias"),
+                         ("res3.0.shortcut.weight", "layer2.0.downsample.0.weight"),
+                         ("res3.0.shortcut.norm.weight", "layer2.0.downsample.1.weight"),
+                         ("res2.1.conv1.weight", "layer1.1.conv1.weight")]:
+        torch.testing.assert_close(torch.from_numpy(d2["model"][d2_name]), trained[key], rtol=0, atol=0)
+    for key, value in trained.items():
+        torch.testing.assert_close(mm["state_dict"]["backbone." + key], value, rtol=0, atol=0)
+        torch.testing.assert_close(timm[key], value, rtol=0, atol=0)
+    for path in (tmp_path / "mm.pth", tmp_path / "timm.safetensors", tmp_path / "d2.pkl"):  # and each loads back
+        again = rb.resnext("resnet18")
+        assert rb.load_weights(again, path).ok
+        for key, value in trunk_tensors(again).items():
+            torch.testing.assert_close(value, trained[key], rtol=0, atol=0, msg=f"{path.name}: {key}")
 
 
 def test_export_command_line(classifier_checkpoint, tmp_path):
