@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
+from . import registry
 from .files import PathLike, check_sha256
 from .formats.safetensors import backbone_metadata
 from .fpn import ResNeXtFPN
@@ -33,9 +34,17 @@ def resolve_spec(name: Optional[str] = None, *, depth: Optional[int] = None, car
     return spec
 
 
-def _no_digest_without_weights(weights: Optional[PathLike], expected_sha256: Optional[str]) -> None:
+def _model_name(name: Optional[str], depth: Optional[int], weights: Optional[PathLike],
+                expected_sha256: Optional[str]) -> Optional[str]:
+    """``name``, or the model a registered weights name ``<model>.<tag>`` is for, when neither a name nor a
+    depth is given."""
     if weights is None and expected_sha256 is not None:
         raise ValueError("expected_sha256 is the digest of a weights file; give weights=... too")
+    if name is None and depth is None and weights is not None:
+        model, dot, _ = str(weights).partition(".")
+        if dot and model in MODELS and str(weights) in registry.list_weights(model):
+            return model
+    return name
 
 
 def resnext(name: Optional[str] = None, *, depth: Optional[int] = None, cardinality: Optional[int] = None,
@@ -46,10 +55,12 @@ def resnext(name: Optional[str] = None, *, depth: Optional[int] = None, cardinal
     """Build a ResNeXt trunk from a name in :func:`list_models` or from ``depth``/``cardinality``/``base_width``.
 
     ``returned_features``: the features to return (default all of c2..c5; ``out_features`` is its alias).
-    ``weights`` is a local file in any format :func:`resnext_backbones.load_weights` reads; ``expected_sha256``
-    pins the file's sha256 (full digest or a prefix of at least 8 hex characters).
+    ``weights`` is a local file in any format :func:`resnext_backbones.load_weights` reads, or a registered name
+    (:func:`resnext_backbones.list_weights`: ``"resnext50_32x4d.tv2_in1k"``, which also names the model; the tag
+    alone, ``"tv2_in1k"``, with a model name; ``"DEFAULT"``), downloaded once, verified and cached.
+    ``expected_sha256`` pins the file's sha256 (full digest or a prefix of at least 8 hex characters).
     """
-    _no_digest_without_weights(weights, expected_sha256)
+    name = _model_name(name, depth, weights, expected_sha256)
     spec = resolve_spec(name, depth=depth, cardinality=cardinality, base_width=base_width)
     model = ResNeXt(spec, norm=norm, trainable_stages=trainable_stages, returned_features=returned_features,
                     out_features=out_features, zero_init_residual=zero_init_residual)
@@ -68,10 +79,10 @@ def resnext_fpn(name: Optional[str] = None, *, depth: Optional[int] = None, card
 
     ``returned_features=("c3", "c4", "c5")`` with ``extra_blocks="p6p7"`` gives RetinaNet's and FCOS's P3-P7
     (``out_features`` is accepted as its alias). ``weights`` may hold a trunk (any format
-    :func:`resnext_backbones.load_weights` reads) or a whole ``BackboneWithFPN``/detector state dict;
-    ``expected_sha256`` pins the file's sha256.
+    :func:`resnext_backbones.load_weights` reads, or a registered name as for :func:`resnext`) or a whole
+    ``BackboneWithFPN``/detector state dict; ``expected_sha256`` pins the file's sha256.
     """
-    _no_digest_without_weights(weights, expected_sha256)
+    name = _model_name(name, depth, weights, expected_sha256)
     spec = resolve_spec(name, depth=depth, cardinality=cardinality, base_width=base_width)
     if not isinstance(out_channels, int) or out_channels < 1:
         raise ValueError(f"out_channels={out_channels!r} must be a positive integer")

@@ -17,11 +17,12 @@ import pickle
 import string
 import zipfile
 from pathlib import Path
-from typing import Dict, Mapping, Tuple, Union
+from typing import Dict, Mapping, Optional, Tuple, Union
 
 import torch
 
-__all__ = ["WeightsError", "UnverifiedWeightsWarning", "PathLike", "read_file", "file_sha256", "check_sha256"]
+__all__ = ["WeightsError", "UnverifiedWeightsWarning", "PathLike", "read_file", "file_sha256", "check_sha256",
+           "digest"]
 
 PathLike = Union[str, Path]
 
@@ -48,22 +49,28 @@ def file_sha256(path: PathLike) -> str:
     return h.hexdigest()
 
 
-def check_sha256(path: PathLike, expected: str) -> str:
-    """Check that ``path``'s bytes have the sha256 ``expected`` (the full 64-hex digest, or a prefix of at least
-    8 hex characters, any case). Returns the full digest; raises :class:`WeightsError` naming the file, the
-    expected and the actual digest on a mismatch, and ``ValueError`` if ``expected`` is not a digest."""
-    if not isinstance(expected, str):
-        raise ValueError(f"expected_sha256={expected!r} must be a hex string")
-    want = expected.strip().lower()
+def digest(expected: str, what: str = "expected_sha256") -> str:
+    """``expected`` as a sha256 to compare with: lowercase hex, the full 64 characters or a prefix of at least 8.
+    Raises ``ValueError`` naming ``what`` otherwise."""
+    want = expected.strip().lower() if isinstance(expected, str) else ""
     if not MIN_DIGEST_PREFIX <= len(want) <= 64 or any(c not in string.hexdigits for c in want):
-        raise ValueError(f"expected_sha256={expected!r} must be the file's sha256: 64 hex characters, or a prefix "
-                         f"of at least {MIN_DIGEST_PREFIX} (sha256sum FILE prints it)")
+        raise ValueError(f"{what}={expected!r} must be the file's sha256: 64 hex characters, or a prefix of at least "
+                         f"{MIN_DIGEST_PREFIX} (sha256sum FILE prints it)")
+    return want
+
+
+def check_sha256(path: PathLike, expected: str, *, source: Optional[str] = None) -> str:
+    """Check that ``path``'s bytes have the sha256 ``expected`` (the full 64-hex digest, or a prefix of at least
+    8 hex characters, any case). Returns the full digest; raises :class:`WeightsError` naming the file (or
+    ``source``, e.g. the URL it came from), the expected and the actual digest on a mismatch, and ``ValueError``
+    if ``expected`` is not a digest."""
+    want = digest(expected)
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"weights file {str(path)!r} does not exist")
     actual = file_sha256(path)
     if not actual.startswith(want):
-        raise WeightsError(f"{str(path)!r} is not the file you pinned: expected sha256 {want}"
+        raise WeightsError(f"{source or repr(str(path))} is not the file you pinned: expected sha256 {want}"
                            f"{'...' if len(want) < 64 else ''}, got {actual}. It is corrupt, truncated or another "
                            "file; fetch it again, or fix expected_sha256 if the file is the one you meant.")
     return actual

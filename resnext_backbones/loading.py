@@ -12,7 +12,7 @@ from typing import Dict, List, Mapping, Optional, Tuple, Union
 
 from torch import Tensor, nn
 
-from . import formats
+from . import formats, registry
 from .files import PathLike, WeightsError
 from .formats.torchvision import SHOW, find_prefix, split_trunk
 from .trunk import STAGE_BLOCKS, ResNeXtSpec
@@ -34,6 +34,7 @@ class LoadReport:
     unexpected: List[str] = field(default_factory=list)  # source keys the model lacks
     mismatched: List[str] = field(default_factory=list)  # same key, different shape
     ignored: List[str] = field(default_factory=list)  # source keys deliberately not used (fc.*, heads, ...)
+    normalization: Optional[Dict[str, tuple]] = None  # the input mean/std the source records (RGB, [0, 1])
 
     @property
     def ok(self) -> bool:
@@ -49,10 +50,11 @@ class LoadReport:
         return "\n".join(lines)
 
 
-def source_state_dict(source: Union[PathLike, Mapping], *, expected_sha256: Optional[str] = None
-                      ) -> Dict[str, Tensor]:
-    """The flat tensors of any supported file, converted to torchvision names (detectron2 renamed, BGR flipped)."""
-    return formats.read(source, expected_sha256=expected_sha256).state
+def source_state_dict(source: Union[PathLike, Mapping], *, expected_sha256: Optional[str] = None,
+                      model: Optional[str] = None) -> Dict[str, Tensor]:
+    """The flat tensors of any supported file or weights name, converted to torchvision names (detectron2
+    renamed, BGR flipped)."""
+    return formats.read(source, expected_sha256=expected_sha256, model=model).state
 
 
 def _pick(state: Mapping[str, Tensor], model: nn.Module) -> Tuple[Dict[str, Tensor], List[str], str]:
@@ -69,9 +71,12 @@ def _pick(state: Mapping[str, Tensor], model: nn.Module) -> Tuple[Dict[str, Tens
     return trunk, others, prefix or "<root>"
 
 
-def load_weights(model: nn.Module, source: Union[PathLike, Mapping], *, strict: bool = True,
+def load_weights(model: nn.Module, source: Union[PathLike, Mapping, formats.Source], *, strict: bool = True,
                  expected_sha256: Optional[str] = None) -> LoadReport:
-    """Load a trunk (or an FPN backbone) from any supported file or state dict, and report what happened.
+    """Load a trunk (or an FPN backbone) from any supported file, registered weights name (``<model>.<tag>``,
+    the tag alone, or ``DEFAULT``: :func:`resnext_backbones.list_weights`) or state dict, and report what
+    happened. The input normalisation the source records (registry entry, our safetensors) becomes the trunk's
+    ``normalization``.
 
     Strict (default): every trunk key must be present with the right shape, and no trunk-shaped key may be left
     over, else :class:`WeightsError` lists the first offenders. ``strict=False`` loads what fits and reports the
@@ -81,10 +86,12 @@ def load_weights(model: nn.Module, source: Union[PathLike, Mapping], *, strict: 
     ``expected_sha256``: the sha256 of the file's bytes (``sha256sum FILE``; the full digest or a prefix of at
     least 8 hex characters). The file is checked before it is parsed; a mismatch raises :class:`WeightsError`.
     """
-    state, fmt, notes, name = formats.read(source, expected_sha256=expected_sha256)
+    trunk = getattr(model, "body", model)
+    state, fmt, notes, name, normalization = formats.read(source, expected_sha256=expected_sha256,
+                                                          model=registry.model_of(trunk.spec))
     picked, others, prefix = _pick(state, model)
-    report = LoadReport(source=name, format=fmt, converted=notes + ([f"trunk found under prefix {prefix!r}"]
-                                                                    if prefix != "<root>" else []))
+    report = LoadReport(source=name, format=fmt, normalization=normalization,
+                        converted=notes + ([f"trunk found under prefix {prefix!r}"] if prefix != "<root>" else []))
     report.ignored = list(others)
     target = model.state_dict()
     body = "body." if hasattr(model, "body") else ""
@@ -112,6 +119,10 @@ def load_weights(model: nn.Module, source: Union[PathLike, Mapping], *, strict: 
                            f"(spec {getattr(getattr(model, 'body', model), 'spec', '?')}):\n{report}\n"
                            "Pick the matching model, or pass strict=False to load what fits.")
     model.load_state_dict(usable, strict=False)
+    if normalization is not None:
+        trunk.normalization = dict(normalization)
+        report.converted.append(f"input normalisation of the weights: mean {normalization['mean']}, "
+                                f"std {normalization['std']} (RGB, [0, 1])")
     report.loaded = sorted(usable)
     log.info("%s", report)
     return report

@@ -202,6 +202,10 @@ class ResNeXt(nn.Module):
     the last one are not built (as torchvision's ``IntermediateLayerGetter``). ``trainable_stages`` (0..5)
     freezes exactly what torchvision's ``trainable_layers`` freezes: parameters get ``requires_grad=False`` and
     BatchNorm layers of frozen parts stay in eval mode under ``.train()``.
+
+    ``normalization`` (``{"mean", "std"}``, RGB images in [0, 1]) is the input normalisation the trunk's weights
+    expect: ImageNet's, until weights that record another are loaded (a registry entry, our safetensors). Data
+    pipelines and the tasks read it; it is not part of the state dict.
     """
 
     def __init__(self, spec: ResNeXtSpec, *, norm: str = "bn", trainable_stages: int = 5,
@@ -213,6 +217,7 @@ class ResNeXt(nn.Module):
             raise ValueError(f"trainable_stages={trainable_stages!r} must be an integer in 0..5 "
                              "(0 freezes everything, 5 trains the stem too)")
         self.spec, self.norm = spec, norm
+        self.normalization = {"mean": IMAGENET_MEAN, "std": IMAGENET_STD}
         self.returned_features = features
         self.trainable_stages = trainable_stages
         norm_layer = make_norm(norm)

@@ -138,9 +138,12 @@ class BackboneTask(LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["rng_states"] = rng_states()
         checkpoint["label_map"] = self.label_map.to_dict()  # as plain values, beside the categories it came from
+        checkpoint["input_normalization"] = dict(self.trunk_module().normalization)  # what the weights expect
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self._rng_states_to_restore = checkpoint.get("rng_states")
+        if "input_normalization" in checkpoint:  # not from the (possibly absent) initial weights file
+            self.set_normalization(checkpoint["input_normalization"])
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
         if getattr(self, "_rng_states_to_restore", None) is not None:
@@ -165,6 +168,11 @@ class BackboneTask(LightningModule):
 
     def trunk_module(self) -> torch.nn.Module:
         raise NotImplementedError
+
+    def set_normalization(self, normalization: Dict[str, Sequence[float]]) -> None:
+        """Normalise inputs with ``normalization`` (``mean``/``std`` of RGB images in [0, 1]): the convention of the
+        trunk's weights (registry entry, our safetensors), recorded in checkpoints."""
+        self.trunk_module().normalization = {k: tuple(float(x) for x in normalization[k]) for k in ("mean", "std")}
 
     def configure_optimizers(self):
         params = [p for p in self.parameters() if p.requires_grad]

@@ -66,10 +66,12 @@ class ImageClassifier(BackboneTask):
             "acc_top5": MulticlassAccuracy(num_classes, top_k=min(5, num_classes), average="micro")}))
         if weights is not None:
             self.load_trunk_and_head(weights, strict=strict_weights)
+        self.set_normalization(self.trunk.normalization)  # the weights' input convention (ImageNet's by default)
 
     def load_trunk_and_head(self, weights: str, strict: bool = True) -> None:
-        state = rb.source_state_dict(weights)
-        rb.load_weights(self.trunk, state, strict=strict)  # logs its report
+        source = rb.read_weights(weights, model=self.hparams.backbone)  # a file, or a registered name: fetched
+        rb.load_weights(self.trunk, source, strict=strict)  # logs its report
+        state = source.state
         for prefix in ("fc.", "model.fc.", "head.fc."):
             head = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
             if head:
@@ -83,6 +85,11 @@ class ImageClassifier(BackboneTask):
 
     def trunk_module(self) -> nn.Module:
         return self.trunk
+
+    def set_normalization(self, normalization) -> None:
+        super().set_normalization(normalization)
+        for name in ("mean", "std"):
+            getattr(self, name).copy_(torch.tensor(self.trunk.normalization[name]).view(1, 3, 1, 1))
 
     def forward(self, images: Tensor) -> Tensor:
         """Logits for RGB images in [0, 1]."""

@@ -119,6 +119,7 @@ class ObjectDetector(BackboneTask):
         min_size = tuple(min_size) if isinstance(min_size, (list, tuple)) else min_size
         self.model = arch.build(fpn, num_classes, anchor_size, detections_per_image, min_size=min_size,
                                 max_size=max_size, **(detector_kwargs or {}))
+        self.set_normalization(fpn.body.normalization)  # the weights' input convention, not a fixed ImageNet one
         self.metrics = self.stage_metrics(MeanAveragePrecision(box_format="xyxy", iou_type="bbox",
                                                                backend=map_backend, sync_on_compute=False))
         self._eval_batches: List = []
@@ -126,6 +127,11 @@ class ObjectDetector(BackboneTask):
 
     def trunk_module(self) -> nn.Module:
         return self.model.backbone.body
+
+    def set_normalization(self, normalization) -> None:
+        super().set_normalization(normalization)
+        self.model.transform.image_mean = list(self.trunk_module().normalization["mean"])
+        self.model.transform.image_std = list(self.trunk_module().normalization["std"])
 
     def _inputs(self, images: Sequence[Tensor]) -> List[Tensor]:
         """Plain float tensors in [0, 1]; uint8 images (as the data modules give them) are scaled here, on the

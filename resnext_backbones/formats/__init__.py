@@ -9,7 +9,9 @@ torchvision    flat torchvision/timm state dicts, and anything that nests one (d
 ============== ==================================================================================================
 
 A format module has ``NAME``, ``detect(content, meta) -> bool``, ``read(content, meta, source, pinned=...) ->
-(tensors with torchvision names, conversion notes)`` and ``WRITERS`` (``{export name: write(state, path, spec)}``).
+(tensors with torchvision names, conversion notes)`` and ``WRITERS`` (``{export name: write(state, path, spec)}``);
+a format whose files record their input normalisation also has ``normalization(content, meta) -> {"mean", "std"}
+or None`` (RGB, images in [0, 1], as the trunk takes them once read).
 The format of a file is the first entry of :data:`READERS` that detects it, from the content, never the file
 name. Adding a format is its module plus one line in each table below.
 """
@@ -21,6 +23,7 @@ from typing import Callable, Dict, List, Mapping, NamedTuple, Optional, Union
 
 from torch import Tensor
 
+from .. import registry
 from ..files import PathLike, check_sha256, read_file
 from . import detectron2, lightning, mmdet, safetensors, torchvision
 
@@ -41,6 +44,7 @@ class Source(NamedTuple):
     format: str
     notes: List[str]
     name: str
+    normalization: Optional[Dict[str, tuple]] = None  # mean/std (RGB, [0, 1]) the weights were trained with
 
 
 def detect(content: Mapping, meta: Optional[Mapping[str, str]] = None):
@@ -48,22 +52,34 @@ def detect(content: Mapping, meta: Optional[Mapping[str, str]] = None):
     return next(module for module in READERS if module.detect(content, meta or {}))
 
 
-def read(source: Union[PathLike, Mapping], *, expected_sha256: Optional[str] = None) -> Source:
-    """Read a file (or an in-memory checkpoint / state dict) in any supported format.
+def read(source: Union[PathLike, Mapping, Source], *, expected_sha256: Optional[str] = None,
+         model: Optional[str] = None) -> Source:
+    """Read a file, a registered weights name (downloaded once and cached: :mod:`resnext_backbones.registry`;
+    a tag alone names ``model``'s weights), or an in-memory checkpoint / state dict, in any supported format.
 
     With ``expected_sha256`` (the sha256 of the file's bytes, or a prefix of at least 8 hex characters) the bytes
-    are checked before anything in them is parsed."""
+    are checked before anything in them is parsed. A :class:`Source` already read is returned as it is."""
+    if isinstance(source, Source):
+        return source
     if isinstance(source, Mapping):
         if expected_sha256 is not None:
             raise ValueError("expected_sha256 checks a file's bytes; pass the file's path, not its loaded state dict")
-        content, meta, name = dict(source), {}, "<state dict>"
+        content, meta, name, entry = dict(source), {}, "<state dict>", None
     else:
-        name = str(source)
-        if expected_sha256 is not None:
-            check_sha256(Path(source), expected_sha256)
-        content, meta = read_file(source)
+        path, entry = registry.resolve(source, model, expected_sha256)  # a name: fetched and verified
+        name = str(source) if entry is None else f"{entry.name} ({path})"
+        if expected_sha256 is not None and entry is None:
+            check_sha256(Path(path), expected_sha256)
+        content, meta = read_file(path)
+        if entry is not None and entry.file_hints:  # what the registry knows and the file does not say
+            content = {**entry.file_hints, **content}
     module = detect(content, meta)
-    state, notes = module.read(content, meta, name, pinned=expected_sha256 is not None)
+    pinned = expected_sha256 is not None or entry is not None
+    state, notes = module.read(content, meta, name, pinned=pinned)
     if expected_sha256 is not None:
         notes = [f"file sha256 matches the pinned {expected_sha256.strip().lower()}"] + notes
-    return Source(state, module.NAME, notes, name)
+    elif entry is not None:
+        notes = [f"file sha256 matches the registry's {entry.sha256}"] + notes
+    normalization = entry.normalization() if entry is not None else \
+        getattr(module, "normalization", lambda content, meta: None)(content, meta)
+    return Source(state, module.NAME, notes, name, normalization)

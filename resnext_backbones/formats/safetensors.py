@@ -14,14 +14,14 @@ import hashlib
 import json
 import warnings
 from pathlib import Path
-from typing import Dict, List, Mapping, Tuple
+from typing import Dict, List, Mapping, Optional, Tuple
 
 import torch
 from safetensors import safe_open
 from torch import Tensor
 
 from ..files import PathLike, UnverifiedWeightsWarning, WeightsError
-from ..trunk import FEATURES, IMAGENET_MEAN, IMAGENET_STD, ResNeXt, ResNeXtSpec
+from ..trunk import FEATURES, ResNeXt, ResNeXtSpec
 
 __all__ = ["NAME", "detect", "read", "WRITERS", "save_backbone", "backbone_metadata", "tensors_sha256"]
 
@@ -55,30 +55,35 @@ def read(content: Mapping, meta: Mapping[str, str], source: str, *, pinned: bool
         if tensors_sha256(content) != expected:
             raise WeightsError(f"{source}: the tensors do not match the sha256 in the file's metadata; the file is "
                                "corrupt or was altered after export. Export it again from its checkpoint.")
-        return dict(content), ["tensors match the sha256 in the file's metadata"]
-    if not pinned:
-        warnings.warn(f"{source} has no sha256 of its tensors in its metadata, so they are unverified (written by "
-                      "an older or another tool, or the entry was removed). Pass expected_sha256=<the file's "
-                      "sha256> to check the file against a digest you trust.", UnverifiedWeightsWarning,
-                      stacklevel=2)
-    return dict(content), []
+        notes = ["tensors match the sha256 in the file's metadata"]
+    else:
+        notes = []
+        if not pinned:
+            warnings.warn(f"{source} has no sha256 of its tensors in its metadata, so they are unverified (written "
+                          "by an older or another tool, or the entry was removed). Pass expected_sha256=<the file's "
+                          "sha256> to check the file against a digest you trust.", UnverifiedWeightsWarning,
+                          stacklevel=2)
+    return dict(content), notes
 
 
 # -------------------------------------------------------------------------------------------------- writer
 
-def save_backbone(trunk: ResNeXt, path: PathLike, *, mean: Tuple[float, ...] = IMAGENET_MEAN,
-                  std: Tuple[float, ...] = IMAGENET_STD, input_format: str = "RGB") -> Path:
+def save_backbone(trunk: ResNeXt, path: PathLike, *, mean: Optional[Tuple[float, ...]] = None,
+                  std: Optional[Tuple[float, ...]] = None) -> Path:
     """Write ``trunk`` (or a :class:`~resnext_backbones.ResNeXtFPN`'s trunk) as safetensors with its spec,
-    norm, returned features, input normalisation and a sha256 of the tensors."""
+    norm, returned features, input normalisation (``mean``/``std`` of RGB images in [0, 1], default the trunk's
+    ``normalization``) and a sha256 of the tensors."""
     from safetensors.torch import save_file
 
     trunk = getattr(trunk, "body", trunk)
     if not isinstance(trunk, ResNeXt):
         raise TypeError(f"save_backbone takes a ResNeXt trunk or ResNeXtFPN, got {type(trunk).__name__}")
+    mean = trunk.normalization["mean"] if mean is None else mean
+    std = trunk.normalization["std"] if std is None else std
     state = {k: v.detach().cpu().contiguous() for k, v in trunk.state_dict().items()}
     meta = {"format": FORMAT_TAG, "spec": json.dumps(trunk.spec.as_dict()), "norm": trunk.norm,
             "returned_features": json.dumps(list(trunk.returned_features)), "mean": json.dumps(list(mean)),
-            "std": json.dumps(list(std)), "input_format": input_format, "sha256": tensors_sha256(state)}
+            "std": json.dumps(list(std)), "input_format": "RGB", "sha256": tensors_sha256(state)}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(state, str(path), metadata=meta)
@@ -105,6 +110,13 @@ def backbone_metadata(path: PathLike) -> Dict:
             "returned_features": tuple(json.loads(features)) if features else FEATURES,
             "mean": tuple(json.loads(meta["mean"])), "std": tuple(json.loads(meta["std"])),
             "input_format": meta.get("input_format", "RGB")}
+
+
+def normalization(content: Mapping, meta: Mapping[str, str]) -> Optional[Dict[str, tuple]]:
+    """The recorded mean/std (RGB images in [0, 1])."""
+    if "mean" not in meta or "std" not in meta:
+        return None
+    return {"mean": tuple(json.loads(meta["mean"])), "std": tuple(json.loads(meta["std"]))}
 
 
 def write(state: Mapping[str, Tensor], path: Path, spec: ResNeXtSpec) -> None:
