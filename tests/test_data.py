@@ -3,7 +3,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from tasks import ImageClassifier, ObjectDetector
 from tasks.data import CocoDetection, CocoDetectionDataModule, CocoIndex, ImageFolderDataModule, LabelMap
@@ -271,19 +271,19 @@ def test_exif_rotated_jpeg_loads_upright_like_pil(tmp_path):
     assert (image.permute(1, 2, 0).float() - torch.from_numpy(expected.copy()).float()).abs().mean() < 3
 
 
-def test_after_augmentation_every_box_is_inside_its_image_with_positive_area():
+def test_after_augmentation_every_box_is_inside_its_image_with_positive_area(tiny_coco):
     from hypothesis import given, settings
     from hypothesis import strategies as st
     from torchvision import tv_tensors
 
     coordinate = st.floats(-50, 150, allow_nan=False)
+    modules = {flip: CocoDetectionDataModule(**tiny_coco, horizontal_flip=flip) for flip in (0.0, 1.0)}
 
     @settings(max_examples=60, deadline=None)
     @given(h=st.integers(8, 100), w=st.integers(8, 100), flip=st.sampled_from([0.0, 1.0]),
            boxes=st.lists(st.tuples(coordinate, coordinate, coordinate, coordinate), max_size=6))
     def check(h, w, flip, boxes):
-        dm = CocoDetectionDataModule.__new__(CocoDetectionDataModule)  # just its transforms
-        dm.horizontal_flip = flip
+        dm = modules[flip]
         xyxy = torch.tensor([[min(a, c), min(b, d), max(a, c), max(b, d)] for a, b, c, d in boxes]).reshape(-1, 4)
         target = {"boxes": tv_tensors.BoundingBoxes(xyxy, format="XYXY", canvas_size=(h, w)),
                   "labels": torch.arange(len(boxes))}
@@ -294,3 +294,196 @@ def test_after_augmentation_every_box_is_inside_its_image_with_positive_area():
         assert ((b[:, 2] - b[:, 0]) > 0).all() and ((b[:, 3] - b[:, 1]) > 0).all()
 
     check()
+
+
+# -- images to predict on, without annotations
+
+
+def touch_images(root, names):
+    for name in names:
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.zeros((6, 8, 3), np.uint8)).save(root / name)
+
+
+def test_predict_images_name_a_folder_recursively_a_glob_a_list_file_or_one_image(tmp_path):
+    from tasks.data.image_files import list_images
+
+    touch_images(tmp_path / "new", ["b.png", "a.jpg", "deep/er/c.PNG", "deep/d.webp"])
+    (tmp_path / "new" / "notes.txt").write_text("not an image")
+    folder = list_images(str(tmp_path / "new"), "data.predict_images")
+    assert folder.root == tmp_path / "new"
+    assert folder.file_names == ["a.jpg", "b.png", "deep/d.webp", "deep/er/c.PNG"]  # sorted paths, no notes.txt
+    glob = list_images(str(tmp_path / "new" / "**" / "*.png"), "data.predict_images")
+    assert glob.root == tmp_path / "new" and glob.file_names == ["b.png"]  # the glob is case-sensitive
+    glob = list_images(str(tmp_path / "new" / "deep" / "*"), "data.predict_images")
+    assert glob.root == tmp_path / "new" / "deep" and glob.file_names == ["d.webp"]  # files only, no folder "er"
+    (tmp_path / "list.txt").write_text(f"# to check\nnew/b.png\n\n  {tmp_path / 'new' / 'a.jpg'}  \nnew/gone.png\n")
+    listed = list_images(str(tmp_path / "list.txt"), "data.predict_images")
+    assert listed.root == tmp_path  # relative lines are relative to the list file; a missing file fails when read
+    assert listed.file_names == ["new/b.png", "new/a.jpg", "new/gone.png"]
+    one = list_images(str(tmp_path / "new" / "deep" / "d.webp"), "data.predict_images")
+    assert one.root == tmp_path / "new" / "deep" and one.file_names == ["d.webp"]
+
+
+def test_predict_images_that_name_nothing_fail_naming_the_setting(tmp_path):
+    from tasks.data.image_files import list_images
+
+    with pytest.raises(FileNotFoundError, match=r"data.predict_images: '.*nowhere' is neither a folder, a glob"):
+        list_images(str(tmp_path / "nowhere"), "data.predict_images")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match=r"data.predict_dir: '.*empty' holds no images"):
+        list_images(str(tmp_path / "empty"), "data.predict_dir")
+    with pytest.raises(ValueError, match=r"holds no images"):
+        list_images(str(tmp_path / "*.png"), "data.predict_images")
+
+
+def odd_images(root):
+    """Images as users have them: gray, RGBA, CMYK JPEG, 16-bit PNG, EXIF-rotated JPEG; the expected decoding of each,
+    by PIL (16-bit: its 8 high bits, as in training)."""
+    rng = np.random.default_rng(1)
+    root.mkdir(parents=True, exist_ok=True)
+    rgb = Image.fromarray(rng.integers(0, 255, (9, 7, 3), dtype=np.uint8))
+    rgb.convert("L").save(root / "gray.png")
+    rgb.convert("RGBA").save(root / "rgba.png")
+    rgb.convert("CMYK").save(root / "cmyk.jpg", quality=100)
+    Image.fromarray(rng.integers(0, 65535, (9, 7), dtype=np.uint16)).save(root / "deep.png")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored 20 high, 40 wide; shown rotated: 40 high, 20 wide
+    Image.fromarray(rng.integers(0, 255, (20, 40, 3), dtype=np.uint8)).save(root / "rotated.jpg", exif=exif,
+                                                                           quality=100)
+    expected = {name: np.asarray(ImageOps.exif_transpose(Image.open(root / name)).convert("RGB")).transpose(2, 0, 1)
+                for name in ("gray.png", "rgba.png", "cmyk.jpg", "rotated.jpg")}
+    expected["deep.png"] = np.repeat((np.asarray(Image.open(root / "deep.png")).astype(np.int64) >> 8)[None], 3, 0)
+    return expected
+
+
+def test_images_to_predict_on_decode_as_in_training_with_their_displayed_sizes(tmp_path):
+    from tasks.data.image_files import ImageFiles, list_images
+
+    expected = odd_images(tmp_path)
+    dataset = ImageFiles(list_images(str(tmp_path), "data.predict_images"))
+    assert [dataset[i][1]["image_id"] for i in range(len(dataset))] == [1, 2, 3, 4, 5]  # path order
+    for image, info in (dataset[i] for i in range(len(dataset))):
+        reference = expected[info["file_name"]]
+        assert image.dtype == torch.uint8 and image.shape == reference.shape, info["file_name"]
+        assert (info["height"], info["width"]) == reference.shape[1:]
+        difference = (image.long() - torch.from_numpy(reference.astype(np.int64))).abs().float().mean()
+        assert difference < (3 if info["file_name"].endswith(".jpg") else 1e-9), info["file_name"]
+    assert expected["rotated.jpg"].shape == (3, 40, 20)
+
+
+def test_a_data_module_given_only_images_to_predict_on_has_no_classes_and_reads_no_annotations(tmp_path,
+                                                                                                 monkeypatch):
+    import tasks.data.shapes
+
+    monkeypatch.setattr(tasks.data.shapes, "shapes_detection", lambda: pytest.fail("built the shapes set"))
+    monkeypatch.setattr(tasks.data.shapes, "shapes_classification", lambda: pytest.fail("built the shapes set"))
+    touch_images(tmp_path, ["x/1.png", "x/2.png", "x/3.png"])
+    detection = CocoDetectionDataModule(predict_images=str(tmp_path / "x"), batch_size=2, num_workers=0)
+    classification = ImageFolderDataModule(predict_dir=str(tmp_path / "x"), image_size=4, batch_size=2,
+                                           num_workers=0)
+    for dm in (detection, classification):
+        assert dm.categories is None and dm.num_classes is None and dm.predicts_unlabeled
+        with pytest.raises(ValueError, match="fit needs (annotated|labelled) data, and only predict_(images|dir) is"):
+            dm.train_dataloader()
+        with pytest.raises(ValueError, match="validation needs"):
+            dm.val_dataloader()
+    images, infos = next(iter(detection.predict_dataloader()))
+    assert [i["file_name"] for i in infos] == ["1.png", "2.png"] and images[0].shape == (3, 6, 8)
+    images, info = next(iter(classification.predict_dataloader()))
+    assert info["file_name"] == ["1.png", "2.png"] and images.shape == (2, 3, 4, 4) and images.dtype == torch.float32
+
+
+def test_unreadable_images_to_predict_on_are_reported_by_path_and_skipped(tmp_path, caplog):
+    touch_images(tmp_path, ["1.png", "3.png"])
+    (tmp_path / "2.png").write_bytes(b"not a png")
+    dm = CocoDetectionDataModule(predict_images=str(tmp_path), batch_size=2, num_workers=0)
+    assert not dm.skip_corrupt_images  # predict skips them all the same
+    with caplog.at_level("WARNING", logger="tasks"):
+        batches = list(dm.predict_dataloader())
+    assert [[info["file_name"] for info in infos] for _, infos in batches] == [["1.png"], ["3.png"]]
+    assert f"cannot decode image '{tmp_path / '2.png'}'" in caplog.text
+
+
+# -- augmentations chosen in the config
+
+
+def training_targets(dm, seed):
+    dm.setup("fit")
+    dataset = CocoDetection(dm.train_index, dm.train_images, dm.train_transforms())
+    torch.manual_seed(seed)
+    return [dataset[i] for i in range(len(dataset))]
+
+
+def test_no_augmentation_keeps_every_training_box_where_the_annotations_put_it(tiny_coco):
+    dm = CocoDetectionDataModule(**tiny_coco, train_transforms=[], num_workers=0)
+    annotations = json.loads(open(tiny_coco["train_annotations"]).read())["annotations"]
+    for seed in range(3):
+        for (image, target), image_id in zip(training_targets(dm, seed), dm.train_index.image_ids, strict=True):
+            boxes = [[x, y, x + w, y + h] for x, y, w, h in (a["bbox"] for a in annotations
+                                                              if a["image_id"] == image_id)]
+            assert sorted(target["boxes"].tolist()) == sorted(boxes)
+
+
+def test_the_default_augmentation_is_a_flip_then_the_box_clean_up(tiny_coco):
+    from torchvision.transforms import v2
+
+    dm = CocoDetectionDataModule(**tiny_coco, num_workers=0)
+    dm.setup("fit")
+    reference = v2.Compose([v2.RandomHorizontalFlip(0.5), v2.ClampBoundingBoxes(), v2.SanitizeBoundingBoxes(1)])
+    ours = training_targets(dm, seed=4)
+    torch.manual_seed(4)
+    theirs = [item for item in CocoDetection(dm.train_index, dm.train_images, reference)]
+    unchanged = CocoDetection(dm.train_index, dm.train_images)
+    flipped = 0
+    for i, ((image, target), (ref_image, ref_target)) in enumerate(zip(ours, theirs, strict=True)):
+        assert torch.equal(image, ref_image) and torch.equal(target["boxes"], ref_target["boxes"])
+        flipped += not torch.equal(image, unchanged[i][0])
+    assert 0 < flipped < len(ours)  # a flip at 0.5, not always nor never
+
+
+class InvalidBoxes:
+    """A transform that moves boxes where no box may be: inverted, outside the image, not finite; the last one
+    stays valid."""
+
+    def __call__(self, image, target):
+        from torchvision import tv_tensors
+
+        count = len(target["boxes"])
+        bad = torch.tensor([[30.0, 30.0, 10.0, 10.0], [-40.0, -40.0, -5.0, -5.0], [float("nan"), 1.0, 5.0, 5.0],
+                            [2.0, 3.0, 12.0, 14.0]])[-count:]
+        boxes = tv_tensors.wrap(bad.reshape(-1, 4), like=target["boxes"])
+        return image, {**target, "boxes": boxes}
+
+
+def test_a_transform_that_returns_invalid_boxes_is_cleaned_up_not_a_crash(tmp_path):
+    (tmp_path / "img").mkdir()
+    Image.fromarray(np.zeros((40, 50, 3), np.uint8)).save(tmp_path / "img" / "1.png")
+    path = one_image_coco(tmp_path, [{"bbox": [1, 1, 5, 5], "area": 10 + i} for i in range(4)])
+    dm = CocoDetectionDataModule(path, str(tmp_path / "img"), path, str(tmp_path / "img"),
+                                 train_transforms=[InvalidBoxes()], num_workers=0)
+    _, target = training_targets(dm, seed=0)[0]
+    assert target["boxes"].tolist() == [[2.0, 3.0, 12.0, 14.0]]
+    assert target["labels"].tolist() == [0] and target["area"].tolist() == [13.0]  # the fields follow their box
+
+
+def test_a_flip_probability_beside_a_transform_list_is_refused():
+    with pytest.raises(ValueError, match="data.horizontal_flip sets the default augmentation, which "
+                                         "data.train_transforms replaces"):
+        CocoDetectionDataModule(train_transforms=[], horizontal_flip=0.0)
+    with pytest.raises(ValueError, match="data.crop_scale sets the default augmentation"):
+        ImageFolderDataModule(train_transforms=[], crop_scale=(0.5, 1.0))
+
+
+def test_classification_transforms_from_the_config_are_applied_and_must_end_in_image_size_squares(tiny_folder):
+    from torchvision.transforms import v2
+
+    dm = ImageFolderDataModule(**tiny_folder, image_size=16, num_workers=0,
+                               train_transforms=[v2.Resize(16), v2.CenterCrop(16), v2.RandomVerticalFlip(1.0)])
+    image = read_rgb(f"{tiny_folder['train_dir']}/disk/0000.png")
+    expected = v2.functional.vertical_flip(v2.functional.center_crop(v2.functional.resize(image, 16), 16))
+    torch.testing.assert_close(dm.train_transforms()(image), expected.float() / 255)
+    dm = ImageFolderDataModule(**tiny_folder, image_size=16, num_workers=0, train_transforms=[v2.Resize(20)])
+    with pytest.raises(ValueError, match=r"data.train_transforms gave an image of 20x20 pixels, but data.image_size "
+                                         r"is 16: end the list with a transform that gives 16x16"):
+        dm.train_transforms()(image)

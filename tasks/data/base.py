@@ -55,8 +55,9 @@ class Samples(Dataset):
     and the index, not on which worker loads it or whether the run was resumed. With ``skip_corrupt``, a sample
     whose image cannot be decoded is ``None`` (left out of its batch by :class:`SkipNone`) and counted."""
 
-    def __init__(self, dataset: Dataset, skip_corrupt: bool = False) -> None:
-        self.dataset, self.skip_corrupt = dataset, skip_corrupt
+    def __init__(self, dataset: Dataset, skip_corrupt: bool = False,
+                 skip_reason: str = "data.skip_corrupt_images") -> None:
+        self.dataset, self.skip_corrupt, self.skip_reason = dataset, skip_corrupt, skip_reason
         self._skipped = multiprocessing.Value("l", 0)  # shared with the loader's worker processes
 
     @property
@@ -82,7 +83,7 @@ class Samples(Dataset):
             with self._skipped.get_lock():
                 self._skipped.value += 1
                 count = self._skipped.value
-            log.warning("%s; skipped (data.skip_corrupt_images), %d so far", e, count)
+            log.warning("%s; skipped (%s), %d so far", e, self.skip_reason, count)
             return None
 
 
@@ -134,8 +135,11 @@ class BaseDataModule(LightningDataModule):
         self._samples: List[Samples] = []
 
     def loader(self, dataset: Dataset, *, train: bool, collate_fn: Optional[Callable] = None,
-               drop_last: bool = False) -> DataLoader:
-        samples = Samples(dataset, self.skip_corrupt_images)
+               drop_last: bool = False, skip_corrupt: bool = False) -> DataLoader:
+        """A loader over ``dataset``; ``skip_corrupt`` skips unreadable images whatever ``skip_corrupt_images`` says
+        (``predict`` reports them and goes on)."""
+        samples = Samples(dataset, self.skip_corrupt_images or skip_corrupt,
+                          "data.skip_corrupt_images" if self.skip_corrupt_images else "predict goes on without it")
         self._samples.append(samples)
         # the loader's own generator: creating its iterators leaves the global RNG (the model's) untouched
         kwargs = dict(batch_size=self.batch_size, num_workers=self.num_workers, collate_fn=SkipNone(collate_fn),
@@ -156,4 +160,4 @@ class BaseDataModule(LightningDataModule):
 
     def teardown(self, stage: str) -> None:
         if self.skipped_images:
-            log.warning("skipped %d corrupt images in all (data.skip_corrupt_images)", self.skipped_images)
+            log.warning("skipped %d unreadable images in all", self.skipped_images)

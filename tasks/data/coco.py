@@ -16,8 +16,10 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from .base import BaseDataModule
+from .image_files import ImageFiles, ImageList, list_images
 from .images import CorruptImageError, image_size, read_rgb
 from .labels import LabelMap
+from .transforms import chosen, detection_pipeline
 
 log = logging.getLogger("tasks")
 
@@ -211,58 +213,100 @@ def collate(batch):
 
 
 class CocoDetectionDataModule(BaseDataModule):
-    """COCO-format detection data. Leave the four paths unset to use the embedded shapes set (generated once
-    into a cache folder, see :mod:`tasks.data.shapes`).
+    """COCO-format detection data. Leave the four annotation paths unset to use the embedded shapes set (generated once
+    into a cache folder, see :mod:`tasks.data.shapes`), or, with ``predict_images``, to have no labelled data at all
+    (``lightning predict --ckpt_path CKPT``: the classes come from the checkpoint).
 
     Args:
         train_annotations: COCO json of the training set.
         train_images: folder the training ``file_name``s are relative to.
-        val_annotations: COCO json of the validation set (also used by ``test`` and ``predict``).
+        val_annotations: COCO json of the validation set (also used by ``test``, and by ``predict`` without
+            ``predict_images``).
         val_images: folder of the validation images.
+        predict_images: images to predict on, with no annotations: a folder (searched recursively), a glob, or a
+            text file of paths (one a line, relative to its folder). Unreadable files are reported and skipped.
         batch_size: images per device per step.
         num_workers: data-loading processes per device.
-        horizontal_flip: probability of flipping a training image (boxes follow).
+        train_transforms: training augmentation, a list of box-aware ``torchvision.transforms.v2`` transforms
+            (``class_path``/``init_args``) on the uint8 image and its target; boxes are then clamped to the image and
+            those with no area left dropped. Default: ``RandomHorizontalFlip(horizontal_flip)``; ``[]`` for none.
+        val_transforms: the same for validation and test (default: none). ``predict`` reads images as they are, so
+            that boxes are in the original image's pixels.
+        horizontal_flip: probability of flipping a training image in the default augmentation (default 0.5); with
+            ``train_transforms``, put a ``RandomHorizontalFlip`` in that list instead.
         skip_missing_images: drop listed images whose file is missing (with a warning) instead of failing.
         skip_corrupt_images: drop images that cannot be decoded (a header that cannot be read: at startup; a
             truncated or corrupt body: from their batch, when loaded), each with a warning and counted, instead of
             failing with an error that names the file.
     """
 
+    ANNOTATION_KEYS = ("train_annotations", "train_images", "val_annotations", "val_images")
+
     def __init__(self, train_annotations: Optional[str] = None, train_images: Optional[str] = None,
-                 val_annotations: Optional[str] = None, val_images: Optional[str] = None, batch_size: int = 2,
-                 num_workers: int = 2, horizontal_flip: float = 0.5, skip_missing_images: bool = False,
-                 skip_corrupt_images: bool = False) -> None:
+                 val_annotations: Optional[str] = None, val_images: Optional[str] = None,
+                 predict_images: Optional[str] = None, batch_size: int = 2, num_workers: int = 2,
+                 train_transforms: Optional[List[v2.Transform]] = None,
+                 val_transforms: Optional[List[v2.Transform]] = None, horizontal_flip: Optional[float] = None,
+                 skip_missing_images: bool = False, skip_corrupt_images: bool = False) -> None:
         super().__init__(batch_size=batch_size, num_workers=num_workers, skip_corrupt_images=skip_corrupt_images)
+        if train_transforms is not None and horizontal_flip is not None:
+            raise ValueError("data.horizontal_flip sets the default augmentation, which data.train_transforms "
+                             "replaces: put a RandomHorizontalFlip in train_transforms instead")
+        self.predict_images = predict_images
+        self.train_transform_list, self.val_transform_list = train_transforms, val_transforms
+        self.horizontal_flip = 0.5 if horizontal_flip is None else horizontal_flip
+        self.skip_missing_images = skip_missing_images
+        self.train_index: Optional[CocoIndex] = None
+        self.val_index: Optional[CocoIndex] = None
+        self.label_map: Optional[LabelMap] = None
         paths = [train_annotations, train_images, val_annotations, val_images]
         if all(p is None for p in paths):
+            if predict_images is not None:
+                return  # unlabeled images only: nothing to train or evaluate on
             from .shapes import shapes_detection
 
             paths = shapes_detection()
             log.info("using the embedded shapes detection set in %s", Path(paths[0]).parent)
         elif any(p is None for p in paths):
             raise ValueError("give all of train_annotations, train_images, val_annotations, val_images, or none of "
-                             "them for the embedded shapes set")
-        for key, p in zip(["train_annotations", "train_images", "val_annotations", "val_images"], paths, strict=True):
+                             "them for the embedded shapes set (or, with predict_images, for no labelled data)")
+        for key, p in zip(self.ANNOTATION_KEYS, paths, strict=True):
             if not Path(p).exists():
                 raise FileNotFoundError(f"data.{key}: {str(p)!r} does not exist")
         self.train_annotations, self.train_images, self.val_annotations, self.val_images = map(str, paths)
-        self.horizontal_flip, self.skip_missing_images = horizontal_flip, skip_missing_images
         self.val_index = check_image_files(CocoIndex.from_file(self.val_annotations), self.val_images, "val_images",
                                            skip_missing_images, skip_corrupt_images)
-        self.train_index: Optional[CocoIndex] = None
-        self.label_map: LabelMap = self.val_index.label_map
+        self.label_map = self.val_index.label_map
 
     @property
-    def categories(self) -> Dict[int, str]:
-        """``{category id: name}``: the model is told these (``lightning`` links them)."""
-        return self.label_map.categories
+    def categories(self) -> Optional[Dict[int, str]]:
+        """``{category id: name}`` of the labelled data (``None`` without any): the model is told these
+        (``lightning`` links them, unless the checkpoint of an unlabeled ``predict`` decides)."""
+        return None if self.label_map is None else self.label_map.categories
 
     @property
-    def num_classes(self) -> int:
-        return len(self.label_map)
+    def num_classes(self) -> Optional[int]:
+        return None if self.label_map is None else len(self.label_map)
+
+    @property
+    def label_source(self) -> str:
+        """Where the categories come from, as messages name it."""
+        return f"data.val_annotations ({self.val_annotations})"
+
+    @property
+    def predicts_unlabeled(self) -> bool:
+        """Whether ``predict`` reads images without annotations (``predict_images``), so that the data's categories
+        have no say in the model's classes there."""
+        return self.predict_images is not None
+
+    def _labelled(self, stage: str) -> None:
+        if self.val_index is None:
+            raise ValueError(f"data: {stage} needs annotated data, and only predict_images is set; give "
+                             f"{', '.join(self.ANNOTATION_KEYS)}")
 
     def setup(self, stage: str) -> None:
         if stage == "fit" and self.train_index is None:
+            self._labelled("fit")
             self.train_index = check_image_files(CocoIndex.from_file(self.train_annotations), self.train_images,
                                                  "train_images", self.skip_missing_images,
                                                  self.skip_corrupt_images)
@@ -274,20 +318,33 @@ class CocoDetectionDataModule(BaseDataModule):
     # Images stay uint8 until the model (ObjectDetector scales them on its device): a quarter of the bytes to pass
     # between processes and to the GPU, and no float conversion in the workers.
     def train_transforms(self) -> v2.Transform:
-        # Clamp, then drop what has no area left: every box the model sees lies inside its image.
-        return v2.Compose([v2.RandomHorizontalFlip(self.horizontal_flip), v2.ClampBoundingBoxes(),
-                           v2.SanitizeBoundingBoxes(min_size=1)])
+        """The training augmentation, then the project's box clean-up: every box the model sees lies inside its
+        image and has an area."""
+        return detection_pipeline(chosen(self.train_transform_list,
+                                         lambda: [v2.RandomHorizontalFlip(self.horizontal_flip)]))
 
     def eval_transforms(self) -> Optional[v2.Transform]:
-        return None
+        return None if self.val_transform_list is None else detection_pipeline(self.val_transform_list)
 
     def train_dataloader(self):
+        self._labelled("fit")
         dataset = CocoDetection(self.train_index, self.train_images, self.train_transforms())
         return self.loader(dataset, train=True, collate_fn=collate)
 
     def val_dataloader(self):
+        self._labelled("validation")
         dataset = CocoDetection(self.val_index, self.val_images, self.eval_transforms(), keep_crowd=True)
         return self.loader(dataset, train=False, collate_fn=collate)
 
     test_dataloader = val_dataloader
-    predict_dataloader = val_dataloader
+
+    def predict_dataloader(self):
+        """The images of ``predict_images`` (ids 1..N in path order), or else of the validation set (its ids), as
+        they are: no transforms, unreadable files skipped."""
+        if self.predict_images is not None:
+            dataset = ImageFiles(list_images(self.predict_images, "data.predict_images"))
+        else:
+            self._labelled("predict without predict_images")
+            dataset = ImageFiles(ImageList(Path(self.val_images), list(self.val_index.file_names)),
+                                 image_ids=self.val_index.image_ids.tolist())
+        return self.loader(dataset, train=False, collate_fn=collate, skip_corrupt=True)

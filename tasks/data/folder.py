@@ -4,51 +4,74 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
-import torch
 from torchvision.datasets import ImageFolder
 from torchvision.transforms import v2
 
 from .base import BaseDataModule
+from .image_files import ImageFiles, list_images
 from .images import read_rgb
 from .labels import LabelMap
+from .transforms import chosen, classification_pipeline
 
 log = logging.getLogger("tasks")
 
 
 class ImageFolderDataModule(BaseDataModule):
-    """Classification data in folders. Leave both paths unset for the embedded shapes set.
+    """Classification data in folders. Leave both paths unset for the embedded shapes set, or, with ``predict_dir``,
+    to have no labelled data at all (``lightning predict --ckpt_path CKPT``: the classes come from the checkpoint).
 
     Args:
         train_dir: folder with one sub-folder per class.
-        val_dir: the same classes, for validation (also used by ``test`` and ``predict``).
+        val_dir: the same classes, for validation (also used by ``test``, and by ``predict`` without
+            ``predict_dir``).
+        predict_dir: images to predict on, with no labels: a folder (searched recursively), a glob, or a text file
+            of paths (one a line, relative to its folder). Unreadable files are reported and skipped.
         batch_size: images per device per step.
         num_workers: data-loading processes per device.
-        image_size: side of the square crop the model sees.
-        crop_scale: range of the image area a training crop keeps (``RandomResizedCrop``; ImageNet: 0.08-1).
+        image_size: side of the square images the model sees.
+        train_transforms: training augmentation, a list of ``torchvision.transforms.v2`` transforms
+            (``class_path``/``init_args``) on the uint8 image; it must end in ``image_size`` squares. Default:
+            ``RandomResizedCrop(image_size, scale=crop_scale)``, ``RandomHorizontalFlip()``.
+        val_transforms: the same for validation, test and predict. Default: ``Resize(image_size / 0.875)``,
+            ``CenterCrop(image_size)``.
+        crop_scale: range of the image area a crop keeps in the default training augmentation (``RandomResizedCrop``;
+            default ImageNet's 0.08-1); with ``train_transforms``, set ``scale`` in that list instead.
         skip_corrupt_images: leave images that cannot be decoded out of their batch, with a warning, and count
             them, instead of failing with an error that names the file.
     """
 
-    def __init__(self, train_dir: Optional[str] = None, val_dir: Optional[str] = None, batch_size: int = 32,
-                 num_workers: int = 2, image_size: int = 224, crop_scale: Tuple[float, float] = (0.08, 1.0),
-                 skip_corrupt_images: bool = False) -> None:
+    def __init__(self, train_dir: Optional[str] = None, val_dir: Optional[str] = None,
+                 predict_dir: Optional[str] = None, batch_size: int = 32, num_workers: int = 2, image_size: int = 224,
+                 train_transforms: Optional[List[v2.Transform]] = None,
+                 val_transforms: Optional[List[v2.Transform]] = None,
+                 crop_scale: Optional[Tuple[float, float]] = None, skip_corrupt_images: bool = False) -> None:
         super().__init__(batch_size=batch_size, num_workers=num_workers, skip_corrupt_images=skip_corrupt_images)
+        if train_transforms is not None and crop_scale is not None:
+            raise ValueError("data.crop_scale sets the default augmentation, which data.train_transforms replaces: "
+                             "set scale in the RandomResizedCrop of train_transforms instead")
+        crop_scale = (0.08, 1.0) if crop_scale is None else tuple(crop_scale)
+        if not 0 < crop_scale[0] <= crop_scale[1] <= 1:
+            raise ValueError(f"data.crop_scale={list(crop_scale)} must be two fractions 0 < low <= high <= 1")
+        self.image_size, self.crop_scale, self.predict_dir = image_size, crop_scale, predict_dir
+        self.train_transform_list, self.val_transform_list = train_transforms, val_transforms
+        self.label_map: Optional[LabelMap] = None
         if train_dir is None and val_dir is None:
+            if predict_dir is not None:
+                self.train_dir = self.val_dir = None
+                return  # unlabeled images only: nothing to train or evaluate on
             from .shapes import shapes_classification
 
             train_dir, val_dir = shapes_classification()
             log.info("using the embedded shapes classification set in %s", Path(train_dir).parent)
         elif train_dir is None or val_dir is None:
-            raise ValueError("give both train_dir and val_dir, or neither for the embedded shapes set")
+            raise ValueError("give both train_dir and val_dir, or neither for the embedded shapes set (or, with "
+                             "predict_dir, for no labelled data)")
         for key, p in (("train_dir", train_dir), ("val_dir", val_dir)):
             if not Path(p).is_dir():
                 raise FileNotFoundError(f"data.{key}: {str(p)!r} is not a folder")
-        if not 0 < crop_scale[0] <= crop_scale[1] <= 1:
-            raise ValueError(f"data.crop_scale={list(crop_scale)} must be two fractions 0 < low <= high <= 1")
-        self.train_dir, self.val_dir, self.image_size = str(train_dir), str(val_dir), image_size
-        self.crop_scale = tuple(crop_scale)
+        self.train_dir, self.val_dir = str(train_dir), str(val_dir)
         classes = sorted(p.name for p in Path(val_dir).iterdir() if p.is_dir())
         train_classes = sorted(p.name for p in Path(train_dir).iterdir() if p.is_dir())
         if classes != train_classes:
@@ -56,26 +79,62 @@ class ImageFolderDataModule(BaseDataModule):
         self.label_map = LabelMap.from_categories(dict(enumerate(classes)))  # ImageFolder's class indices
 
     @property
-    def categories(self) -> Dict[int, str]:
-        """``{class index: folder name}``: the model is told these (``lightning`` links them)."""
-        return self.label_map.categories
+    def categories(self) -> Optional[Dict[int, str]]:
+        """``{class index: folder name}`` (``None`` without labelled data): the model is told these (``lightning``
+        links them, unless the checkpoint of an unlabeled ``predict`` decides)."""
+        return None if self.label_map is None else self.label_map.categories
 
     @property
-    def num_classes(self) -> int:
-        return len(self.label_map)
+    def num_classes(self) -> Optional[int]:
+        return None if self.label_map is None else len(self.label_map)
+
+    @property
+    def label_source(self) -> str:
+        """Where the classes come from, as messages name it."""
+        return f"data.val_dir ({self.val_dir})"
+
+    @property
+    def predicts_unlabeled(self) -> bool:
+        """Whether ``predict`` reads images without labels (``predict_dir``), so that the data's classes have no say
+        in the model's classes there."""
+        return self.predict_dir is not None
+
+    def _labelled(self, stage: str) -> None:
+        if self.label_map is None:
+            raise ValueError(f"data: {stage} needs labelled data, and only predict_dir is set; give train_dir and "
+                             "val_dir")
+
+    def train_transforms(self) -> v2.Compose:
+        default = lambda: [v2.RandomResizedCrop(self.image_size, scale=self.crop_scale, antialias=True),  # noqa: E731
+                           v2.RandomHorizontalFlip()]
+        return classification_pipeline(chosen(self.train_transform_list, default), self.image_size,
+                                       "data.train_transforms")
+
+    def eval_transforms(self) -> v2.Compose:
+        default = lambda: [v2.Resize(round(self.image_size / 0.875), antialias=True),  # noqa: E731
+                           v2.CenterCrop(self.image_size)]
+        return classification_pipeline(chosen(self.val_transform_list, default), self.image_size,
+                                       "data.val_transforms")
 
     def train_dataloader(self):
-        transform = v2.Compose([v2.RandomResizedCrop(self.image_size, scale=self.crop_scale, antialias=True),
-                                v2.RandomHorizontalFlip(),
-                                v2.ToDtype(torch.float32, scale=True)])
-        return self.loader(ImageFolder(self.train_dir, transform=transform, loader=read_rgb), train=True,
-                           drop_last=True)
+        self._labelled("fit")
+        return self.loader(ImageFolder(self.train_dir, transform=self.train_transforms(), loader=read_rgb),
+                           train=True, drop_last=True)
 
     def val_dataloader(self):
-        transform = v2.Compose([v2.Resize(round(self.image_size / 0.875), antialias=True),
-                                v2.CenterCrop(self.image_size), v2.ToDtype(torch.float32, scale=True)])
-        dataset = ImageFolder(self.val_dir, transform=transform, loader=read_rgb)
+        self._labelled("validation")
+        dataset = ImageFolder(self.val_dir, transform=self.eval_transforms(), loader=read_rgb)
         return self.loader(dataset, train=False)
 
     test_dataloader = val_dataloader
-    predict_dataloader = val_dataloader
+
+    def predict_dataloader(self):
+        """The images of ``predict_dir``, or else of ``val_dir``, through ``val_transforms``; batches are ``(images,
+        info)`` with ``info["file_name"]`` (relative to the folder) and ``info["image_id"]`` (1..N in path order);
+        unreadable files are skipped."""
+        if self.predict_dir is not None:
+            images = list_images(self.predict_dir, "data.predict_dir")
+        else:
+            self._labelled("predict without predict_dir")
+            images = list_images(self.val_dir, "data.val_dir")
+        return self.loader(ImageFiles(images, transform=self.eval_transforms()), train=False, skip_corrupt=True)
