@@ -1,8 +1,8 @@
 """torch.hub entry points: ``torch.hub.load(repo_dir, "resnext50_32x4d_fpn", source="local", weights=path)``.
 
 Every name in ``resnext_backbones.list_models()`` gives a trunk (``name``) and an FPN backbone (``name_fpn``);
-keyword arguments go to :func:`resnext_backbones.resnext` / :func:`resnext_backbones.resnext_fpn`. Nothing is
-downloaded: ``weights`` is a local file.
+keyword arguments go to :func:`resnext_backbones.resnext` / :func:`resnext_backbones.resnext_fpn`. ``weights``
+is a local file or a registered name (``weights="tv2_in1k"``): downloaded once, verified by its sha256, cached.
 """
 
 dependencies = ["torch", "torchvision", "safetensors"]

@@ -17,7 +17,7 @@ from typing import Dict, Optional, Sequence
 
 from torch import Tensor
 
-from . import registry
+from . import formats, registry
 from .files import WeightsError, file_sha256
 from .formats import WRITERS
 from .formats.safetensors import backbone_metadata
@@ -34,16 +34,20 @@ def trunk_state_dict(source) -> Dict[str, Tensor]:
 
 
 def export(source, out, fmt: str = "safetensors") -> Path:
-    """Export the trunk found in ``source`` (a path or a state dict) to ``out`` in ``fmt`` (one of ``FORMATS``)."""
+    """Export the trunk found in ``source`` (a path, a weights name, a state dict or a read
+    :class:`~resnext_backbones.formats.Source`) to ``out`` in ``fmt`` (one of ``FORMATS``); the source's input
+    normalisation goes along where the format has a place for it (ours)."""
     if fmt not in WRITERS:
         raise ValueError(f"format={fmt!r} is not supported; choose one of {list(FORMATS)}")
-    state = trunk_state_dict(source)
+    source = formats.read(source)
+    state = trunk_tensors(source.state)
     if not any(k.endswith("running_mean") for k in state):
-        raise WeightsError(f"{source}: the trunk has no BatchNorm statistics (a GroupNorm trunk?); the ecosystems "
-                           "this exports to expect BatchNorm")
+        raise WeightsError(f"{source.name}: the trunk has no BatchNorm statistics (a GroupNorm trunk?); the "
+                           "ecosystems this exports to expect BatchNorm")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    WRITERS[fmt]({k: v.detach().cpu().contiguous() for k, v in state.items()}, out, infer_spec(state))
+    WRITERS[fmt]({k: v.detach().cpu().contiguous() for k, v in state.items()}, out, infer_spec(state),
+                 normalization=source.normalization)
     return out
 
 
@@ -81,9 +85,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     cmd.add_argument("--license", default="unknown", help="licence recorded in the registry entry")
     args = parser.parse_args(argv)
     try:
-        state = trunk_state_dict(args.checkpoint)  # read once: the export and the message share it
-        path = export(state, args.out, args.format)
-        spec = infer_spec(state)
+        source = formats.read(args.checkpoint)  # read once: the export and the message share it
+        path = export(source, args.out, args.format)
+        spec = infer_spec(trunk_tensors(source.state))
         entry = registry_entry(path, args.register, spec, args.name, args.license) if args.register else None
     except (WeightsError, ValueError, FileNotFoundError) as e:
         parser.exit(2, f"error: {e}\n")

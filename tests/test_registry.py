@@ -262,3 +262,45 @@ def test_normalisation_follows_the_weights_through_each_task(cache, tmp_path):
             assert saved.model.transform.image_std == detector.model.transform.image_std != [0.229, 0.224, 0.225]
     finally:
         registry._registry.pop("resnet18.d2_test", None)
+
+
+def test_every_shipped_config_names_registered_weights_or_none():
+    import yaml
+
+    named = {}
+    for path in sorted((REPO / "configs").rglob("*.yaml")):
+        weights = (yaml.safe_load(path.read_text()).get("model") or {}).get("init_args", {}).get("weights")
+        if weights is not None:
+            named[path.name] = weights
+    assert len(named) == 6 and all(name.endswith(".tv_in1k") for name in named.values()), named
+    for config, name in named.items():
+        assert name in rb.list_weights(), (config, name)
+
+
+def test_export_prints_a_registry_entry_that_loads_by_name(cache, tmp_path, monkeypatch):
+    trunk = randomize_norm_stats(rb.resnext("resnet18"))
+    trunk.normalization = {"mean": (0.5, 0.4, 0.3), "std": (0.2, 0.2, 0.2)}
+    rb.save_backbone(trunk, tmp_path / "source.safetensors")
+    out = tmp_path / "published" / "acme_trunk.safetensors"
+    result = subprocess.run([sys.executable, "-m", "resnext_backbones", "export", str(tmp_path / "source.safetensors"),
+                             str(out), "--register", out.as_uri(), "--license", "proprietary"],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    entry = json.loads(result.stdout.split("\n", 1)[1])
+    fields = entry["resnet18.acme_trunk"]
+    assert fields["sha256"] == hashlib.sha256(out.read_bytes()).hexdigest() and fields["url"] == out.as_uri()
+    assert fields["mean"] == [0.5, 0.4, 0.3] and fields["license"] == "proprietary"
+    (tmp_path / "registry.json").write_text(json.dumps(entry))
+    monkeypatch.setenv("RESNEXT_BACKBONES_REGISTRY", str(tmp_path / "registry.json"))
+    try:
+        loaded = rb.resnext(weights="resnet18.acme_trunk")
+        assert torch.equal(loaded.layer4[1].bn2.running_var, trunk.layer4[1].bn2.running_var)
+        assert loaded.normalization == trunk.normalization
+    finally:
+        registry._registry.pop("resnet18.acme_trunk", None)
+
+
+def test_the_readme_lists_every_registered_name():
+    readme = (REPO / "README.md").read_text()
+    missing = [name for name in rb.list_weights() if f"| `{name}` |" not in readme]
+    assert not missing and len(rb.list_weights()) >= 20, missing

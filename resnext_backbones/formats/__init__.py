@@ -9,9 +9,10 @@ torchvision    flat torchvision/timm state dicts, and anything that nests one (d
 ============== ==================================================================================================
 
 A format module has ``NAME``, ``detect(content, meta) -> bool``, ``read(content, meta, source, pinned=...) ->
-(tensors with torchvision names, conversion notes)`` and ``WRITERS`` (``{export name: write(state, path, spec)}``);
-a format whose files record their input normalisation also has ``normalization(content, meta) -> {"mean", "std"}
-or None`` (RGB, images in [0, 1], as the trunk takes them once read).
+(tensors with torchvision names, conversion notes)`` and ``WRITERS`` (``{export name: write(state, path, spec,
+normalization)}``; only formats with a place for it record ``normalization``). A format whose files record their
+input normalisation also has ``normalization(content, meta) -> {"mean", "std"} or None`` (RGB, images in [0, 1],
+as the trunk takes them once read).
 The format of a file is the first entry of :data:`READERS` that detects it, from the content, never the file
 name. Adding a format is its module plus one line in each table below.
 """

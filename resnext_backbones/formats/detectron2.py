@@ -125,7 +125,8 @@ def read(content: Mapping, meta: Mapping[str, str], source: str, *, pinned: bool
 
 # -------------------------------------------------------------------------------------------------- writer
 
-def write(state: Mapping[str, Tensor], path: Path, spec: ResNeXtSpec) -> None:
+def write(state: Mapping[str, Tensor], path: Path, spec: ResNeXtSpec,
+          normalization: Optional[dict] = None) -> None:
     """A detectron2 pickle of numpy arrays (``matching_heuristics``, ``stride_in_1x1=False``, RGB input)."""
     with open(path, "wb") as f:
         pickle.dump(to_detectron2(state), f)

@@ -7,7 +7,7 @@ beside it are reported as ignored by the loader.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Dict, List, Mapping, Tuple
+from typing import Dict, List, Mapping, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -28,7 +28,8 @@ def read(content: Mapping, meta: Mapping[str, str], source: str, *, pinned: bool
     return dict(content["state_dict"]), []
 
 
-def write(state: Mapping[str, Tensor], path: Path, spec: ResNeXtSpec) -> None:
+def write(state: Mapping[str, Tensor], path: Path, spec: ResNeXtSpec,
+          normalization: Optional[dict] = None) -> None:
     """An mmdet checkpoint: the trunk under ``backbone.``, the spec in ``meta``."""
     torch.save({"meta": {"exported_by": "resnext_backbones", "spec": spec.as_dict()},
                 "state_dict": {"backbone." + k: v for k, v in state.items()}}, path)

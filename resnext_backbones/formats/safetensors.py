@@ -119,13 +119,17 @@ def normalization(content: Mapping, meta: Mapping[str, str]) -> Optional[Dict[st
     return {"mean": tuple(json.loads(meta["mean"])), "std": tuple(json.loads(meta["std"]))}
 
 
-def write(state: Mapping[str, Tensor], path: Path, spec: ResNeXtSpec) -> None:
-    """:func:`save_backbone` of a BatchNorm trunk of ``spec`` holding ``state``."""
+def write(state: Mapping[str, Tensor], path: Path, spec: ResNeXtSpec,
+          normalization: Optional[dict] = None) -> None:
+    """:func:`save_backbone` of a BatchNorm trunk of ``spec`` holding ``state``, recording ``normalization``
+    (the source's; ImageNet's if it records none)."""
     trunk = ResNeXt(spec, norm="bn")
     missing, unexpected = trunk.load_state_dict(state, strict=False)
     if unexpected or any(not k.endswith("num_batches_tracked") for k in missing):
         raise WeightsError(f"the tensors do not make a {spec} trunk: missing {missing[:5]}, unexpected "
                            f"{unexpected[:5]}")
+    if normalization is not None:
+        trunk.normalization = dict(normalization)
     save_backbone(trunk, path)
 
 

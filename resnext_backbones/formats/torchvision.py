@@ -63,12 +63,14 @@ def read(content: Mapping, meta: Mapping[str, str], source: str, *, pinned: bool
 
 # ------------------------------------------------------------------------------------------------- writers
 
-def write_torchvision(state: Mapping[str, Tensor], path: Path, spec: ResNeXtSpec) -> None:
+def write_torchvision(state: Mapping[str, Tensor], path: Path, spec: ResNeXtSpec,
+          normalization: Optional[dict] = None) -> None:
     """A torchvision ``resnet*``/``resnext*`` state dict: loads strictly but for ``fc``."""
     torch.save(dict(state), path)
 
 
-def write_timm(state: Mapping[str, Tensor], path: Path, spec: ResNeXtSpec) -> None:
+def write_timm(state: Mapping[str, Tensor], path: Path, spec: ResNeXtSpec,
+          normalization: Optional[dict] = None) -> None:
     """timm's hub layout: flat safetensors with torchvision names."""
     from safetensors.torch import save_file
 
