@@ -128,20 +128,24 @@ def test_weights_of_another_spec_fail_before_training_and_load_what_fits_when_no
     assert body.layer1[0].conv1.weight.shape == (128, 64, 1, 1)  # the rest keeps its own shape
 
 
+MARGIN = 0.02  # map_50 points
+
+
 @pytest.mark.slow
 def test_two_stage_recipe_pretrain_export_finetune_beats_random_init(tmp_path):
     """configs/classification.yaml -> export -> configs/detection.yaml on the embedded data, same step budget."""
     steps = ["--trainer.max_steps", "240", "--trainer.enable_progress_bar", "false"]
     lightning_cli(["fit", "--config", "configs/classification.yaml", "--trainer.default_root_dir",
-                   str(tmp_path / "cls"),
-          "--trainer.max_steps", "150"])
+                   str(tmp_path / "cls"), "--trainer.max_steps", "150"])
     export(next((tmp_path / "cls").rglob("last.ckpt")), tmp_path / "trunk.safetensors")
     runs = {}
     for name, weights in [("pretrained", str(tmp_path / "trunk.safetensors")), ("scratch", "null")]:
         cli = lightning_cli(["fit", "--config", "configs/detection.yaml", "--model.init_args.weights", weights,
                     "--trainer.default_root_dir", str(tmp_path / name), *steps])
         runs[name] = float(cli.trainer.callback_metrics["val/map_50"])
-    assert runs["pretrained"] >= runs["scratch"], runs
+    print("val/map_50 after 240 steps:", runs)
+    # A strict margin: an export that silently lost the trunk (random init again) would tie, not win.
+    assert runs["pretrained"] > runs["scratch"] + MARGIN, runs
 
 
 def test_a_checkpoint_loads_where_its_initial_weights_file_does_not_exist(tmp_path):
