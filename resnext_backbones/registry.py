@@ -9,7 +9,8 @@ Environment:
 
 - ``RESNEXT_BACKBONES_CACHE``: the cache folder (default ``~/.cache/resnext_backbones/weights``).
 - ``RESNEXT_BACKBONES_OFFLINE=1``: never download; use the cache, or fail naming the exact path to put the file at.
-- ``RESNEXT_BACKBONES_REGISTRY``: a JSON file ``{"<model>.<tag>": {"url": ..., "sha256": ..., ...}, ...}``.
+- ``RESNEXT_BACKBONES_REGISTRY``: a JSON file ``{"<model>.<tag>": {"url": ..., "sha256": ..., ...}, ...}``, or
+  the same in YAML (``.yaml``/``.yml``, read with PyYAML).
 
 Sources of the built-in table (looked up 2026-11-25 in stored copies of each project):
 torchvision ``torchvision/models/resnet.py`` (``*_Weights``: url, ``_metrics``, transforms); timm
@@ -208,9 +209,16 @@ def _table() -> Dict[str, WeightsEntry]:
     path = os.environ.get("RESNEXT_BACKBONES_REGISTRY")
     if path and path != _loaded_registry_file:
         try:
-            entries = json.loads(Path(path).read_text())
-        except (OSError, ValueError) as e:
-            raise ValueError(f"RESNEXT_BACKBONES_REGISTRY={path!r}: cannot read it as JSON ({e})") from None
+            text = Path(path).read_text()
+            if Path(path).suffix in (".yaml", ".yml"):
+                import yaml  # PyYAML: only for registries written in YAML
+
+                entries = yaml.safe_load(text)
+            else:
+                entries = json.loads(text)
+        except Exception as e:  # noqa: BLE001 - unreadable, not JSON, not YAML (yaml.YAMLError), no PyYAML
+            raise ValueError(f"RESNEXT_BACKBONES_REGISTRY={path!r}: cannot read it ({e}); it must be a JSON file, "
+                             "or YAML (.yaml/.yml, needs PyYAML)") from None
         if not isinstance(entries, dict):
             raise ValueError(f"RESNEXT_BACKBONES_REGISTRY={path!r} must hold a JSON object of name -> entry")
         for name, entry in entries.items():

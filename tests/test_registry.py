@@ -124,7 +124,9 @@ def test_offline_without_the_file_names_the_url_and_the_path_to_put_it_at(cache,
     monkeypatch.setenv("RESNEXT_BACKBONES_OFFLINE", "1")
     with pytest.raises(rb.WeightsError) as error:
         rb.resnext(weights=name)
-    assert "RESNEXT_BACKBONES_OFFLINE" in str(error.value) and path.as_uri() in str(error.value) and str(cache / name / "r18.pth") in str(error.value)
+    message = str(error.value)
+    assert "RESNEXT_BACKBONES_OFFLINE" in message and path.as_uri() in message
+    assert str(cache / name / "r18.pth") in message
 
 
 def test_no_network_names_the_url_and_the_path_to_put_it_at(cache, tmp_path):
@@ -137,12 +139,16 @@ def test_no_network_names_the_url_and_the_path_to_put_it_at(cache, tmp_path):
         registry._registry.pop("resnet18.unreachable")
 
 
-def test_a_registry_file_adds_entries(cache, published, tmp_path, monkeypatch):
+@pytest.mark.parametrize("suffix", [".json", ".yaml"])
+def test_a_registry_file_adds_entries(cache, published, tmp_path, monkeypatch, suffix):
+    import yaml
+
     _, path, digest = published
     entries = {"resnet18.team_coco": {"url": path.as_uri(), "sha256": digest[:8], "license": "proprietary",
                                       "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}}
-    (tmp_path / "registry.json").write_text(json.dumps(entries))
-    monkeypatch.setenv("RESNEXT_BACKBONES_REGISTRY", str(tmp_path / "registry.json"))
+    dump = json.dumps if suffix == ".json" else yaml.safe_dump
+    (tmp_path / f"registry{suffix}").write_text(dump(entries))
+    monkeypatch.setenv("RESNEXT_BACKBONES_REGISTRY", str(tmp_path / f"registry{suffix}"))
     try:
         assert "resnet18.team_coco" in rb.list_weights("resnet18")
         assert rb.weights_info("resnet18.team_coco")["mean"] == (0.5, 0.5, 0.5)
