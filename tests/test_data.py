@@ -419,7 +419,7 @@ def test_no_augmentation_keeps_every_training_box_where_the_annotations_put_it(t
     dm = CocoDetectionDataModule(**tiny_coco, train_transforms=[], num_workers=0)
     annotations = json.loads(open(tiny_coco["train_annotations"]).read())["annotations"]
     for seed in range(3):
-        for (image, target), image_id in zip(training_targets(dm, seed), dm.train_index.image_ids, strict=True):
+        for (_, target), image_id in zip(training_targets(dm, seed), dm.train_index.image_ids, strict=True):
             boxes = [[x, y, x + w, y + h] for x, y, w, h in (a["bbox"] for a in annotations
                                                               if a["image_id"] == image_id)]
             assert sorted(target["boxes"].tolist()) == sorted(boxes)
