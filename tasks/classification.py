@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Dict, Optional, Sequence
 
 import torch
@@ -9,12 +10,14 @@ import torch.nn.functional as F
 from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor, nn
 from torchmetrics import MetricCollection
-from torchmetrics.classification import MulticlassAccuracy
+from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 from torchvision.transforms import v2
 
 import resnext_backbones as rb
 
 from .base import BackboneTask, log
+from .per_class import per_class_accuracy, table, unique_names
+from .pictures import classification_picture, confusion_matrix_picture, send_picture
 
 
 def imagenet_sgd(params, lr: float = 0.1, momentum: float = 0.9, weight_decay: float = 1e-4) -> torch.optim.SGD:
@@ -35,6 +38,9 @@ class ImageClassifier(BackboneTask):
         norm: trunk norm, ``bn`` | ``sync_bn`` | ``gn`` | ``frozen_bn``.
         zero_init_residual: start each residual branch at zero (helps large-batch training).
         categories: class index -> name (set by the data module).
+        log_images: how many validation images to send, each epoch, to the loggers that show pictures (TensorBoard),
+            captioned with the predicted class (and the true one where it is wrong), with the confusion matrix of
+            validation and test; 0 for none.
         label_smoothing: cross-entropy label smoothing.
         mixup_alpha: MixUp's alpha (0 = off).
         cutmix_alpha: CutMix's alpha (0 = off); with both on, one of the two per batch.
@@ -47,7 +53,8 @@ class ImageClassifier(BackboneTask):
     def __init__(self, backbone: str = "resnext50_32x4d", num_classes: int = 1000, weights: Optional[str] = None,
                  strict_weights: bool = True, trainable_stages: int = 5, norm: str = "bn",
                  zero_init_residual: bool = False, categories: Optional[Dict[int, str]] = None,
-                 label_smoothing: float = 0.1, mixup_alpha: float = 0.0, cutmix_alpha: float = 0.0,
+                 log_images: int = 16, label_smoothing: float = 0.1, mixup_alpha: float = 0.0,
+                 cutmix_alpha: float = 0.0,
                  optimizer: OptimizerCallable = imagenet_sgd, lr_schedule: str = "cosine", warmup_steps: int = 0,
                  milestones: Sequence[float] = (), **kwargs) -> None:
         super().__init__(num_classes=num_classes, categories=categories, optimizer=optimizer,
@@ -64,6 +71,8 @@ class ImageClassifier(BackboneTask):
         self.metrics = self.stage_metrics(MetricCollection({
             "acc": MulticlassAccuracy(num_classes, top_k=1, average="micro"),
             "acc_top5": MulticlassAccuracy(num_classes, top_k=min(5, num_classes), average="micro")}))
+        self.confusion = self.stage_metrics(MulticlassConfusionMatrix(num_classes))  # and per-class accuracy
+        self.log_images, self._pictures_sent = log_images, 0
         if weights is not None:
             self.load_trunk_and_head(weights, strict=strict_weights)
         self.set_normalization(self.trunk.normalization)  # the weights' input convention (ImageNet's by default)
@@ -108,9 +117,53 @@ class ImageClassifier(BackboneTask):
         logits = self(images)
         metrics = self.metrics[stage]
         metrics.update(logits, labels)
+        self.confusion[stage].update(logits, labels)
         self.log(f"{stage}/loss", F.cross_entropy(logits, labels), batch_size=len(images), sync_dist=True)
         self.log_dict({f"{stage}/{name}": metric for name, metric in metrics.items()}, prog_bar=stage == "val",
                       batch_size=len(images))
+        if stage == "val" and self._pictures_sent < self.log_images and not self.trainer.sanity_checking:
+            self._log_pictures(images, labels, logits.softmax(-1))
+
+    def _log_pictures(self, images: Tensor, labels: Tensor, probabilities: Tensor) -> None:
+        """The next images up to ``log_images`` this epoch, captioned with their predicted class, as one grid."""
+        from torchvision.utils import make_grid
+
+        names = self.label_map.names
+        count = min(len(images), self.log_images - self._pictures_sent)
+        top = probabilities[:count].max(-1)
+        pictures = [classification_picture(image, names[int(p)], float(q), names[int(t)])
+                    for image, p, q, t in zip(images[:count], top.indices, top.values, labels[:count], strict=True)]
+        grid = make_grid(torch.stack(pictures), nrow=min(8, count), padding=4, pad_value=255)
+        send_picture(self.loggers, f"val/predictions_{self._pictures_sent}", grid, self.global_step)
+        self._pictures_sent += count
+
+    def on_validation_epoch_start(self) -> None:
+        self._pictures_sent = 0
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_per_class("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_per_class("test")
+
+    def _log_per_class(self, stage: str) -> None:
+        """``<stage>/acc/<class name>`` for each class with images, the table of them (worst first), and the
+        confusion matrix as a picture."""
+        confusion = self.confusion[stage].compute()
+        self.confusion[stage].reset()
+        if not confusion.sum():
+            return
+        names = unique_names(self.categories)
+        accuracy = {self.label_map.category_ids[i]: value for i, value in per_class_accuracy(confusion).items()}
+        self.log_dict({f"{stage}/acc/{names[c]}": value for c, value in accuracy.items()}, rank_zero_only=False)
+        if self.trainer.sanity_checking or not self.trainer.is_global_zero:
+            return
+        rows = {names[c]: (accuracy.get(c, math.nan),) for c in self.categories}
+        log.info("%s", table(f"{stage}: accuracy per class over {int(confusion.sum())} images, worst first "
+                             "('-': no images)", ["accuracy"], rows, first="class"))
+        if self.log_images:
+            send_picture(self.loggers, f"{stage}/confusion_matrix",
+                         confusion_matrix_picture(confusion, list(self.label_map.names)), self.global_step)
 
     def predict_batch(self, batch) -> Tensor:
         images, _ = batch

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence, Type, Union
 
@@ -15,7 +16,9 @@ from torchvision.transforms.v2.functional import to_dtype
 
 import resnext_backbones as rb
 
-from .base import BackboneTask, gather_objects, sgd
+from .base import BackboneTask, gather_objects, log, sgd
+from .per_class import per_category_ap, table, unique_names
+from .pictures import detections_picture, ground_truth_picture, send_picture, side_by_side
 
 
 @dataclass(frozen=True)
@@ -88,7 +91,8 @@ class ObjectDetector(BackboneTask):
         categories: dataset category id -> name (set by the data module); metrics and predictions use these ids.
         map_backend: ``faster_coco_eval`` (the same numbers, ~5x faster: benchmarks/README.md) | ``pycocotools``,
             for torchmetrics' ``MeanAveragePrecision``.
-        log_images: validation images with predicted boxes sent to loggers that take pictures (TensorBoard).
+        log_images: how many validation images to send, each epoch, to the loggers that show pictures (TensorBoard):
+            ground truth and predictions side by side, boxes labelled with category names (and scores); 0 for none.
         optimizer: default SGD, lr 0.02 for 16 images, momentum 0.9, weight decay 1e-4 (the detection 1x recipe).
         lr_schedule: ``multistep`` | ``cosine`` | ``constant``, after a linear warmup.
         warmup_steps: optimizer steps of linear warmup from ``0.001 x lr``.
@@ -120,10 +124,12 @@ class ObjectDetector(BackboneTask):
         self.model = arch.build(fpn, num_classes, anchor_size, detections_per_image, min_size=min_size,
                                 max_size=max_size, **(detector_kwargs or {}))
         self.set_normalization(fpn.body.normalization)  # the weights' input convention, not a fixed ImageNet one
+        # extended_summary: the precision array, from which AP and AP50 per category come (tasks.per_class)
         self.metrics = self.stage_metrics(MeanAveragePrecision(box_format="xyxy", iou_type="bbox",
-                                                               backend=map_backend, sync_on_compute=False))
+                                                               backend=map_backend, sync_on_compute=False,
+                                                               extended_summary=True))
         self._eval_batches: List = []
-        self.log_images = log_images
+        self.log_images, self._pictures_sent = log_images, 0
 
     def trunk_module(self) -> nn.Module:
         return self.model.backbone.body
@@ -169,8 +175,8 @@ class ObjectDetector(BackboneTask):
         detections = self(images)
         self._eval_batches.append(([{k: v.cpu() for k, v in d.items()} for d in detections],
                                    [self._metric_target(t) for t in targets]))
-        if stage == "val" and batch_idx == 0 and self.log_images:
-            self._log_pictures(images, detections)
+        if stage == "val" and self._pictures_sent < self.log_images and not self.trainer.sanity_checking:
+            self._log_pictures(images, targets, detections)
 
     def _metric_target(self, target: Dict) -> Dict[str, Tensor]:
         return {"boxes": target["boxes"].as_subclass(Tensor).cpu(),
@@ -178,7 +184,7 @@ class ObjectDetector(BackboneTask):
                 "iscrowd": target["iscrowd"].cpu(), "area": target["area"].cpu()}
 
     def on_validation_epoch_start(self) -> None:
-        self._eval_batches = []
+        self._eval_batches, self._pictures_sent = [], 0
 
     on_test_epoch_start = on_validation_epoch_start
 
@@ -202,6 +208,19 @@ class ObjectDetector(BackboneTask):
         result = coco_map(self.metrics[stage], preds, targets)
         self.log_dict({f"{stage}/map": result["map"], f"{stage}/map_50": result["map_50"],
                        f"{stage}/map_75": result["map_75"]}, prog_bar=True, rank_zero_only=False)
+        self._log_per_category(stage, result, len(preds))
+
+    def _log_per_category(self, stage: str, result: Dict[str, Tensor], images: int) -> None:
+        """``<stage>/ap/<name>`` and ``<stage>/ap50/<name>`` for each category with ground truth, and the table of
+        them, worst first (not for the sanity check)."""
+        names = unique_names(self.categories)
+        values = per_category_ap(result, self.metrics[stage].iou_thresholds)
+        self.log_dict({f"{stage}/{kind}/{names[c]}": ap[i] for c, ap in values.items()
+                       for i, kind in enumerate(("ap", "ap50"))}, rank_zero_only=False)
+        if not self.trainer.sanity_checking and self.trainer.is_global_zero:
+            rows = {names[c]: values.get(c, (math.nan, math.nan)) for c in self.categories}
+            log.info("%s", table(f"{stage}: box AP per category over {images} images, worst first "
+                                 "('-': no ground truth)", ["AP", "AP50"], rows))
 
     def predict_batch(self, batch) -> List[Dict]:
         """COCO results (``image_id``, ``category_id``, ``bbox`` as xywh, ``score``) for the batch."""
@@ -214,15 +233,15 @@ class ObjectDetector(BackboneTask):
                         for b, c, s in zip(xywh.tolist(), det["labels"].tolist(), det["scores"].tolist(), strict=True)]
         return results
 
-    def _log_pictures(self, images: Sequence[Tensor], detections: List[Dict[str, Tensor]]) -> None:
-        experiment = getattr(self.logger, "experiment", None)
-        if not hasattr(experiment, "add_image"):
-            return
-        from torchvision.utils import draw_bounding_boxes
-
+    def _log_pictures(self, images: Sequence[Tensor], targets: Sequence[Dict], detections: List[Dict[str, Tensor]]
+                      ) -> None:
+        """Ground truth and predictions side by side, for the next images up to ``log_images`` this epoch."""
         names = self.categories
-        for i, (image, det) in enumerate(zip(images[: self.log_images], detections, strict=False)):
-            keep = det["scores"] > 0.3
-            picture = draw_bounding_boxes(to_dtype(image.cpu(), torch.uint8, scale=True), det["boxes"][keep].cpu(),
-                                          [names[int(c)] for c in det["labels"][keep]])
-            experiment.add_image(f"val/detections_{i}", picture, self.global_step)
+        for image, target, det in zip(images, targets, detections, strict=True):
+            if self._pictures_sent >= self.log_images:
+                return
+            truth = ground_truth_picture(image, target["boxes"].as_subclass(Tensor),
+                                         self.label_map.category_ids_of(target["labels"]).tolist(), names)
+            picture = side_by_side(truth, detections_picture(image, {k: v.cpu() for k, v in det.items()}, names))
+            send_picture(self.loggers, f"val/detections_{self._pictures_sent}", picture, self.global_step)
+            self._pictures_sent += 1

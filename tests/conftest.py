@@ -127,3 +127,19 @@ class KillAtStep(Callback):
     def on_train_batch_end(self, trainer, *args) -> None:
         if trainer.global_step == self.step:
             os.kill(os.getpid(), signal.SIGKILL)
+
+
+@pytest.fixture
+def drawn_captions(monkeypatch):
+    """The captions of every box torchvision draws from here on (the drawing itself goes on): what a picture is
+    labelled with."""
+    import torchvision.utils
+
+    captions, draw = [], torchvision.utils.draw_bounding_boxes
+
+    def recording(image, boxes, labels=None, **kwargs):
+        captions.append(list(labels))
+        return draw(image, boxes, labels, **kwargs)
+
+    monkeypatch.setattr(torchvision.utils, "draw_bounding_boxes", recording)
+    return captions

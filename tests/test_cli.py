@@ -75,11 +75,16 @@ def test_fit_trains_logs_finite_metrics_and_writes_a_checkpoint(fitted):
     assert checkpoint["hyper_parameters"]["gamma"] == 0.1  # base arguments (through **kwargs) are recorded too
 
 
-def raw_cocoeval(annotations: str, results: str) -> dict:
-    """pycocotools' own box mAP of a results file, the reference the logged metrics must equal."""
+def raw_cocoeval(annotations: str, results: str, categories=None):
+    """pycocotools' own box mAP of a results file, the reference the logged metrics must equal; with ``categories``,
+    its (AP, AP50) over those categories only."""
     ground_truth = COCO(annotations)
     evaluation = COCOeval(ground_truth, ground_truth.loadRes(results), "bbox")
+    if categories is not None:
+        evaluation.params.catIds = categories
     evaluation.evaluate(), evaluation.accumulate(), evaluation.summarize()
+    if categories is not None:
+        return evaluation.stats[0], evaluation.stats[1]
     return dict(zip(["map", "map_50", "map_75"], evaluation.stats[:3].tolist(), strict=True))
 
 
@@ -94,6 +99,29 @@ def test_validate_and_predict_of_one_checkpoint_equal_raw_cocoeval_of_the_writte
     reference = raw_cocoeval(large_object_coco["val_annotations"], str(tmp_path / "predictions.json"))
     assert reference["map"] > 0 and reference["map_50"] > 0, reference
     assert logged == pytest.approx(reference, abs=1e-6)
+    for category, name in {3: "square", 5: "disk", 9: "triangle"}.items():  # each has ground truth in this set
+        ap, ap50 = raw_cocoeval(large_object_coco["val_annotations"], str(tmp_path / "predictions.json"),
+                                [category])
+        assert float(validated.trainer.callback_metrics[f"val/ap/{name}"]) == pytest.approx(ap, abs=1e-6)
+        assert float(validated.trainer.callback_metrics[f"val/ap50/{name}"]) == pytest.approx(ap50, abs=1e-6)
+
+
+def test_validate_prints_the_per_category_table_worst_first(fitted, caplog):
+    _, config, tmp = fitted
+    with caplog.at_level("INFO", logger="tasks"):
+        validated = lightning_cli(["validate", "--config", config, "--ckpt_path", str(tmp / "ckpt" / "last.ckpt")])
+    metrics = validated.trainer.callback_metrics
+    (table,) = [r.getMessage() for r in caplog.records if "box AP per category" in r.getMessage()]
+    title, header, rule, *rows = table.splitlines()
+    assert title == "val: box AP per category over 5 images, worst first ('-': no ground truth)"
+    assert header.split() == ["|", "category", "|", "AP", "|", "AP50", "|"]
+    cells = [[cell.strip() for cell in row.strip("|").split("|")] for row in rows]
+    with_truth = [c for c in cells if c[1] != "-"]
+    assert [float(c[1]) for c in with_truth] == sorted(float(c[1]) for c in with_truth)  # worst first
+    for name, ap, ap50 in with_truth:
+        assert float(ap) == pytest.approx(float(metrics[f"val/ap/{name}"]), abs=5e-4)
+        assert float(ap50) == pytest.approx(float(metrics[f"val/ap50/{name}"]), abs=5e-4)
+    assert {c[0] for c in cells} == {"square", "disk", "triangle"}
 
 
 def test_validate_and_test_from_the_checkpoint(fitted):
@@ -127,18 +155,77 @@ def test_load_from_checkpoint_outside_the_cli_predicts(fitted, tiny_coco):
     assert det["boxes"].shape[1] == 4 and set(det["labels"].tolist()) <= {3, 5, 9}
 
 
-def test_classification_fit_through_the_cli_learns_a_separable_set(tmp_path, colour_folder):
+@pytest.fixture(scope="module")
+def colour_classifier(tmp_path_factory, colour_folder):
+    """A classifier fitted through the CLI on the colour set, with the default logger (TensorBoard): the CLI, its
+    folder, and the metrics of its last validation."""
+    tmp = tmp_path_factory.mktemp("classify")
+    args = classification_args(tmp, colour_folder, "--trainer.max_epochs", "3", "--trainer.accelerator", "cpu",
+                               "--model.optimizer", "torch.optim.AdamW", "--model.optimizer.lr", "0.001",
+                               "--model.log_images", "5")
+    cli = lightning_cli(args)
+    return cli, tmp, {k: float(v) for k, v in cli.trainer.callback_metrics.items()}
+
+
+def test_classification_fit_through_the_cli_learns_a_separable_set(colour_classifier):
     """12 steps on images whose class is their bright channel: well above the 1/3 of chance, in validation and, with
     metric objects of its own, in test."""
-    args = classification_args(tmp_path, colour_folder, "--trainer.max_epochs", "3", "--trainer.accelerator", "cpu",
-                               "--model.optimizer", "torch.optim.AdamW", "--model.optimizer.lr", "0.001")
-    cli = lightning_cli(args)
+    cli, _, metrics = colour_classifier
     assert cli.model.hparams.num_classes == 3
-    validated = float(cli.trainer.callback_metrics["val/acc"])
+    validated = metrics["val/acc"]
     assert validated >= 0.75
     (tested,) = cli.trainer.test(cli.model, datamodule=cli.datamodule)
     assert tested["test/acc"] == validated  # the same images and weights
     assert cli.model.metrics["test"]["acc"] is not cli.model.metrics["val"]["acc"]
+
+
+def by_hand(image_size):
+    """The validation preprocessing, written out here: resize to image_size / 0.875, center crop, to [0, 1]."""
+    from torchvision.transforms import v2
+
+    return v2.Compose([v2.Resize(round(image_size / 0.875), antialias=True), v2.CenterCrop(image_size),
+                       v2.ToDtype(torch.float32, scale=True)])
+
+
+def probabilities_by_hand(model, paths, image_size=32):
+    from tasks.data.images import read_rgb
+
+    with torch.no_grad():
+        return model.eval()(torch.stack([by_hand(image_size)(read_rgb(str(p))) for p in paths])).softmax(-1)
+
+
+def test_classification_logs_accuracy_per_class_and_pictures_to_tensorboard(colour_classifier, colour_folder):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cli, tmp, metrics = colour_classifier
+    val = Path(colour_folder["val_dir"])
+    for name in ("red", "green", "blue"):
+        paths = sorted((val / name).glob("*.png"))
+        predicted = probabilities_by_hand(cli.model, paths).argmax(-1)
+        expected = float((predicted == cli.model.label_map.names.index(name)).float().mean())
+        assert metrics[f"val/acc/{name}"] == pytest.approx(expected), name
+    tags = EventAccumulator(str(tmp / "lightning_logs" / "version_0")).Reload().Tags()["images"]
+    assert {"val/confusion_matrix", "val/predictions_0"} <= set(tags), tags
+
+
+def test_validation_pictures_reach_tensorboard_without_extra_steps(fitted, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    _, config, tmp = fitted
+    lightning_cli(["validate", "--config", config, "--ckpt_path", str(tmp / "ckpt" / "last.ckpt"),
+                   "--trainer.logger", "lightning.pytorch.loggers.TensorBoardLogger",
+                   "--trainer.logger.save_dir", str(tmp_path)])
+    (version,) = tmp_path.glob("*/version_0")  # the config names the folder "logs"
+    tags = EventAccumulator(str(version)).Reload().Tags()["images"]
+    assert sorted(tags) == [f"val/detections_{i}" for i in range(4)]  # log_images: 4 by default
+
+
+def test_the_default_logger_shows_pictures(tmp_path):
+    """The default install includes TensorBoard, which Lightning then picks as its logger."""
+    from lightning.pytorch import Trainer
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    assert isinstance(Trainer(default_root_dir=tmp_path, enable_progress_bar=False).logger, TensorBoardLogger)
 
 
 @pytest.mark.parametrize("config", sorted(str(p.relative_to(REPO)) for p in (REPO / "configs").rglob("*.yaml")

@@ -58,6 +58,14 @@ def detections_coco(gt: COCO, results) -> COCO:
     return empty
 
 
+def as_prediction(results) -> dict:
+    """COCO results of one image as the detector gives them (xyxy boxes)."""
+    boxes = torch.tensor([r["bbox"] for r in results], dtype=torch.float64).reshape(-1, 4)
+    boxes[:, 2:] += boxes[:, :2]
+    return {"boxes": boxes.float(), "scores": torch.tensor([r["score"] for r in results]),
+            "labels": torch.tensor([r["category_id"] for r in results], dtype=torch.long)}
+
+
 @pytest.mark.parametrize("backend", ["pycocotools", "faster_coco_eval"])
 @pytest.mark.parametrize("detections", ["some", "none at all"])
 def test_logged_map_equals_raw_pycocotools(hard_val_set, backend, detections):
@@ -74,11 +82,7 @@ def test_logged_map_equals_raw_pycocotools(hard_val_set, backend, detections):
     for i in range(len(dataset)):
         _, target = dataset[i]
         targets.append(model._metric_target(target))
-        mine = [r for r in results if r["image_id"] == target["image_id"]]
-        boxes = torch.tensor([r["bbox"] for r in mine], dtype=torch.float64).reshape(-1, 4)
-        boxes[:, 2:] += boxes[:, :2]
-        preds.append({"boxes": boxes.float(), "scores": torch.tensor([r["score"] for r in mine]),
-                      "labels": torch.tensor([r["category_id"] for r in mine], dtype=torch.long)})
+        preds.append(as_prediction([r for r in results if r["image_id"] == target["image_id"]]))
     assert sum(int(t["iscrowd"].sum()) for t in targets) == 1 and any(len(t["boxes"]) == 0 for t in targets)
     result = coco_map(model.metrics["val"], preds, targets)
     if results:
@@ -86,3 +90,40 @@ def test_logged_map_equals_raw_pycocotools(hard_val_set, backend, detections):
     assert float(result["map"]) == pytest.approx(evaluation.stats[0], abs=1e-4)
     assert float(result["map_50"]) == pytest.approx(evaluation.stats[1], abs=1e-4)
     assert float(result["map_75"]) == pytest.approx(evaluation.stats[2], abs=1e-4)
+
+
+@pytest.mark.parametrize("backend", ["pycocotools", "faster_coco_eval"])
+def test_ap_per_category_equals_raw_pycocotools_restricted_to_the_category(hard_val_set, backend):
+    """AP and AP50 per category from the one evaluation equal pycocotools' summary of an evaluation of that category
+    alone; a category with detections but no ground truth (here 9: its boxes removed) has none."""
+    from tasks.per_class import per_category_ap
+
+    annotations, images = hard_val_set
+    data = json.loads(open(annotations).read())
+    data["annotations"] = [a for a in data["annotations"] if a["category_id"] != 9]
+    open(annotations, "w").write(json.dumps(data))
+    gt = COCO(annotations)
+    results = synthetic_predictions(gt, seed=3)
+    results += [{"image_id": image_id, "category_id": 9, "bbox": [10.0, 10.0, 20.0, 20.0], "score": 0.9}
+                for image_id in gt.getImgIds()[:2]]  # detections of a category with no ground truth
+    expected = {}
+    for category in (3, 5):
+        evaluation = COCOeval(gt, detections_coco(gt, results), "bbox")
+        evaluation.params.catIds = [category]
+        evaluation.evaluate(), evaluation.accumulate(), evaluation.summarize()
+        expected[category] = tuple(evaluation.stats[:2].tolist())
+
+    model = ObjectDetector(backbone="resnet18", num_classes=3, categories={3: "square", 5: "disk", 9: "triangle"},
+                           map_backend=backend)
+    dataset = CocoDetection(CocoIndex.from_file(annotations), images, keep_crowd=True)
+    preds, targets = [], []
+    for i in range(len(dataset)):
+        _, target = dataset[i]
+        targets.append(model._metric_target(target))
+        preds.append(as_prediction([r for r in results if r["image_id"] == target["image_id"]]))
+    result = coco_map(model.metrics["val"], preds, targets)
+    per_category = per_category_ap(result, model.metrics["val"].iou_thresholds)
+    assert sorted(per_category) == [3, 5]
+    for category in (3, 5):
+        assert 0.05 < expected[category][0] < 0.95  # a non-trivial case
+        assert per_category[category] == pytest.approx(expected[category], abs=1e-6)

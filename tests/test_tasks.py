@@ -176,23 +176,35 @@ def test_compile_option_keeps_outputs_and_checkpoint_keys():
     assert list(model.state_dict()) == keys
 
 
-def test_validation_pictures_go_to_loggers_that_take_images(monkeypatch):
-    class Experiment:
-        def __init__(self):
-            self.images = {}
+class RecordingExperiment:
+    """What a TensorBoard logger's ``experiment`` offers for pictures, recording them."""
 
-        def add_image(self, tag, image, step):
-            self.images[tag] = image
+    def __init__(self):
+        self.images = {}
 
-    experiment = Experiment()
-    monkeypatch.setattr(ObjectDetector, "logger", property(lambda self: type("L", (), {"experiment": experiment})()))
+    def add_image(self, tag, image, step):
+        self.images[tag] = image
+
+
+def test_validation_pictures_show_ground_truth_beside_predictions_labelled_with_names(monkeypatch, drawn_captions):
+    from types import SimpleNamespace
+
+    experiment = RecordingExperiment()
+    monkeypatch.setattr(ObjectDetector, "loggers", property(lambda self: [SimpleNamespace(experiment=experiment)]))
     model = detector("faster_rcnn", log_images=2, detector_kwargs={"box_score_thresh": 0.0}).eval()
+    force_class(model, "faster_rcnn", 1)  # every detection is a disk, scoring ~1
     images = [torch.rand(3, 64, 64), torch.rand(3, 48, 64), torch.rand(3, 64, 64)]
+    targets = [{"boxes": torch.tensor([[4.0, 4.0, 30.0, 40.0]]), "labels": torch.tensor([label])}
+               for label in (0, 2, 1)]
     with torch.no_grad():
-        model._log_pictures(images, model(images))
-    assert sorted(experiment.images) == ["val/detections_0", "val/detections_1"]
-    assert experiment.images["val/detections_1"].shape == (3, 48, 64)
+        model._log_pictures(images, targets, model(images))
+    assert sorted(experiment.images) == ["val/detections_0", "val/detections_1"]  # log_images=2 of the 3
+    # the 48x64 image enlarged 7 times (to a shorter side >= 320), twice, with an 8-pixel gap between
+    assert experiment.images["val/detections_1"].shape == (3, 48 * 7, 64 * 7 * 2 + 8)
     assert experiment.images["val/detections_0"].dtype == torch.uint8
+    truth, predicted = drawn_captions[2], drawn_captions[3]  # image 1: ground truth, then predictions
+    assert truth == ["triangle"]
+    assert predicted and all(c.startswith("disk 0.") or c == "disk 1.00" for c in predicted), predicted
 
 
 @pytest.mark.parametrize("architecture", ARCHITECTURES)
@@ -248,3 +260,36 @@ def test_skip_nonfinite_loss_counts_the_step_and_gives_a_zero_gradient():
     assert loss.item() == 0 and model.skipped_steps == 1
     grads = [p.grad for p in model.parameters() if p.requires_grad]
     assert all(g is not None and torch.count_nonzero(g) == 0 for g in grads)
+
+
+class FixedLogits:
+    """Logits chosen per image: image ``i`` (its first pixel holds ``i``) is predicted as ``predicted[i]``."""
+
+    def __init__(self, predicted, classes):
+        self.table = torch.nn.functional.one_hot(torch.tensor(predicted), classes).float() * 10
+
+    def __call__(self, images):
+        return self.table[images[:, 0, 0, 0].long()]
+
+
+def test_classification_logs_accuracy_per_class_a_table_worst_first_and_the_confusion_matrix(tmp_path, caplog):
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    labels = [0, 0, 0, 0, 1, 1, 2, 2, 2]
+    predicted = [0, 0, 1, 2, 1, 1, 2, 0, 2]  # by hand: a 2 of 4, b 2 of 2, c 2 of 3
+    model = ImageClassifier(backbone="resnet18", num_classes=3, categories={0: "a", 1: "b", 2: "c"})
+    model.forward = FixedLogits(predicted, 3)
+    images = torch.zeros(len(labels), 3, 4, 4)
+    images[:, 0, 0, 0] = torch.arange(len(labels)).float()
+    batches = [(images[i:i + 4], torch.tensor(labels[i:i + 4])) for i in range(0, len(labels), 4)]
+    trainer = Trainer(accelerator="cpu", logger=TensorBoardLogger(tmp_path), enable_progress_bar=False,
+                      enable_model_summary=False)
+    with caplog.at_level("INFO", logger="tasks"):
+        (metrics,) = trainer.validate(model, torch.utils.data.DataLoader(batches, batch_size=None))
+    assert metrics["val/acc/a"] == pytest.approx(0.5) and metrics["val/acc/b"] == 1.0
+    assert metrics["val/acc/c"] == pytest.approx(2 / 3)
+    (table,) = [r.getMessage() for r in caplog.records if "accuracy per class" in r.getMessage()]
+    assert [row.split("|")[1].strip() for row in table.splitlines()[3:]] == ["a", "c", "b"]  # worst first
+    tags = EventAccumulator(str(tmp_path / "lightning_logs" / "version_0")).Reload().Tags()["images"]
+    assert "val/confusion_matrix" in tags
