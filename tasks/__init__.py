@@ -1,7 +1,7 @@
 """Lightning tasks on ResNeXt backbones: classification and detection, trained from YAML configs."""
 
-from .callbacks import CocoResultsWriter
 from .classification import ImageClassifier
 from .detection import ObjectDetector
+from .writers import ClassificationResultsWriter, CocoResultsWriter
 
-__all__ = ["CocoResultsWriter", "ImageClassifier", "ObjectDetector"]
+__all__ = ["ClassificationResultsWriter", "CocoResultsWriter", "ImageClassifier", "ObjectDetector"]

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from torch.optim.lr_scheduler import LambdaLR
 from torchmetrics import Metric, MetricCollection
 
+from .classes import ClassesError, checkpoint_label_map, describe
 from .data.labels import LabelMap
 from .schedule import total_training_steps, warmup_then
 
@@ -141,6 +142,11 @@ class BackboneTask(LightningModule):
         checkpoint["input_normalization"] = dict(self.trunk_module().normalization)  # what the weights expect
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        saved = checkpoint_label_map(checkpoint)
+        if saved is not None and saved.categories != self.categories:
+            raise ClassesError(f"the checkpoint holds a model of {describe(saved.categories)}, but this model was "
+                               f"built for {describe(self.categories)}; build it with the checkpoint's categories "
+                               "(the lightning command does so where the data's labels allow)")
         self._rng_states_to_restore = checkpoint.get("rng_states")
         if "input_normalization" in checkpoint:  # not from the (possibly absent) initial weights file
             self.set_normalization(checkpoint["input_normalization"])

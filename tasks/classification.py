@@ -166,6 +166,8 @@ class ImageClassifier(BackboneTask):
                          confusion_matrix_picture(confusion, list(self.label_map.names)), self.global_step)
 
     def predict_batch(self, batch) -> Tensor:
+        """Class probabilities of the batch's images (rows in label order: ``label_map.names``); the writer callback
+        (:class:`~tasks.ClassificationResultsWriter`) pairs them with the batch's file names."""
         images, _ = batch
         return self(images).softmax(-1)
 

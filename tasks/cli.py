@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from .checkpoint_io import AtomicCheckpointIO
+from .classes import ClassesError, classes_for_model
 
 
 class TaskCLI(LightningCLI):
@@ -26,9 +27,33 @@ class TaskCLI(LightningCLI):
         return trainer
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        # One source of truth: the data module knows the classes, the model is told.
-        parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
-        parser.link_arguments("data.categories", "model.init_args.categories", apply_on="instantiate")
+        # One source of truth: the data module knows the classes and the model is told, except where a checkpoint
+        # predicts on unlabeled images: then its own classes win (tasks.classes says when and checks conflicts).
+        parser.link_arguments("data", "model.init_args.num_classes", apply_on="instantiate",
+                              compute_fn=lambda data: len(self.model_classes(data)))
+        parser.link_arguments("data", "model.init_args.categories", apply_on="instantiate",
+                              compute_fn=self.model_classes)
+
+    def model_classes(self, data) -> Dict[int, str]:
+        """The classes the model is built with (:func:`tasks.classes.classes_for_model`), worked out once."""
+        if getattr(self, "_model_classes", (None,))[0] is not data:
+            config = self.config[self.subcommand] if self.subcommand else self.config
+            self._model_classes = (data, classes_for_model(data, self.subcommand, config.get("ckpt_path")))
+        return self._model_classes[1]
+
+    def instantiate_classes(self) -> None:
+        try:
+            super().instantiate_classes()
+        except ValueError as e:  # a link's error comes wrapped in one that prints the whole data module
+            if isinstance(e.__cause__, ClassesError):
+                raise e.__cause__ from None
+            raise
+
+    def before_instantiate_classes(self) -> None:
+        # Predictions reach the files through writer callbacks as batches finish; Lightning would otherwise also
+        # keep every one of them in memory to return them, which the command line never uses.
+        if self.subcommand == "predict" and self.config.predict.get("return_predictions") is None:
+            self.config.predict.return_predictions = False
 
 
 def cli(args: Optional[List[str]] = None, run: bool = True) -> TaskCLI:

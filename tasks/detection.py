@@ -222,16 +222,12 @@ class ObjectDetector(BackboneTask):
             log.info("%s", table(f"{stage}: box AP per category over {images} images, worst first "
                                  "('-': no ground truth)", ["AP", "AP50"], rows))
 
-    def predict_batch(self, batch) -> List[Dict]:
-        """COCO results (``image_id``, ``category_id``, ``bbox`` as xywh, ``score``) for the batch."""
-        images, targets = batch
-        results = []
-        for target, det in zip(targets, self(images), strict=True):
-            xywh = det["boxes"].clone()
-            xywh[:, 2:] -= xywh[:, :2]
-            results += [{"image_id": int(target["image_id"]), "category_id": int(c), "bbox": b, "score": s}
-                        for b, c, s in zip(xywh.tolist(), det["labels"].tolist(), det["scores"].tolist(), strict=True)]
-        return results
+    def predict_batch(self, batch) -> List[Dict[str, Tensor]]:
+        """Detections per image of the batch, on the CPU: ``boxes`` (xyxy, in the pixels of the image as read: the
+        predict loaders do not transform), ``labels`` (dataset category ids), ``scores``. The writer callbacks
+        (:class:`~tasks.CocoResultsWriter`) pair them with the batch's image ids and file names."""
+        images, _ = batch
+        return [{k: v.cpu() for k, v in d.items()} for d in self(images)]
 
     def _log_pictures(self, images: Sequence[Tensor], targets: Sequence[Dict], detections: List[Dict[str, Tensor]]
                       ) -> None:

@@ -14,8 +14,10 @@ from conftest import classification_args
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from tasks import ObjectDetector
+from tasks import ImageClassifier, ObjectDetector
+from tasks.classes import ClassesError
 from tasks.cli import cli as lightning_cli
+from tasks.data import LabelMap
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL_HEADS = {"box_batch_size_per_image": 32, "rpn_pre_nms_top_n_train": 200, "rpn_post_nms_top_n_train": 100,
@@ -208,6 +210,108 @@ def test_classification_logs_accuracy_per_class_and_pictures_to_tensorboard(colo
     assert {"val/confusion_matrix", "val/predictions_0"} <= set(tags), tags
 
 
+def test_classification_predict_on_a_folder_writes_top_classes_and_probabilities(colour_classifier, colour_folder,
+                                                                                  tmp_path, caplog):
+    """The shipped config as is (a ResNeXt-26 on the shapes set): the checkpoint's model and classes are used."""
+    import shutil
+
+    ckpt = str(next((colour_classifier[1] / "lightning_logs").glob("version_0/checkpoints/*.ckpt")))
+    shutil.copytree(colour_folder["val_dir"], tmp_path / "new")
+    (tmp_path / "new" / "broken.png").write_bytes(b"not a png")
+    with caplog.at_level("WARNING", logger="tasks"):
+        lightning_cli(["predict", "--config", str(REPO / "configs/classification.yaml"), "--ckpt_path", ckpt,
+                       "--data.init_args.predict_dir", str(tmp_path / "new"), "--data.init_args.image_size", "32",
+                       "--data.init_args.num_workers", "0", "--trainer.logger", "false",
+                       "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(tmp_path)])
+    assert f"cannot decode image '{tmp_path / 'new' / 'broken.png'}'" in caplog.text  # reported, then skipped
+    header, *rows = list(csv.reader(open(tmp_path / "predictions.csv")))
+    assert header == ["path", "class_1", "probability_1", "class_2", "probability_2", "class_3", "probability_3"]
+    paths = sorted((tmp_path / "new").rglob("*/*.png"))
+    assert [row[0] for row in rows] == [str(p) for p in paths]
+    model = ImageClassifier.load_from_checkpoint(ckpt, map_location="cpu")
+    for row, expected in zip(rows, probabilities_by_hand(model, paths), strict=True):
+        top = expected.topk(3)
+        assert row[1::2] == [model.label_map.names[i] for i in top.indices.tolist()]
+        assert [float(p) for p in row[2::2]] == pytest.approx(top.values.tolist(), abs=1e-5)
+    assert sum(row[1] == Path(row[0]).parent.name for row in rows) >= 9  # the colours, mostly right
+
+
+def checkpoint_with_other_classes(source, target, categories):
+    """The fitted Faster R-CNN checkpoint cut down to ``categories`` (its first classes' head rows, renamed), as if
+    trained on another data set: another count of classes, other ids, other names."""
+    checkpoint = torch.load(source, weights_only=True)
+    state = checkpoint["state_dict"]
+    for name, per_class in (("cls_score", 1), ("bbox_pred", 4)):
+        for kind in ("weight", "bias"):
+            key = f"model.roi_heads.box_predictor.{name}.{kind}"
+            state[key] = state[key][: (len(categories) + 1) * per_class].clone()  # the background, then the classes
+    checkpoint["label_map"] = LabelMap.from_categories(categories).with_offset(1).to_dict()
+    checkpoint["hyper_parameters"].update(num_classes=len(categories), categories=categories)
+    checkpoint.pop("optimizer_states")
+    torch.save(checkpoint, target)
+    return str(target)
+
+
+PETS = {1: "cat", 7: "dog"}
+
+
+def test_predict_on_a_folder_with_the_shipped_config_uses_the_checkpoints_classes(fitted, tiny_coco, tmp_path,
+                                                                                  caplog, drawn_captions):
+    """configs/detection.yaml as is (the shapes set, a ResNeXt-26): a checkpoint of two other classes predicts on a
+    folder of images of every kind, with no annotations; results in the original pixels, as a COCO dataset."""
+    import shutil
+
+    from test_data import odd_images
+
+    ckpt = checkpoint_with_other_classes(fitted[2] / "ckpt" / "last.ckpt", tmp_path / "pets.ckpt", PETS)
+    shutil.copytree(tiny_coco["val_images"], tmp_path / "new" / "shapes")
+    expected = odd_images(tmp_path / "new" / "odd")
+    (tmp_path / "new" / "broken.jpg").write_bytes(b"not a jpeg")
+    (tmp_path / "new" / "notes.txt").write_text("not an image")
+    with caplog.at_level("INFO", logger="tasks"):
+        cli = lightning_cli(["predict", "--config", str(REPO / "configs/detection.yaml"), "--ckpt_path", ckpt,
+                             "--data.init_args.predict_images", str(tmp_path / "new"),
+                             "--data.init_args.num_workers", "0", "--trainer.logger", "false",
+                             "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(tmp_path),
+                             "--trainer.callbacks.init_args.draw_dir", str(tmp_path / "drawn"),
+                             "--trainer.callbacks.init_args.draw_threshold", "0.0"])
+    assert cli.model.categories == PETS and not cli.trainer.predict_loop.return_predictions
+    assert f"cannot decode image '{tmp_path / 'new' / 'broken.jpg'}'" in caplog.text  # reported, then skipped
+    images = json.loads((tmp_path / "predictions_images.json").read_text())
+    assert images["categories"] == [{"id": 1, "name": "cat"}, {"id": 7, "name": "dog"}]
+    shapes = sorted(f"shapes/{p.name}" for p in Path(tiny_coco["val_images"]).iterdir())
+    assert [i["file_name"] for i in images["images"]] == sorted([*(f"odd/{n}" for n in expected), *shapes])
+    sizes = {i["file_name"]: (i["height"], i["width"]) for i in images["images"]}
+    for name, decoded in expected.items():  # as displayed: the EXIF-rotated one is 40 high, 20 wide
+        assert sizes[f"odd/{name}"] == decoded.shape[1:], name
+    results = json.loads((tmp_path / "predictions.json").read_text())
+    assert results and {r["category_id"] for r in results} <= set(PETS)
+    for r in results:  # boxes in the pixels of the image they came from (to float32's precision)
+        x, y, w, h = r["bbox"]
+        height, width = sizes[r["file_name"]]
+        assert -1e-3 <= x <= x + w <= width + 1e-3 and -1e-3 <= y <= y + h <= height + 1e-3, r
+    dataset = COCO(str(tmp_path / "predictions_images.json")).loadRes(str(tmp_path / "predictions.json"))
+    assert len(dataset.getAnnIds()) == len(results) and len(dataset.getImgIds()) == len(images["images"])
+    assert sorted(str(p.relative_to(tmp_path / "drawn")) for p in (tmp_path / "drawn").rglob("*.png")) == \
+        sorted(f"{name}.png" for name in sizes)
+    drawn = [caption for captions in drawn_captions for caption in captions]
+    assert drawn and all(c.split()[0] in ("cat", "dog") and 0 <= float(c.split()[1]) <= 1 for c in drawn), drawn
+
+
+def test_the_checkpoints_classes_win_over_other_training_data_where_no_labels_are_compared(fitted, tiny_coco,
+                                                                                           tmp_path):
+    ckpt = checkpoint_with_other_classes(fitted[2] / "ckpt" / "last.ckpt", tmp_path / "pets.ckpt", PETS)
+    config = detection_config(tmp_path, tiny_coco)  # three other categories
+    cli = lightning_cli(["predict", "--config", config, "--ckpt_path", ckpt, "--data.init_args.predict_images",
+                         tiny_coco["val_images"]])
+    assert cli.model.categories == PETS
+    assert {r["category_id"] for r in json.loads((tmp_path / "predictions.json").read_text())} <= set(PETS)
+    with pytest.raises(ClassesError, match=r"the checkpoint .*pets.ckpt was trained on \{1: 'cat', 7: 'dog'\} \(2 "
+                                           r"categories\), but data.val_annotations .* lists \{3: 'square', 5: 'disk', "
+                                           r"9: 'triangle'\} \(3 categories\); validate compares"):
+        lightning_cli(["validate", "--config", config, "--ckpt_path", ckpt])
+
+
 def test_validation_pictures_reach_tensorboard_without_extra_steps(fitted, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -228,12 +332,27 @@ def test_the_default_logger_shows_pictures(tmp_path):
     assert isinstance(Trainer(default_root_dir=tmp_path, enable_progress_bar=False).logger, TensorBoardLogger)
 
 
+@pytest.mark.parametrize("overlay, expected", [
+    ("detection_no_flip.yaml", []),
+    ("detection_photometric_iou_crop.yaml", ["RandomPhotometricDistort", "RandomZoomOut", "RandomIoUCrop",
+                                             "RandomHorizontalFlip"])])
+def test_augmentations_from_a_config_train_through_lightning_fit(tmp_path, tiny_coco, overlay, expected):
+    cli = lightning_cli(["fit", "--config", detection_config(tmp_path, tiny_coco), "--config",
+                         str(REPO / "configs" / "augment" / overlay), "--trainer.max_steps", "3",
+                         "--trainer.limit_val_batches", "0"])
+    assert [type(t).__name__ for t in cli.datamodule.train_transforms().transforms] == \
+        expected + ["ConvertBoundingBoxFormat", "ClampBoundingBoxes", "SanitizeBoundingBoxes"]
+    assert cli.trainer.global_step == 3 and math.isfinite(float(cli.trainer.callback_metrics["train/loss"]))
+
+
 @pytest.mark.parametrize("config", sorted(str(p.relative_to(REPO)) for p in (REPO / "configs").rglob("*.yaml")
                                           if p.name != "base_1x.yaml"))
 def test_every_shipped_config_parses(config, capsys):
     configs = ["--config", str(REPO / config)]
     if "coco/" in config:
         configs = ["--config", str(REPO / "configs/coco/base_1x.yaml")] + configs
+    if "augment/" in config:  # additions to the quick start
+        configs = ["--config", str(REPO / "configs/detection.yaml")] + configs
     with pytest.raises(SystemExit) as exit_:
         lightning_cli(["fit", *configs, "--print_config"])
     assert exit_.value.code in (0, None)
@@ -255,6 +374,31 @@ def test_help_documents_the_base_arguments_from_the_base_docstring(task, capsys)
         assert f"--model.{name} " in shown, name
     assert "--model.gamma GAMMA lr factor at each milestone. (type: float, default: 0.1)" in shown
     assert "--model.skip_nonfinite_loss {true,false} on a NaN/inf loss, skip the step" in shown
+
+
+@pytest.mark.parametrize("group, component, argument, documented", [
+    ("data", "tasks.data.CocoDetectionDataModule", "predict_images", "images to predict on, with no annotations"),
+    ("data", "tasks.data.CocoDetectionDataModule", "train_transforms", "training augmentation, a list of box-aware"),
+    ("data", "tasks.data.CocoDetectionDataModule", "val_transforms", "the same for validation and test"),
+    ("data", "tasks.data.CocoDetectionDataModule", "horizontal_flip", "in the default augmentation (default 0.5)"),
+    ("data", "tasks.data.ImageFolderDataModule", "predict_dir", "images to predict on, with no labels"),
+    ("data", "tasks.data.ImageFolderDataModule", "train_transforms", "it must end in ``image_size`` squares"),
+    ("data", "tasks.data.ImageFolderDataModule", "val_transforms", "the same for validation, test and predict"),
+    ("data", "tasks.data.ImageFolderDataModule", "crop_scale", "in the default training augmentation"),
+    ("model", "tasks.ObjectDetector", "log_images", "ground truth and predictions side by side"),
+    ("model", "tasks.ImageClassifier", "log_images", "captioned with the predicted class"),
+    ("trainer.callbacks", "tasks.CocoResultsWriter", "images_output", "the images file; default beside ``output``"),
+    ("trainer.callbacks", "tasks.CocoResultsWriter", "draw_dir", "labelled with category name and score"),
+    ("trainer.callbacks", "tasks.ClassificationResultsWriter", "top_k", "classes per image"),
+])
+def test_help_documents_every_argument_of_prediction_and_augmentation(group, component, argument, documented,
+                                                                       capsys):
+    with pytest.raises(SystemExit):
+        lightning_cli(["fit", f"--{group}.help", component])
+    shown = " ".join(capsys.readouterr().out.split())
+    option = f"--{group}.{argument}"
+    own = shown.rsplit(f"{option} ", 1)[1].split(f"{option}+ {argument.upper()}")[-1]  # after the usage (and alias)
+    assert documented in own.split(" --")[0]
 
 
 @pytest.mark.parametrize("argument, named", [("--model.init_args.min_sizee=3", "min_sizee"),

@@ -1,0 +1,214 @@
+"""Writer callbacks for ``predict``: results reach disk as batches finish, so memory stays flat on any number of
+images (the shipped configs hold them in ``trainer.callbacks``)."""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import heapq
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Dict, Iterable, Iterator, List, Optional, Sequence
+
+from lightning.pytorch.callbacks import BasePredictionWriter
+
+from .classification import ImageClassifier
+from .detection import ObjectDetector
+from .pictures import detections_picture, write_png
+
+log = logging.getLogger("tasks")
+
+
+@contextlib.contextmanager
+def replaced_whole(path: Path, newline: Optional[str] = None):
+    """Write ``path`` through a temporary file beside it, renamed over it only once it is complete: a run stopped
+    half-way leaves no truncated file that looks like a result."""
+    temporary = path.with_name(f".{path.name}.partial")
+    with open(temporary, "w", newline=newline) as f:
+        yield f
+    os.replace(temporary, path)
+
+
+def merged_parts(paths: Sequence[Path]) -> Iterator[dict]:
+    """The rows (JSON lines) of the part files, merged in ``image_id`` order; each part is in that order already (the
+    predict loaders list images by ascending id, and a process reads an ascending share of them), so one row per part
+    is in memory at a time."""
+    def rows(path: Path) -> Iterator[dict]:
+        with open(path) as f:
+            for line in f:
+                yield json.loads(line)
+
+    return heapq.merge(*(rows(p) for p in paths), key=lambda row: row["image_id"])
+
+
+class StreamingWriter(BasePredictionWriter):
+    """Base of the writers here: each process appends the rows of its batches (one JSON line per image, with its
+    ``image_id``) to a part file of its own as the batches finish; at the end, process 0 merges the parts in image
+    order into the outputs (:meth:`assemble`) and removes them.
+
+    Subclasses say which model they take (``model_class``), what a batch gives (:meth:`rows`) and what the outputs are.
+    """
+
+    model_class: type = object
+    default_name = "predictions"
+
+    def __init__(self, output: Optional[str] = None) -> None:
+        super().__init__(write_interval="batch")
+        self.output = output
+        self._part = None
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if stage == "predict" and not isinstance(pl_module, self.model_class):
+            raise TypeError(f"{type(self).__name__} writes the predictions of {self.model_class.__name__} models, but "
+                            f"the model is {type(pl_module).__name__}; put the writer of its task in trainer.callbacks "
+                            "(tasks.CocoResultsWriter for detection, tasks.ClassificationResultsWriter for "
+                            "classification)")
+
+    def output_path(self, trainer) -> Path:
+        """``output``, or ``<log_dir>/<default_name>``."""
+        return Path(self.output) if self.output else Path(trainer.log_dir or ".") / self.default_name
+
+    def part_path(self, rank: int) -> Path:
+        return self.path.with_name(f".{self.path.name}.part{rank}")
+
+    def on_predict_start(self, trainer, pl_module) -> None:
+        self.path = self.output_path(trainer)  # every process asks: trainer.log_dir is a collective under DDP
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._part = open(self.part_path(trainer.global_rank), "w")
+
+    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx: int,
+                           dataloader_idx: int = 0) -> None:
+        if batch is None:  # every image of the batch was unreadable (reported by the loader)
+            return
+        for row in self.rows(pl_module, prediction, batch):
+            self._part.write(json.dumps(row) + "\n")
+        self._part.flush()
+
+    def on_predict_epoch_end(self, trainer, pl_module) -> None:
+        self._part.close()
+        trainer.strategy.barrier()
+        if trainer.is_global_zero:
+            parts = [self.part_path(rank) for rank in range(trainer.world_size)]
+            self.assemble(merged_parts(parts), pl_module)
+            for part in parts:
+                part.unlink()
+        trainer.strategy.barrier()
+
+    def rows(self, pl_module, prediction, batch) -> Iterable[dict]:
+        """One JSON-ready dict per image of the batch, with its ``image_id``."""
+        raise NotImplementedError
+
+    def assemble(self, rows: Iterator[dict], pl_module) -> None:
+        """Write the outputs from every image's row, in image order."""
+        raise NotImplementedError
+
+
+class CocoResultsWriter(StreamingWriter):
+    """On ``predict``, write the detector's results as a COCO results JSON (dataset category ids, xywh boxes in the
+    original image's pixels), whose entries also carry the image's ``file_name``; beside it, the images (``id``,
+    ``file_name``, ``width``, ``height``) and the categories, so that ``COCO(images).loadRes(predictions)`` turns the
+    two into a COCO dataset. Both are written as batches finish (parts per process, merged at the end).
+
+    Args:
+        output: the results file; default ``<log_dir>/predictions.json``.
+        images_output: the images file; default beside ``output``, named ``<output stem>_images.json``.
+        draw_dir: if set, also write each image as PNG here (under its ``file_name`` + ``.png``), with the boxes
+            scoring at least ``draw_threshold`` labelled with category name and score; images smaller than 320
+            pixels are enlarged so that the labels stay legible.
+        draw_threshold: lowest score drawn.
+    """
+
+    model_class = ObjectDetector
+    default_name = "predictions.json"
+
+    def __init__(self, output: Optional[str] = None, images_output: Optional[str] = None,
+                 draw_dir: Optional[str] = None, draw_threshold: float = 0.3) -> None:
+        super().__init__(output)
+        self.images_output, self.draw_dir, self.draw_threshold = images_output, draw_dir, draw_threshold
+
+    def images_path(self) -> Path:
+        if self.images_output:
+            return Path(self.images_output)
+        return self.path.with_name(f"{self.path.stem}_images.json")
+
+    def rows(self, pl_module, prediction: List[Dict], batch) -> Iterator[dict]:
+        images, infos = batch
+        for image, info, detections in zip(images, infos, prediction, strict=True):
+            order = detections["scores"].argsort(descending=True, stable=True)
+            xywh = detections["boxes"][order].clone()
+            xywh[:, 2:] -= xywh[:, :2]
+            yield {"image_id": int(info["image_id"]), "file_name": info["file_name"], "width": info["width"],
+                   "height": info["height"],
+                   "detections": [{"category_id": c, "bbox": b, "score": s} for b, c, s in zip(
+                       xywh.tolist(), detections["labels"][order].tolist(), detections["scores"][order].tolist(),
+                       strict=True)]}
+            if self.draw_dir:
+                picture = detections_picture(image, detections, pl_module.categories, self.draw_threshold)
+                write_png(picture, self.picture_path(info))
+
+    def picture_path(self, info: dict) -> Path:
+        """``draw_dir/<file_name>.png``; a file name outside the image folder gets a flat one with its image id."""
+        name = Path(info["file_name"])
+        if name.is_absolute() or ".." in name.parts:
+            name = Path(f"{info['image_id']}_{name.name}")
+        return Path(self.draw_dir) / f"{name}.png"
+
+    def assemble(self, rows: Iterator[dict], pl_module) -> None:
+        images_path, count, detections = self.images_path(), 0, 0
+        with replaced_whole(self.path) as results, replaced_whole(images_path) as images:
+            results.write("[")
+            images.write('{"images": [')
+            for row in rows:
+                images.write(("," if count else "") + "\n" + json.dumps(
+                    {"id": row["image_id"], "file_name": row["file_name"], "width": row["width"],
+                     "height": row["height"]}))
+                for d in row["detections"]:
+                    results.write(("," if detections else "") + "\n" + json.dumps(
+                        {"image_id": row["image_id"], "file_name": row["file_name"], **d}))
+                    detections += 1
+                count += 1
+            results.write("\n]\n")
+            categories = [{"id": i, "name": name} for i, name in pl_module.categories.items()]
+            images.write(f'\n], "categories": {json.dumps(categories)}}}\n')
+        log.info("wrote %d detections on %d images to %s (images and categories: %s)%s", detections, count, self.path,
+                 images_path, f"; pictures in {self.draw_dir}" if self.draw_dir else "")
+
+
+class ClassificationResultsWriter(StreamingWriter):
+    """On ``predict``, write a CSV with one row per image: its ``path``, then the ``top_k`` most probable class names
+    and their probabilities (``class_1``, ``probability_1``, ...). Written as batches finish (parts per process,
+    merged at the end).
+
+    Args:
+        output: the CSV file; default ``<log_dir>/predictions.csv``.
+        top_k: classes per image (at most the model's number of classes).
+    """
+
+    model_class = ImageClassifier
+    default_name = "predictions.csv"
+
+    def __init__(self, output: Optional[str] = None, top_k: int = 5) -> None:
+        super().__init__(output)
+        if not isinstance(top_k, int) or top_k < 1:
+            raise ValueError(f"ClassificationResultsWriter top_k={top_k!r} must be a positive integer")
+        self.top_k = top_k
+
+    def rows(self, pl_module, prediction, batch) -> Iterator[dict]:
+        _, info = batch
+        names = pl_module.label_map.names
+        top = prediction.float().topk(min(self.top_k, prediction.shape[-1]), dim=-1)
+        for i, (indices, values) in enumerate(zip(top.indices.tolist(), top.values.tolist(), strict=True)):
+            yield {"image_id": int(info["image_id"][i]), "path": info["path"][i],
+                   "top": [[names[j], p] for j, p in zip(indices, values, strict=True)]}
+
+    def assemble(self, rows: Iterator[dict], pl_module) -> None:
+        k, count = min(self.top_k, len(pl_module.label_map)), 0
+        with replaced_whole(self.path, newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["path"] + [f"{kind}_{i}" for i in range(1, k + 1) for kind in ("class", "probability")])
+            for row in rows:
+                writer.writerow([row["path"]] + [v for name, p in row["top"] for v in (name, f"{p:.6f}")])
+                count += 1
+        log.info("wrote the top %d classes of %d images to %s", k, count, self.path)
