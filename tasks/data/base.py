@@ -14,6 +14,7 @@ from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, default_collate
 
 from .images import CorruptImageError
+from .labels import LabelMap
 
 log = logging.getLogger("tasks")
 
@@ -133,6 +134,18 @@ class BaseDataModule(LightningDataModule):
         self.batch_size, self.num_workers, self.skip_corrupt_images = batch_size, num_workers, skip_corrupt_images
         self.seed = torch.initial_seed() % 2**31  # set by seed_everything before the CLI builds this module
         self._samples: List[Samples] = []
+        self.label_map: Optional[LabelMap] = None  # set by each data module from its labelled data
+
+    @property
+    def categories(self) -> Optional[Dict[int, str]]:
+        """``{category id: name}`` of the labelled data (an image folder's class index is its id; ``None`` without
+        labelled data): the model is told these (``lightning`` links them, unless the checkpoint of an unlabeled
+        ``predict`` decides)."""
+        return None if self.label_map is None else self.label_map.categories
+
+    @property
+    def num_classes(self) -> Optional[int]:
+        return None if self.label_map is None else len(self.label_map)
 
     def loader(self, dataset: Dataset, *, train: bool, collate_fn: Optional[Callable] = None,
                drop_last: bool = False, skip_corrupt: bool = False) -> DataLoader:

@@ -7,7 +7,7 @@ import json
 import logging
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import List, Optional
 
 import numpy as np
 import torch
@@ -258,7 +258,6 @@ class CocoDetectionDataModule(BaseDataModule):
         self.skip_missing_images = skip_missing_images
         self.train_index: Optional[CocoIndex] = None
         self.val_index: Optional[CocoIndex] = None
-        self.label_map: Optional[LabelMap] = None
         paths = [train_annotations, train_images, val_annotations, val_images]
         if all(p is None for p in paths):
             if predict_images is not None:
@@ -277,16 +276,6 @@ class CocoDetectionDataModule(BaseDataModule):
         self.val_index = check_image_files(CocoIndex.from_file(self.val_annotations), self.val_images, "val_images",
                                            skip_missing_images, skip_corrupt_images)
         self.label_map = self.val_index.label_map
-
-    @property
-    def categories(self) -> Optional[Dict[int, str]]:
-        """``{category id: name}`` of the labelled data (``None`` without any): the model is told these
-        (``lightning`` links them, unless the checkpoint of an unlabeled ``predict`` decides)."""
-        return None if self.label_map is None else self.label_map.categories
-
-    @property
-    def num_classes(self) -> Optional[int]:
-        return None if self.label_map is None else len(self.label_map)
 
     @property
     def label_source(self) -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import List, Optional, Tuple
 
 from torchvision.datasets import ImageFolder
 from torchvision.transforms import v2
@@ -56,7 +56,6 @@ class ImageFolderDataModule(BaseDataModule):
             raise ValueError(f"data.crop_scale={list(crop_scale)} must be two fractions 0 < low <= high <= 1")
         self.image_size, self.crop_scale, self.predict_dir = image_size, crop_scale, predict_dir
         self.train_transform_list, self.val_transform_list = train_transforms, val_transforms
-        self.label_map: Optional[LabelMap] = None
         if train_dir is None and val_dir is None:
             if predict_dir is not None:
                 self.train_dir = self.val_dir = None
@@ -77,16 +76,6 @@ class ImageFolderDataModule(BaseDataModule):
         if classes != train_classes:
             raise ValueError(f"data.train_dir and data.val_dir hold different classes: {train_classes} vs {classes}")
         self.label_map = LabelMap.from_categories(dict(enumerate(classes)))  # ImageFolder's class indices
-
-    @property
-    def categories(self) -> Optional[Dict[int, str]]:
-        """``{class index: folder name}`` (``None`` without labelled data): the model is told these (``lightning``
-        links them, unless the checkpoint of an unlabeled ``predict`` decides)."""
-        return None if self.label_map is None else self.label_map.categories
-
-    @property
-    def num_classes(self) -> Optional[int]:
-        return None if self.label_map is None else len(self.label_map)
 
     @property
     def label_source(self) -> str:
