@@ -36,11 +36,11 @@ def detection_config(tmp_path, data, **model):
                     "enable_model_summary": False, "enable_progress_bar": False, "log_every_n_steps": 1,
                     "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger",
                                "init_args": {"save_dir": str(tmp_path), "name": "logs"}},
-                    "callbacks": [{"class_path": "tasks.CocoResultsWriter",
+                    "callbacks": [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                                   "init_args": {"dirpath": str(tmp_path / "ckpt"), "save_last": True}},
+                                  {"class_path": "tasks.CocoResultsWriter",  # last, as in the shipped configs
                                    "init_args": {"output": str(tmp_path / "predictions.json"),
-                                                 "draw_dir": str(tmp_path / "drawn")}},
-                                  {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                                   "init_args": {"dirpath": str(tmp_path / "ckpt"), "save_last": True}}]},
+                                                 "draw_dir": str(tmp_path / "drawn")}}]},
     }
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -483,6 +483,27 @@ def test_ddp_on_two_processes_trains_and_evaluates_each_image_once(fitted, large
     assert one["val/map_50"] == pytest.approx(two["val/map_50"], abs=1e-6)
     run_cli("fit", "--config", config, "--model.init_args.trainable_stages", "2", "--trainer.max_steps", "2",
             "--trainer.limit_val_batches", "1", *ddp_args, cwd=tmp_path)
+
+
+def test_predict_on_two_processes_writes_what_one_process_writes(fitted, tiny_coco, tmp_path):
+    """Each DDP process writes the rows of its share of the images to a part of its own; merged in image order, the
+    files equal those of one process."""
+    _, config, tmp = fitted
+    written = {}
+    for name, processes in (("one", []), ("two", ["--trainer.devices", "2", "--trainer.strategy", "ddp"])):
+        output = tmp_path / name / "predictions.json"
+        run_cli("predict", "--config", config, "--ckpt_path", str(tmp / "ckpt" / "last.ckpt"), *processes,
+                "--data.init_args.predict_images", tiny_coco["val_images"], "--data.init_args.batch_size", "1",
+                "--trainer.callbacks.init_args.output", str(output), cwd=tmp_path)
+        assert sorted(p.name for p in output.parent.iterdir()) == ["predictions.json", "predictions_images.json"]
+        written[name] = (json.loads(output.read_text()), json.loads((output.parent / "predictions_images.json")
+                                                                   .read_text()))
+    (one, one_images), (two, two_images) = written["one"], written["two"]
+    assert two_images == one_images and len(one_images["images"]) == 5
+    assert [(r["image_id"], r["file_name"], r["category_id"]) for r in two] == \
+        [(r["image_id"], r["file_name"], r["category_id"]) for r in one]
+    flat = lambda results: [v for r in results for v in r["bbox"] + [r["score"]]]  # noqa: E731
+    assert flat(two) == pytest.approx(flat(one), abs=1e-4)
 
 
 def test_the_installed_lightning_command_exits_cleanly(tmp_path):
