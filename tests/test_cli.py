@@ -312,16 +312,18 @@ def test_the_checkpoints_classes_win_over_other_training_data_where_no_labels_ar
         lightning_cli(["validate", "--config", config, "--ckpt_path", ckpt])
 
 
-def test_validation_pictures_reach_tensorboard_without_extra_steps(fitted, tmp_path):
+@pytest.mark.parametrize("log_images, expected", [([], [f"val/detections_{i}" for i in range(4)]),  # default: 4
+                                                   (["--model.init_args.log_images", "0"], [])])  # off
+def test_validation_pictures_reach_tensorboard_without_extra_steps(fitted, tmp_path, log_images, expected):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    _, config, tmp = fitted
-    lightning_cli(["validate", "--config", config, "--ckpt_path", str(tmp / "ckpt" / "last.ckpt"),
+    _, config, _ = fitted  # no checkpoint: its hyperparameters would override log_images (Lightning issue #20801)
+    lightning_cli(["validate", "--config", config, *log_images,
                    "--trainer.logger", "lightning.pytorch.loggers.TensorBoardLogger",
                    "--trainer.logger.save_dir", str(tmp_path)])
     (version,) = tmp_path.glob("*/version_0")  # the config names the folder "logs"
     tags = EventAccumulator(str(version)).Reload().Tags()["images"]
-    assert sorted(tags) == [f"val/detections_{i}" for i in range(4)]  # log_images: 4 by default
+    assert sorted(tags) == expected
 
 
 def test_the_default_logger_shows_pictures(tmp_path):

@@ -272,13 +272,16 @@ class FixedLogits:
         return self.table[images[:, 0, 0, 0].long()]
 
 
-def test_classification_logs_accuracy_per_class_a_table_worst_first_and_the_confusion_matrix(tmp_path, caplog):
+@pytest.mark.parametrize("log_images", [16, 0])
+def test_classification_logs_accuracy_per_class_a_table_worst_first_and_the_confusion_matrix(tmp_path, caplog,
+                                                                                            log_images):
     from lightning.pytorch.loggers import TensorBoardLogger
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     labels = [0, 0, 0, 0, 1, 1, 2, 2, 2]
     predicted = [0, 0, 1, 2, 1, 1, 2, 0, 2]  # by hand: a 2 of 4, b 2 of 2, c 2 of 3
-    model = ImageClassifier(backbone="resnet18", num_classes=3, categories={0: "a", 1: "b", 2: "c"})
+    model = ImageClassifier(backbone="resnet18", num_classes=3, categories={0: "a", 1: "b", 2: "c"},
+                            log_images=log_images)
     model.forward = FixedLogits(predicted, 3)
     images = torch.zeros(len(labels), 3, 4, 4)
     images[:, 0, 0, 0] = torch.arange(len(labels)).float()
@@ -292,4 +295,5 @@ def test_classification_logs_accuracy_per_class_a_table_worst_first_and_the_conf
     (table,) = [r.getMessage() for r in caplog.records if "accuracy per class" in r.getMessage()]
     assert [row.split("|")[1].strip() for row in table.splitlines()[3:]] == ["a", "c", "b"]  # worst first
     tags = EventAccumulator(str(tmp_path / "lightning_logs" / "version_0")).Reload().Tags()["images"]
-    assert "val/confusion_matrix" in tags
+    assert sorted(tags) == (["val/confusion_matrix", "val/predictions_0", "val/predictions_4", "val/predictions_8"]
+                            if log_images else [])  # a grid per batch (4, 4, 1 images); log_images: 0, none
