@@ -71,8 +71,10 @@ def classes_for_model(data, stage: Optional[str], ckpt_path: Optional[str]) -> D
     theirs = read_checkpoint_label_map(ckpt_path) if ckpt_path and Path(ckpt_path).is_file() else None
     if theirs is None:
         if ours is None:
-            raise ClassesError(f"{type(data).__name__} has no labelled data to take the classes from; give "
-                               "--ckpt_path of a trained model (its classes are used), or labelled data")
+            reason = (f"--ckpt_path {ckpt_path!r} is not a file here, so its classes cannot be read" if ckpt_path
+                      else "no --ckpt_path was given")
+            raise ClassesError(f"{type(data).__name__} has no labelled data to take the classes from, and {reason}; "
+                               "give --ckpt_path of a trained model (its classes are used), or labelled data")
         return ours
     if ours is None or (stage == "predict" and getattr(data, "predicts_unlabeled", False)):
         if ours is not None and ours != theirs.categories:

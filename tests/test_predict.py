@@ -51,8 +51,11 @@ def test_a_stage_that_compares_with_labels_refuses_a_checkpoint_of_other_classes
 
 
 def test_no_classes_anywhere_is_an_error_and_old_checkpoints_give_theirs_through_hyperparameters(tmp_path):
-    with pytest.raises(ClassesError, match="has no labelled data to take the classes from; give --ckpt_path"):
+    with pytest.raises(ClassesError, match="has no labelled data to take the classes from, and no --ckpt_path was "
+                                           "given; give --ckpt_path of a trained model"):
         classes_for_model(data(None, unlabeled=True), "predict", None)
+    with pytest.raises(ClassesError, match=r"and --ckpt_path '.*gone.ckpt' is not a file here, so its classes cannot"):
+        classes_for_model(data(None, unlabeled=True), "predict", str(tmp_path / "gone.ckpt"))
     old = tmp_path / "old.ckpt"
     torch.save({"hyper_parameters": {"num_classes": 2, "categories": PETS}}, old)
     assert classes_for_model(data(None, unlabeled=True), "predict", str(old)) == PETS
