@@ -10,7 +10,7 @@ import sys
 
 import torch
 
-names = ["backbone", "detector", "data", "evaluation"] + (["gpu"] if torch.cuda.is_available() else [])
+names = ["backbone", "detector", "data", "evaluation", "predict"] + (["gpu"] if torch.cuda.is_available() else [])
 for name in names:
     print(f"== python -m benchmarks.{name}", flush=True)
     subprocess.run([sys.executable, "-m", f"benchmarks.{name}"], check=True)
