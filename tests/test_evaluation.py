@@ -66,6 +66,20 @@ def as_prediction(results) -> dict:
             "labels": torch.tensor([r["category_id"] for r in results], dtype=torch.long)}
 
 
+def evaluate_through_the_task(annotations: str, images: str, results, backend: str):
+    """``(model, targets, mAP result)``: ``results`` (COCO results) scored by the detector's own metric, with the
+    targets its data and label map make of the annotation file."""
+    model = ObjectDetector(backbone="resnet18", num_classes=3, categories={3: "square", 5: "disk", 9: "triangle"},
+                           map_backend=backend)
+    dataset = CocoDetection(CocoIndex.from_file(annotations), images, keep_crowd=True)
+    preds, targets = [], []
+    for i in range(len(dataset)):
+        _, target = dataset[i]
+        targets.append(model._metric_target(target))
+        preds.append(as_prediction([r for r in results if r["image_id"] == target["image_id"]]))
+    return model, targets, coco_map(model.metrics["val"], preds, targets)
+
+
 @pytest.mark.parametrize("backend", ["pycocotools", "faster_coco_eval"])
 @pytest.mark.parametrize("detections", ["some", "none at all"])
 def test_logged_map_equals_raw_pycocotools(hard_val_set, backend, detections):
@@ -75,16 +89,8 @@ def test_logged_map_equals_raw_pycocotools(hard_val_set, backend, detections):
     evaluation = COCOeval(gt, detections_coco(gt, results), "bbox")
     evaluation.evaluate(), evaluation.accumulate(), evaluation.summarize()
 
-    model = ObjectDetector(backbone="resnet18", num_classes=3, categories={3: "square", 5: "disk", 9: "triangle"},
-                           map_backend=backend)
-    dataset = CocoDetection(CocoIndex.from_file(annotations), images, keep_crowd=True)
-    preds, targets = [], []
-    for i in range(len(dataset)):
-        _, target = dataset[i]
-        targets.append(model._metric_target(target))
-        preds.append(as_prediction([r for r in results if r["image_id"] == target["image_id"]]))
+    _, targets, result = evaluate_through_the_task(annotations, images, results, backend)
     assert sum(int(t["iscrowd"].sum()) for t in targets) == 1 and any(len(t["boxes"]) == 0 for t in targets)
-    result = coco_map(model.metrics["val"], preds, targets)
     if results:
         assert 0.05 < evaluation.stats[0] < 0.95  # a non-trivial case
     assert float(result["map"]) == pytest.approx(evaluation.stats[0], abs=1e-4)
@@ -113,15 +119,7 @@ def test_ap_per_category_equals_raw_pycocotools_restricted_to_the_category(hard_
         evaluation.evaluate(), evaluation.accumulate(), evaluation.summarize()
         expected[category] = tuple(evaluation.stats[:2].tolist())
 
-    model = ObjectDetector(backbone="resnet18", num_classes=3, categories={3: "square", 5: "disk", 9: "triangle"},
-                           map_backend=backend)
-    dataset = CocoDetection(CocoIndex.from_file(annotations), images, keep_crowd=True)
-    preds, targets = [], []
-    for i in range(len(dataset)):
-        _, target = dataset[i]
-        targets.append(model._metric_target(target))
-        preds.append(as_prediction([r for r in results if r["image_id"] == target["image_id"]]))
-    result = coco_map(model.metrics["val"], preds, targets)
+    model, _, result = evaluate_through_the_task(annotations, images, results, backend)
     per_category = per_category_ap(result, model.metrics["val"].iou_thresholds)
     assert sorted(per_category) == [3, 5]
     for category in (3, 5):
