@@ -3,9 +3,11 @@
 On the CPU, for channels_last inputs, every convolution then runs as one oneDNN kernel (convolution + bias
 [+ shortcut] [+ ReLU]) on a weight reordered once into oneDNN's blocked layout. ``F.conv2d`` reorders every
 weight on every call (100 MB for ResNeXt-50, per forward) and runs bias, add and ReLU as separate passes.
-Everywhere else (NCHW inputs, CUDA, autograd on the input, autocast, ``torch.compile``/``torch.export``,
-dtypes other than float32) the same modules run the plain aten ops: the same values, and the output keeps the
-input's memory format.
+That holds for float32 and, with the module cast to it (``.to(torch.bfloat16)``), for bfloat16 and float16
+inputs of the same dtype: on CPUs with AMX or AVX-512 BF16, oneDNN's low-precision kernels without autocast's
+per-call weight casts. Everywhere else (NCHW inputs, CUDA, autograd on the input, an input dtype other than the
+weights', autocast to another dtype, ``torch.compile``/``torch.export``) the same modules run the plain aten ops:
+the same values, and the output keeps the input's memory format.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 __all__ = ["FusedConv2d", "FusedBlock"]
 
 _ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
+_ONEDNN_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 class FusedConv2d(nn.Module):
@@ -61,9 +64,10 @@ class FusedConv2d(nn.Module):
     def _onednn(self, x: Tensor) -> bool:
         return (_ONEDNN and torch.backends.mkldnn.enabled and x.device.type == "cpu" and x.dim() == 4
                 and x.is_contiguous(memory_format=torch.channels_last)
-                and x.dtype == torch.float32 and self.weight.dtype == torch.float32
+                and x.dtype == self.weight.dtype and x.dtype in _ONEDNN_DTYPES
                 and not (x.requires_grad and torch.is_grad_enabled())
-                and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling())
+                and (not torch.is_autocast_enabled("cpu") or torch.get_autocast_dtype("cpu") == x.dtype)
+                and not torch.compiler.is_compiling())
 
     def _packed_weight(self, x: Tensor) -> Tensor:
         # oneDNN picks its kernel, and the weight layout it wants, by input shape: a weight packed for another

@@ -302,6 +302,20 @@ class ResNeXt(nn.Module):
                     layer[i] = FusedBlock(block, reuse_input=True)  # forward() never reads it again
         return self
 
+    def fused(self, dtype: Optional[torch.dtype] = None) -> ResNeXt:
+        """A copy of this trunk in inference form (:meth:`fuse`), channels_last, in ``dtype`` (default: this
+        trunk's): e.g. ``trunk.fused(torch.bfloat16)`` runs oneDNN's bf16 kernels on CPUs with AMX. Feed it
+        channels_last input of that dtype. This trunk is left as it is (training mode, weights and all): train on,
+        and call ``fused()`` again for the current weights. ``norm="gn"`` cannot be fused (``ValueError``)."""
+        if self.norm == "gn":
+            raise ValueError("norm='gn' cannot be fused: GroupNorm's statistics depend on the input")
+        with torch.device("meta"):  # no initialisation: every tensor comes from this trunk's state dict
+            copy = ResNeXt(self.spec, norm="frozen_bn" if self.norm == "frozen_bn" else "bn",  # sync_bn: bn in eval
+                           returned_features=self.returned_features)
+        copy.load_state_dict(self.state_dict(), assign=True)  # shares tensors until fuse() folds them into new ones
+        copy.normalization = dict(self.normalization)
+        return copy.eval().fuse().to(dtype=dtype, memory_format=torch.channels_last)
+
     def forward(self, x: Tensor) -> Dict[str, Tensor]:
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         out: Dict[str, Tensor] = {}

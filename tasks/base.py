@@ -3,9 +3,10 @@ schedule, channels_last, torch.compile, exact resumption."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
-from typing import Dict, Iterable, Optional, Sequence, Union
+from typing import Dict, Iterable, Iterator, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -18,6 +19,7 @@ from torchmetrics import Metric, MetricCollection
 
 from .classes import ClassesError, checkpoint_label_map, describe
 from .data.labels import LabelMap
+from .inference import InferenceRunner, precision_name
 from .schedule import total_training_steps, warmup_then
 
 log = logging.getLogger("tasks")
@@ -49,13 +51,21 @@ class BackboneTask(LightningModule):
         compile: ``torch.compile`` the trunk (in place, so checkpoints keep their keys).
         skip_nonfinite_loss: on a NaN/inf loss, skip the step (zero gradient; momentum and weight decay still
             apply) and count it, instead of stopping with an error that names the step and the batch.
+        inference_precision: ``32`` | ``bf16`` | ``16``: the precision of validate, test and predict, whatever
+            ``trainer.precision`` (the training precision) is. Low precision runs the trunk natively and the FPN
+            under autocast; heads and postprocessing stay float32. Applied where the device computes it natively
+            (CUDA; CPUs with AMX or AVX-512 BF16 / FP16); elsewhere a warning, once, and float32.
+        fused_inference: validate, test and predict run a fused channels_last copy of the trunk (norms folded into
+            the convolutions; :mod:`tasks.inference`), rebuilt whenever the weights change; ``false`` runs the
+            trunk as trained. A GroupNorm trunk is never fused.
     """
 
     STAGES = ("val", "test")
 
     def __init__(self, *, num_classes: int, categories: Optional[Dict[int, str]], optimizer: OptimizerCallable,
                  lr_schedule: str, warmup_steps: int, milestones: Sequence[float], gamma: float = 0.1,
-                 channels_last: bool = False, compile: bool = False, skip_nonfinite_loss: bool = False) -> None:
+                 channels_last: bool = False, compile: bool = False, skip_nonfinite_loss: bool = False,
+                 inference_precision: Union[int, str] = 32, fused_inference: bool = True) -> None:
         super().__init__()
         # the arguments of this __init__ and of the subclass's that called it (Lightning walks the frames)
         self.save_hyperparameters(ignore=["optimizer"])
@@ -65,6 +75,7 @@ class BackboneTask(LightningModule):
         self.lr_schedule, self.warmup_steps, self.milestones, self.gamma = lr_schedule, warmup_steps, milestones, gamma
         self.channels_last, self.compile_trunk = channels_last, compile
         self.skip_nonfinite_loss, self.skipped_steps = skip_nonfinite_loss, 0
+        self.inference_runner = InferenceRunner(precision_name(inference_precision), fused_inference)
 
     @property
     def categories(self) -> Dict[int, str]:
@@ -94,6 +105,22 @@ class BackboneTask(LightningModule):
 
     def predict_step(self, batch, batch_idx: int):
         return self.empty_prediction() if batch is None else self.predict_batch(batch)
+
+    @contextlib.contextmanager
+    def inference(self) -> Iterator[None]:
+        """Inside the block, forwards run as validate/test/predict do (:mod:`tasks.inference`): the trunk's fused
+        copy in its place, at ``inference_precision``, with any autocast of the trainer's turned off around it."""
+        parent, name, trunk_name = self.backbone_slot()
+        with torch.autocast(self.device.type, enabled=False), \
+                self.inference_runner.swapped_in(parent, name, self.trunk_module(), trunk_name):
+            yield
+
+    def backbone_slot(self) -> Tuple[nn.Module, str, Optional[str]]:
+        """Where the backbone sits: ``(parent, attribute, trunk attribute inside the backbone or None)``."""
+        raise NotImplementedError
+
+    def on_train_epoch_start(self) -> None:
+        self.inference_runner.release()  # its weights are about to change: no copy held through training
 
     def training_loss(self, batch, batch_idx: int) -> Tensor:
         """The loss of a training batch (log its parts here; ``train/loss`` is logged by the base)."""

@@ -95,6 +95,9 @@ class ImageClassifier(BackboneTask):
     def trunk_module(self) -> nn.Module:
         return self.trunk
 
+    def backbone_slot(self):
+        return self, "trunk", None
+
     def set_normalization(self, normalization) -> None:
         super().set_normalization(normalization)
         for name in ("mean", "std"):
@@ -114,7 +117,8 @@ class ImageClassifier(BackboneTask):
 
     def evaluation_step(self, batch, batch_idx: int, stage: str) -> None:
         images, labels = batch
-        logits = self(images)
+        with self.inference():
+            logits = self(images)
         metrics = self.metrics[stage]
         metrics.update(logits, labels)
         self.confusion[stage].update(logits, labels)
@@ -169,7 +173,8 @@ class ImageClassifier(BackboneTask):
         """Class probabilities of the batch's images (rows in label order: ``label_map.names``); the writer callback
         (:class:`~tasks.ClassificationResultsWriter`) pairs them with the batch's file names."""
         images, _ = batch
-        return self(images).softmax(-1)
+        with self.inference():
+            return self(images).softmax(-1)
 
     def empty_prediction(self) -> Tensor:
         return torch.empty(0, len(self.label_map))

@@ -134,6 +134,9 @@ class ObjectDetector(BackboneTask):
     def trunk_module(self) -> nn.Module:
         return self.model.backbone.body
 
+    def backbone_slot(self):
+        return self.model, "backbone", "body"
+
     def set_normalization(self, normalization) -> None:
         super().set_normalization(normalization)
         self.model.transform.image_mean = list(self.trunk_module().normalization["mean"])
@@ -172,7 +175,8 @@ class ObjectDetector(BackboneTask):
 
     def evaluation_step(self, batch, batch_idx: int, stage: str) -> None:
         images, targets = batch
-        detections = self(images)
+        with self.inference():
+            detections = self(images)
         self._eval_batches.append(([{k: v.cpu() for k, v in d.items()} for d in detections],
                                    [self._metric_target(t) for t in targets]))
         if stage == "val" and self._pictures_sent < self.log_images and not self.trainer.sanity_checking:
@@ -227,7 +231,8 @@ class ObjectDetector(BackboneTask):
         predict loaders do not transform), ``labels`` (dataset category ids), ``scores``. The writer callbacks
         (:class:`~tasks.CocoResultsWriter`) pair them with the batch's image ids and file names."""
         images, _ = batch
-        return [{k: v.cpu() for k, v in d.items()} for d in self(images)]
+        with self.inference():
+            return [{k: v.cpu() for k, v in d.items()} for d in self(images)]
 
     def _log_pictures(self, images: Sequence[Tensor], targets: Sequence[Dict], detections: List[Dict[str, Tensor]]
                       ) -> None:

@@ -302,3 +302,41 @@ def test_fused_trunk_compiles_to_one_graph_with_the_same_features(images):
         out = torch.compile(trunk, fullgraph=True)(x)
     for key in ref:
         torch.testing.assert_close(out[key], ref[key], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("norm", ["bn", "frozen_bn", "sync_bn"])
+def test_fused_copy_gives_the_eval_features_and_leaves_the_trunk_as_it_is(norm, images):
+    trunk = rb.resnext("resnext26_32x4d", norm=norm)  # training mode
+    trunk.load_state_dict(randomize_norm_stats(rb.resnext("resnext26_32x4d")).state_dict())  # any norm's keys
+    state = {k: v.clone() for k, v in trunk.state_dict().items()}
+    fused = trunk.fused()
+    assert trunk.training and not fused.training
+    assert {k: v for k, v in trunk.state_dict().items() if not torch.equal(v, state[k])} == {}
+    norms = (nn.modules.batchnorm._BatchNorm, FrozenBatchNorm2d)
+    assert sum(isinstance(m, norms) for m in trunk.modules()) == 29  # 1 + 8 blocks x 3 + 4 shortcuts: still there
+    with torch.no_grad():
+        ref = copy.deepcopy(trunk).eval()(images)
+        out = fused(channels_last(images))
+    for key in ref:
+        torch.testing.assert_close(out[key], ref[key], rtol=1e-4, atol=1e-4)
+    assert all(packed_convs(fused)) == ONEDNN
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_fused_copy_runs_natively_close_to_float32(dtype, images):
+    trunk = randomize_norm_stats(rb.resnext("resnext26_32x4d")).eval()
+    fused = trunk.fused(dtype)
+    assert {p.dtype for p in fused.parameters()} == {dtype}
+    with torch.no_grad():
+        ref = trunk(images)["c5"]
+        out = fused(images.to(dtype, memory_format=torch.channels_last))["c5"]
+    assert out.dtype == dtype
+    assert ((out.float() - ref).norm() / ref.norm()).item() < 2e-2  # bf16: 8 bits of mantissa, ~4e-3 here
+    native = {torch.bfloat16: torch.ops.mkldnn._is_mkldnn_bf16_supported,
+              torch.float16: torch.ops.mkldnn._is_mkldnn_fp16_supported}[dtype]()
+    assert all(packed_convs(fused)) == (ONEDNN and native)  # oneDNN's kernels on weights packed in that dtype
+
+
+def test_fused_copy_refuses_group_norm():
+    with pytest.raises(ValueError, match="GroupNorm's statistics depend on the input"):
+        rb.resnext("resnet18", norm="gn").fused()

@@ -1,0 +1,245 @@
+"""validate/test/predict run a fused channels_last copy of the trunk at ``inference_precision`` (tasks.inference)."""
+
+import warnings
+
+import pytest
+import torch
+from conftest import randomize_norm_stats
+from lightning.pytorch import Callback, Trainer
+from torch.utils.data import DataLoader, TensorDataset
+
+import resnext_backbones as rb
+import tasks.inference
+from resnext_backbones.fused import FusedConv2d
+from tasks import ImageClassifier, ObjectDetector
+from tasks.detection import ARCHITECTURES
+from tasks.inference import native_support
+
+IMAGES = [torch.rand(3, 64, 80, generator=torch.Generator().manual_seed(1)),
+          torch.rand(3, 72, 64, generator=torch.Generator().manual_seed(2))]
+
+
+def detector(architecture, **kwargs):
+    score = {"box_score_thresh": 0.0} if architecture == "faster_rcnn" else {"score_thresh": 0.0}
+    model = ObjectDetector(architecture=architecture, backbone="resnet18", num_classes=3, min_size=64, max_size=80,
+                           norm="bn", trainable_stages=5, detector_kwargs=score, detections_per_image=1000,
+                           **kwargs)  # no cut-off at a count, where scores equal to 1e-7 could swap detections
+    return randomize_norm_stats(model).eval()
+
+
+def assert_same_detections(got, want):
+    """The same detections, in any order (scores equal to 1e-7 may swap places): each expected one has a detection of
+    its label whose box is within 1e-4 of each coordinate (float32 rounding of the folded norms, amplified through the
+    heads: relative to the coordinate) and whose score is within 1e-4."""
+    assert len(got["boxes"]) == len(want["boxes"])
+    free = torch.ones(len(got["boxes"]), dtype=torch.bool)
+    for box, score, label in zip(want["boxes"], want["scores"], want["labels"], strict=True):
+        distance = (got["boxes"] - box).abs().amax(1)
+        distance[(got["labels"] != label) | ~free] = float("inf")
+        i = int(distance.argmin())
+        assert distance[i] <= 1e-4 * (1 + box.abs().max()), (box, got["boxes"][i])
+        assert abs(float(got["scores"][i] - score)) <= 1e-4
+        free[i] = False
+
+
+def predict(model, batch, batch_idx):
+    """``predict_step`` as Lightning's predict loop calls it: without autograd."""
+    with torch.inference_mode():
+        return model.predict_step(batch, batch_idx)
+
+
+def classifier(**kwargs):
+    return randomize_norm_stats(ImageClassifier(backbone="resnet18", num_classes=4, **kwargs)).eval()
+
+
+def trunk_forwards(model):
+    """Every trunk forward from here on, as ``(class of the module that ran, its first conv's class, dtype of C5)``:
+    which trunk ran, fused or not, in which precision."""
+    calls = []
+
+    def hook(module, args, out):
+        calls.append((type(module).__name__, type(module.conv1).__name__, out[module.returned_features[-1]].dtype))
+
+    handle = torch.nn.modules.module.register_module_forward_hook(
+        lambda module, args, out: hook(module, args, out) if isinstance(module, rb.ResNeXt) else None)
+    return calls, handle
+
+
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+def test_prediction_runs_the_fused_trunk_and_equals_the_unfused_detector(architecture):
+    model = detector(architecture)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        expected = model(IMAGES)  # forward() itself: the trunk as trained
+    calls, handle = trunk_forwards(model)
+    try:
+        predicted = predict(model, (IMAGES, None), 0)
+    finally:
+        handle.remove()
+    assert calls == [("ResNeXt", "FusedConv2d", torch.float32)]  # the copy ran, not the training trunk
+    for want, got in zip(expected, predicted, strict=True):
+        assert len(want["boxes"]) > 10  # score threshold 0: many detections to compare
+        assert_same_detections(got, want)
+    # the training weights and the checkpoint's keys are untouched; the copy is no submodule
+    assert list(model.state_dict()) == list(state)
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    assert not any(isinstance(m, FusedConv2d) for m in model.modules())
+
+
+def test_classifier_prediction_runs_the_fused_trunk_and_equals_the_unfused_logits():
+    model = classifier()
+    images = torch.rand(3, 3, 48, 48, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected = model(images).softmax(-1)
+    calls, handle = trunk_forwards(model)
+    try:
+        predicted = predict(model, (images, None), 0)
+    finally:
+        handle.remove()
+    assert calls == [("ResNeXt", "FusedConv2d", torch.float32)]
+    assert expected.max() - expected.min() > 0.05  # probabilities that differ between classes and images
+    torch.testing.assert_close(predicted, expected, atol=1e-4, rtol=0)
+
+
+def test_fused_inference_false_runs_the_trunk_as_trained():
+    model = classifier(fused_inference=False)
+    calls, handle = trunk_forwards(model)
+    try:
+        predict(model, (torch.rand(1, 3, 32, 32), None), 0)
+    finally:
+        handle.remove()
+    assert calls == [("ResNeXt", "Conv2d", torch.float32)]
+
+
+def test_the_copy_follows_the_weights_after_an_optimizer_step_and_a_loaded_state_dict():
+    model = classifier()
+    images = torch.rand(2, 3, 48, 48, generator=torch.Generator().manual_seed(4))
+    predict(model, (images, None), 0)  # builds the copy of the first weights
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    model.train()
+    torch.nn.functional.cross_entropy(model(images), torch.tensor([0, 1])).backward()
+    optimizer.step()
+    model.eval()
+    with torch.no_grad():
+        after_step = model(images).softmax(-1)
+    torch.testing.assert_close(predict(model, (images, None), 0), after_step, atol=1e-4, rtol=0)
+    other = classifier()
+    other.trunk.load_state_dict(randomize_norm_stats(rb.resnext("resnet18", out_features=("c5",)), seed=7)
+                                .state_dict())
+    model.load_state_dict(other.state_dict())
+    with torch.no_grad():
+        loaded = model(images).softmax(-1)
+    assert (loaded - after_step).abs().max() > 1e-3  # the load changed the outputs
+    torch.testing.assert_close(predict(model, (images, None), 0), loaded, atol=1e-4, rtol=0)
+
+
+class RecordValidation(Callback):
+    """At each validation batch: the loss of the trunk as trained at that moment (computed just before the step), the
+    trunks the step ran, and, once the epoch is over, the loss validation logged."""
+
+    def __init__(self):
+        self.epochs = []
+
+    def on_validation_batch_start(self, trainer, module, batch, batch_idx, dataloader_idx=0):
+        with torch.no_grad():
+            plain = torch.nn.functional.cross_entropy(module(batch[0]), batch[1])
+        calls, self.handle = trunk_forwards(module)
+        self.epochs.append({"plain": float(plain), "calls": calls})
+
+    def on_validation_batch_end(self, trainer, module, outputs, batch, batch_idx, dataloader_idx=0):
+        self.handle.remove()
+
+    def on_train_epoch_end(self, trainer, module):
+        self.epochs[-1]["logged"] = float(trainer.callback_metrics["val/loss"])
+
+
+def test_validation_in_fit_runs_the_copy_of_each_epochs_weights(tmp_path):
+    """Two epochs of fit: each validation runs the fused copy (never the trunk itself), made from that epoch's weights:
+    the loss it logs equals the loss of the trunk as trained at that moment."""
+    torch.manual_seed(0)
+    model = ImageClassifier(backbone="resnet18", num_classes=4, log_images=0, warmup_steps=0,
+                            lr_schedule="constant", optimizer=lambda params: torch.optim.SGD(params, lr=0.05))
+    dataset = TensorDataset(torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(5)),
+                            torch.tensor([0, 1, 2, 3]))
+    loader = DataLoader(dataset, batch_size=4)
+    record = RecordValidation()
+    trainer = Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_checkpointing=False,
+                      enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                      callbacks=[record])
+    trainer.fit(model, loader, loader)
+    first, second = record.epochs
+    assert first["calls"] == second["calls"] == [("ResNeXt", "FusedConv2d", torch.float32)]
+    assert abs(second["plain"] - first["plain"]) > 1e-3  # the epoch in between changed the weights
+    for epoch in (first, second):
+        assert 0.1 < epoch["plain"] < 1e3  # finite, and not a loss that every model reaches
+        assert epoch["logged"] == pytest.approx(epoch["plain"], abs=1e-4)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "16"])
+def test_low_precision_runs_where_native_else_warns_once_and_stays_float32(precision, monkeypatch):
+    model = classifier(inference_precision=precision)
+    images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        expected = model(images).softmax(-1)
+    native = native_support(precision, torch.device("cpu"))
+    dtype = {"bf16": torch.bfloat16, "16": torch.float16}[precision] if native else torch.float32
+    calls, handle = trunk_forwards(model)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            predictions = [predict(model, (images, None), 0) for _ in range(2)]
+        finally:
+            handle.remove()
+    assert calls == [("ResNeXt", "FusedConv2d", dtype)] * 2
+    assert [w for w in caught if "inference_precision" in str(w.message)] == []
+    for p in predictions:
+        assert p.dtype == torch.float32
+        torch.testing.assert_close(p, expected, atol=2e-2 if native else 1e-4, rtol=0)
+
+    # where the device has no native support: float32, and one warning that names the setting and the fallback
+    monkeypatch.setattr(tasks.inference, "native_support", lambda precision, device: precision == "32")
+    model = classifier(inference_precision=precision)
+    with torch.no_grad():
+        expected = model(images).softmax(-1)
+    calls, handle = trunk_forwards(model)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            predictions = [predict(model, (images, None), 0) for _ in range(3)]
+        finally:
+            handle.remove()
+    messages = [str(w.message) for w in caught if "inference_precision" in str(w.message)]
+    assert len(messages) == 1, messages
+    assert f"inference_precision={precision} is not native" in messages[0] and "float32" in messages[0]
+    assert calls == [("ResNeXt", "FusedConv2d", torch.float32)] * 3
+    torch.testing.assert_close(predictions[0], expected, atol=1e-4, rtol=0)
+
+
+def test_inference_precision_32_turns_the_trainers_autocast_off():
+    """Under a bf16-mixed trainer, validation at the default inference_precision=32 computes in float32."""
+    model = detector("retinanet")
+    with torch.no_grad():
+        expected = model(IMAGES)
+    calls, handle = trunk_forwards(model)
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # what Lightning's bf16-mixed puts around the steps
+            predicted = predict(model, (IMAGES, None), 0)
+    finally:
+        handle.remove()
+    assert calls == [("ResNeXt", "FusedConv2d", torch.float32)]
+    for want, got in zip(expected, predicted, strict=True):
+        assert_same_detections(got, want)
+
+
+def test_unknown_inference_precision_is_refused_with_the_choices():
+    with pytest.raises(ValueError, match=r"model.inference_precision='bf32' is not supported; choose one of "
+                                         r"\['32', 'bf16', '16'\]"):
+        classifier(inference_precision="bf32")
+
+
+def test_a_groupnorm_trunk_runs_unfused_at_inference():
+    model = randomize_norm_stats(ImageClassifier(backbone="resnet18", num_classes=4, norm="gn")).eval()
+    images = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = model(images).softmax(-1)
+    torch.testing.assert_close(predict(model, (images, None), 0), expected, atol=1e-5, rtol=0)
