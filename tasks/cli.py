@@ -3,6 +3,7 @@
     lightning fit --config configs/detection.yaml
     lightning validate --config configs/detection.yaml --ckpt_path last
     python -m tasks predict --config configs/detection.yaml --ckpt_path path/to/last.ckpt
+    python -m tasks export path/to/last.ckpt --format onnx --output detector.onnx
 """
 
 from __future__ import annotations
@@ -70,5 +71,10 @@ def cli(args: Optional[List[str]] = None, run: bool = True) -> TaskCLI:
 
 
 def main(args: Optional[List[str]] = None) -> None:
-    """The ``lightning`` console script and ``python -m tasks``."""
-    cli(args)
+    """The ``lightning`` console script and ``python -m tasks``; ``export`` goes to :mod:`tasks.export`."""
+    argv = sys.argv[1:] if args is None else args
+    if argv[:1] == ["export"]:
+        from .export import main as export
+
+        return export(argv[1:])
+    cli(args)  # None: LightningCLI reads sys.argv itself

@@ -25,6 +25,22 @@ def randomize_norm_stats(model: nn.Module, seed: int = 0) -> nn.Module:
     return model
 
 
+def assert_same_detections(got, want, box_tolerance: float, score_tolerance: float):
+    """The same detections (dicts of ``boxes``, ``scores``, ``labels``), in any order (scores equal to 1e-7 may swap
+    places): each expected one has a detection of its label whose box is within ``box_tolerance`` of each coordinate,
+    relative to the coordinate beyond 1 pixel (float32 rounding amplified through the heads), and whose score is
+    within ``score_tolerance``."""
+    assert len(got["boxes"]) == len(want["boxes"])
+    free = torch.ones(len(got["boxes"]), dtype=torch.bool)
+    for box, score, label in zip(want["boxes"], want["scores"], want["labels"], strict=True):
+        distance = (got["boxes"] - box).abs().amax(1)
+        distance[(got["labels"] != label) | ~free] = float("inf")
+        i = int(distance.argmin())
+        assert distance[i] <= box_tolerance * max(1.0, float(box.abs().max())), (box, got["boxes"][i])
+        assert abs(float(got["scores"][i] - score)) <= score_tolerance
+        free[i] = False
+
+
 @pytest.fixture
 def images():
     return torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))

@@ -1,11 +1,14 @@
-"""The trunk and the FPN backbone export with torch.export and to ONNX, and the exports compute the same values.
+"""The trunk and the FPN backbone export with torch.export and to ONNX, and the exports compute the same values; so do
+whole trained models (``python -m tasks export``).
 
 (torch.jit.script is deprecated as of torch 2.15 in favour of torch.export, so torch.export is what is proven.)
 """
 
+import json
+
 import pytest
 import torch
-from conftest import randomize_norm_stats
+from conftest import assert_same_detections, randomize_norm_stats
 
 import resnext_backbones as rb
 
@@ -51,3 +54,115 @@ def test_onnx_export_runs_in_onnxruntime_with_the_same_outputs(model_and_input, 
     assert names == list(ref)
     for name, value in zip(names, session.run(None, {"images": x.numpy()}), strict=True):
         torch.testing.assert_close(torch.from_numpy(value), ref[name], rtol=1e-4, atol=1e-4)
+
+
+# -- whole models: python -m tasks export CKPT --format onnx|torch_export --output FILE
+
+def task_checkpoint(task, path):
+    """``task`` saved as the Trainer saves it (label map and hyperparameters included)."""
+    from lightning.pytorch import Trainer
+
+    trainer = Trainer(logger=False, accelerator="cpu", enable_progress_bar=False)
+    trainer.strategy.connect(task)
+    trainer.save_checkpoint(path)
+    return str(path)
+
+
+def detector_checkpoint(architecture, path):
+    from tasks import ObjectDetector
+
+    torch.manual_seed(0)
+    score = {"box_score_thresh": 0.0} if architecture == "faster_rcnn" else {"score_thresh": 0.0}
+    task = ObjectDetector(architecture=architecture, backbone="resnet18", num_classes=3, min_size=128, max_size=144,
+                          categories={3: "square", 5: "disk", 9: "triangle"}, norm="bn", trainable_stages=5,
+                          detector_kwargs=score, detections_per_image=50)  # random weights: score every box
+    return task_checkpoint(randomize_norm_stats(task), path)
+
+
+def quick_start_images(tiny_coco, size, count=3):
+    """The first ``count`` validation images of the shapes set (as the quick start's), resized to ``size``."""
+    from pathlib import Path
+
+    from torchvision.io import decode_image
+    from torchvision.transforms.v2.functional import resize, to_dtype
+
+    files = sorted(Path(tiny_coco["val_images"]).glob("*.jpg"))[:count]
+    return [to_dtype(resize(decode_image(str(f)), list(size), antialias=True), torch.float32, scale=True)
+            for f in files]
+
+
+@pytest.mark.parametrize("architecture", ["faster_rcnn", "retinanet", "fcos"])
+def test_a_detector_exports_whole_to_onnx_and_onnxruntime_gives_its_detections(architecture, tiny_coco, tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    from tasks.export import export, load_task
+
+    checkpoint = detector_checkpoint(architecture, tmp_path / "detector.ckpt")
+    path = export(checkpoint, "onnx", str(tmp_path / "detector.onnx"), image_size=(128, 128))
+    session = ort.InferenceSession(str(path))
+    assert [o.name for o in session.get_outputs()] == ["boxes", "scores", "labels"]
+    task = load_task(checkpoint)
+    for image in quick_start_images(tiny_coco, (128, 128)):
+        with torch.no_grad():
+            (want,) = task([image])  # the model itself, labels as category ids
+        boxes, scores, labels = (torch.from_numpy(v) for v in session.run(None, {"image": image.numpy()}))
+        assert len(want["boxes"]) > 10 and set(want["labels"].tolist()) <= {3, 5, 9}
+        assert_same_detections({"boxes": boxes, "scores": scores, "labels": labels}, want, box_tolerance=1e-3,
+                               score_tolerance=1e-4)
+
+
+def test_a_detector_exports_to_a_torch_export_program_with_the_same_detections(tiny_coco, tmp_path):
+    from tasks.export import export, load_task
+
+    checkpoint = detector_checkpoint("faster_rcnn", tmp_path / "detector.ckpt")
+    path = export(checkpoint, "torch_export", str(tmp_path / "detector.pt2"), image_size=(128, 128))
+    program = torch.export.load(str(path)).module()
+    task = load_task(checkpoint)
+    for image in quick_start_images(tiny_coco, (128, 128)) + [torch.zeros(3, 128, 128)]:
+        with torch.no_grad():
+            (want,) = task([image])
+            boxes, scores, labels = program(image)
+        assert_same_detections({"boxes": boxes, "scores": scores, "labels": labels}, want, box_tolerance=1e-4,
+                               score_tolerance=1e-5)
+    assert json.loads((tmp_path / "detector.pt2.classes.json").read_text())["names"] == ["square", "disk", "triangle"]
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "torch_export"])
+def test_a_classifier_exports_with_any_batch_and_image_size(fmt, tmp_path):
+    from tasks import ImageClassifier
+    from tasks.export import export
+
+    torch.manual_seed(0)
+    task = randomize_norm_stats(ImageClassifier(backbone="resnet18", num_classes=4,
+                                                categories={1: "a", 2: "b", 4: "c", 7: "d"}))
+    checkpoint = task_checkpoint(task, tmp_path / "classifier.ckpt")
+    path = export(checkpoint, fmt, str(tmp_path / f"classifier.{fmt}"))
+    if fmt == "onnx":
+        ort = pytest.importorskip("onnxruntime")
+        session = ort.InferenceSession(str(path))
+        run = lambda x: torch.from_numpy(session.run(None, {"images": x.numpy()})[0])  # noqa: E731
+    else:
+        run = torch.export.load(str(path)).module()
+    task.eval()
+    for shape in [(1, 3, 64, 64), (3, 3, 96, 80), (2, 3, 200, 300)]:
+        images = torch.rand(shape)
+        with torch.no_grad():
+            want = task(images).softmax(-1)
+        assert want.max() - want.min() > 0.05  # probabilities that differ
+        torch.testing.assert_close(run(images), want, atol=1e-4, rtol=0)
+
+
+def test_the_export_command_writes_the_file_and_asks_a_detector_for_its_image_size(tmp_path, capsys):
+    import subprocess
+    import sys
+
+    checkpoint = detector_checkpoint("retinanet", tmp_path / "detector.ckpt")
+    result = subprocess.run([sys.executable, "-m", "tasks", "export", checkpoint, "--format", "onnx", "--output",
+                             str(tmp_path / "out.onnx")], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    assert "exporting a detector needs --image-size H W" in result.stderr
+    assert not (tmp_path / "out.onnx").exists()
+    from tasks.export import main
+
+    with pytest.raises(SystemExit, match="2"):
+        main([str(tmp_path / "missing.ckpt"), "--format", "onnx", "--output", str(tmp_path / "x.onnx")])
+    assert f"checkpoint {tmp_path / 'missing.ckpt'} does not exist" in capsys.readouterr().err

@@ -4,7 +4,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import randomize_norm_stats
+from conftest import assert_same_detections, randomize_norm_stats
 from lightning.pytorch import Callback, Trainer
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -25,21 +25,6 @@ def detector(architecture, **kwargs):
                            norm="bn", trainable_stages=5, detector_kwargs=score, detections_per_image=1000,
                            **kwargs)  # no cut-off at a count, where scores equal to 1e-7 could swap detections
     return randomize_norm_stats(model).eval()
-
-
-def assert_same_detections(got, want):
-    """The same detections, in any order (scores equal to 1e-7 may swap places): each expected one has a detection of
-    its label whose box is within 1e-4 of each coordinate (float32 rounding of the folded norms, amplified through the
-    heads: relative to the coordinate) and whose score is within 1e-4."""
-    assert len(got["boxes"]) == len(want["boxes"])
-    free = torch.ones(len(got["boxes"]), dtype=torch.bool)
-    for box, score, label in zip(want["boxes"], want["scores"], want["labels"], strict=True):
-        distance = (got["boxes"] - box).abs().amax(1)
-        distance[(got["labels"] != label) | ~free] = float("inf")
-        i = int(distance.argmin())
-        assert distance[i] <= 1e-4 * (1 + box.abs().max()), (box, got["boxes"][i])
-        assert abs(float(got["scores"][i] - score)) <= 1e-4
-        free[i] = False
 
 
 def predict(model, batch, batch_idx):
@@ -79,7 +64,7 @@ def test_prediction_runs_the_fused_trunk_and_equals_the_unfused_detector(archite
     assert calls == [("ResNeXt", "FusedConv2d", torch.float32)]  # the copy ran, not the training trunk
     for want, got in zip(expected, predicted, strict=True):
         assert len(want["boxes"]) > 10  # score threshold 0: many detections to compare
-        assert_same_detections(got, want)
+        assert_same_detections(got, want, box_tolerance=1e-4, score_tolerance=1e-4)
     # the training weights and the checkpoint's keys are untouched; the copy is no submodule
     assert list(model.state_dict()) == list(state)
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
@@ -228,7 +213,7 @@ def test_inference_precision_32_turns_the_trainers_autocast_off():
         handle.remove()
     assert calls == [("ResNeXt", "FusedConv2d", torch.float32)]
     for want, got in zip(expected, predicted, strict=True):
-        assert_same_detections(got, want)
+        assert_same_detections(got, want, box_tolerance=1e-4, score_tolerance=1e-4)
 
 
 def test_unknown_inference_precision_is_refused_with_the_choices():

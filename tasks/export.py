@@ -1,0 +1,182 @@
+"""Export a trained model whole: ``python -m tasks export CKPT --format onnx|torch_export --output FILE``.
+
+The detector goes out from preprocessing to postprocessing: one RGB image ``(3, H, W)``, float in [0, 1] (the model
+normalises and resizes it), in; ``boxes`` (xyxy, in the input's pixels), ``scores`` and ``labels`` (the dataset's
+category ids) out. The classifier: images ``(N, 3, H, W)`` in [0, 1] in, class ``probabilities`` (in the order of
+the checkpoint's classes) out. Class names travel beside the file as ``FILE.classes.json``.
+
+Both formats come from one ``torch.export`` program: ``torch_export`` saves it (``.pt2``, ``torch.export.load``),
+``onnx`` translates it (torch.onnx's ``dynamo=True`` exporter; onnxruntime runs it). The classifier takes any batch
+and image size. A detector takes one image size, ``--image-size H W``: torchvision's detectors pick their resize
+scale, padding and anchor strides with Python arithmetic on the image size, which ``torch.export`` can only fix to
+the size it traced. (torch.onnx's older TorchScript exporter, which takes any size, gave other detections than the
+model for some image sizes when tried with torch 2.14 / torchvision 0.29, also on torchvision's own backbone.)
+Resize or pad images to that size first, or export once per size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+from pathlib import Path
+from typing import Iterator, List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor, nn
+from torchvision.ops import boxes as box_ops
+from torchvision.ops import poolers, roi_align
+
+from .base import BackboneTask
+from .classification import ImageClassifier
+from .detection import ObjectDetector
+
+FORMATS = ("onnx", "torch_export")
+TASKS = {"tasks.ObjectDetector": ObjectDetector, "tasks.detection.ObjectDetector": ObjectDetector,
+         "tasks.ImageClassifier": ImageClassifier, "tasks.classification.ImageClassifier": ImageClassifier}
+
+
+class ExportedDetector(nn.Module):
+    """One image ``(3, H, W)`` in [0, 1] -> ``(boxes, scores, labels)``, labels as the dataset's category ids."""
+
+    def __init__(self, task: ObjectDetector) -> None:
+        super().__init__()
+        self.detector = task.model
+        ids = [0] * task.label_map.offset + list(task.label_map.category_ids)  # model class -> category id
+        self.register_buffer("category_ids", torch.tensor(ids, dtype=torch.int64))
+
+    def forward(self, image: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        (detections,) = self.detector([image])
+        return detections["boxes"], detections["scores"], self.category_ids[detections["labels"]]
+
+
+class ExportedClassifier(nn.Module):
+    """Images ``(N, 3, H, W)`` in [0, 1] -> class probabilities ``(N, classes)``."""
+
+    def __init__(self, task: ImageClassifier) -> None:
+        super().__init__()
+        self.task = task
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.task(images).softmax(-1)
+
+
+def load_task(checkpoint: str) -> BackboneTask:
+    """The task a Lightning checkpoint of this project holds, on the CPU, in eval mode."""
+    path = Path(checkpoint)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {checkpoint} does not exist")
+    content = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    hyperparameters = content.get("hyper_parameters") if isinstance(content, dict) else None
+    if not isinstance(hyperparameters, dict) or "state_dict" not in content:
+        raise ValueError(f"{checkpoint} is not a Lightning checkpoint of tasks.ObjectDetector or tasks.ImageClassifier "
+                         "(no hyper_parameters/state_dict); export a trunk with python -m resnext_backbones export")
+    task_class = TASKS.get(hyperparameters.get("_class_path"))
+    if task_class is None:
+        task_class = ObjectDetector if "architecture" in hyperparameters else ImageClassifier
+    return task_class.load_from_checkpoint(path, map_location="cpu").eval()
+
+
+def export_module(task: BackboneTask) -> nn.Module:
+    return (ExportedDetector(task) if isinstance(task, ObjectDetector) else ExportedClassifier(task)).eval()
+
+
+# -- torch.export: two torchvision functions branch in Python on data-dependent sizes (the number of boxes left
+# after a threshold); their twins below compute the same values without such branches, and stand in for them only
+# while a program is traced.
+def _batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: float) -> Tensor:
+    """NMS per class in one call: each class's boxes moved apart by more than the largest coordinate (the same
+    result as torchvision's ``batched_nms``, which loops over classes above 4,000 boxes on the CPU)."""
+    extent = torch.cat([boxes.reshape(-1), boxes.new_zeros(1)]).max()  # defined on no boxes too
+    return torch.ops.torchvision.nms(boxes + (idxs.to(boxes) * (extent + 1))[:, None], scores, iou_threshold)
+
+
+def _multiscale_roi_align(features: List[Tensor], boxes: List[Tensor], output_size: List[int], sampling_ratio: int,
+                          scales: Optional[List[float]], mapper) -> Tensor:
+    """RoIAlign of each box on the pyramid level ``mapper`` assigns it (torchvision's values), gathered with an
+    out-of-place ``index_put`` instead of a Python-sized result filled in place."""
+    rois = poolers._convert_to_roi_format(boxes)
+    if len(features) == 1:
+        return roi_align(features[0], rois, output_size, scales[0], sampling_ratio)
+    levels = mapper(boxes)
+    result = features[0].new_zeros((rois.shape[0], features[0].shape[1], *output_size))
+    for level, (feature, scale) in enumerate(zip(features, scales, strict=True)):
+        index = torch.where(levels == level)[0]
+        pooled = roi_align(feature, rois[index], output_size, scale, sampling_ratio)
+        result = result.index_put((index,), pooled.to(result.dtype))
+    return result
+
+
+@contextlib.contextmanager
+def traceable_torchvision() -> Iterator[None]:
+    """torchvision's detection functions replaced by their branch-free twins, for the duration of a trace."""
+    saved = box_ops.batched_nms, poolers._multiscale_roi_align
+    box_ops.batched_nms, poolers._multiscale_roi_align = _batched_nms, _multiscale_roi_align
+    try:
+        yield
+    finally:
+        box_ops.batched_nms, poolers._multiscale_roi_align = saved
+
+
+def program(task: BackboneTask, image_size: Optional[Sequence[int]]) -> torch.export.ExportedProgram:
+    """The ``torch.export`` program of ``task`` whole (:class:`ExportedDetector` or :class:`ExportedClassifier`)."""
+    module = export_module(task)
+    height, width = image_size or (224, 224)
+    image = torch.rand(3, height, width, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        if isinstance(task, ObjectDetector):
+            with traceable_torchvision():
+                return torch.export.export(module, (image,), strict=False)
+        # sides from 64 px: at 32 or less, C5 is 1x1, a size torch.export would have to treat apart
+        dims = [torch.export.Dim(name, min=low, max=4096) for name, low in (("batch", 1), ("height", 64),
+                                                                           ("width", 64))]
+        batch = torch.stack([image, image.flip(-1)])  # traced at batch 2: a size of 1 would be specialised
+        return torch.export.export(module, (batch,), dynamic_shapes=({0: dims[0], 2: dims[1], 3: dims[2]},),
+                                   strict=False)
+
+
+def export(checkpoint: str, fmt: str, output: str, image_size: Optional[Sequence[int]] = None) -> Path:
+    """Export the model of ``checkpoint`` to ``output`` in ``fmt`` (``onnx`` | ``torch_export``); the class names go
+    to ``<output>.classes.json``. Returns the path written."""
+    if fmt not in FORMATS:
+        raise ValueError(f"--format {fmt!r} is not supported; choose one of {list(FORMATS)}")
+    task = load_task(checkpoint)
+    detector = isinstance(task, ObjectDetector)
+    if detector and image_size is None:
+        raise ValueError("exporting a detector needs --image-size H W, the image size the exported model takes: "
+                         "torchvision's detectors compute their resize from the image size in Python, which "
+                         "torch.export fixes to the size it traces. Resize or pad images to it before inference")
+    exported = program(task, image_size)
+    out = Path(output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if fmt == "torch_export":
+        torch.export.save(exported, str(out))
+    else:
+        outputs = ["boxes", "scores", "labels"] if detector else ["probabilities"]
+        onnx = torch.onnx.export(exported, dynamo=True, input_names=["image" if detector else "images"],
+                                 output_names=outputs, verbose=False)
+        onnx.save(str(out))
+    classes = {"category_ids": list(task.label_map.category_ids), "names": list(task.label_map.names),
+               "task": type(task).__name__, "input": "RGB float in [0, 1], " +
+               ("one image (3, H, W)" if detector else "images (N, 3, H, W)")}
+    if detector:
+        classes["image_size"] = list(image_size)
+    Path(f"{out}.classes.json").write_text(json.dumps(classes, indent=2))
+    return out
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m tasks export", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("checkpoint", help="a Lightning checkpoint of tasks.ObjectDetector or tasks.ImageClassifier")
+    parser.add_argument("--format", required=True, choices=FORMATS, help="onnx or torch_export (a .pt2 program)")
+    parser.add_argument("--output", required=True, help="file to write (.onnx, .pt2)")
+    parser.add_argument("--image-size", type=int, nargs=2, metavar=("H", "W"),
+                        help="detectors: the image size the exported model takes (classifiers take any size)")
+    args = parser.parse_args(argv)
+    try:
+        path = export(args.checkpoint, args.format, args.output, args.image_size)
+    except (ValueError, FileNotFoundError) as e:
+        parser.exit(2, f"error: {e}\n")
+    print(f"wrote {path} ({args.format}) and {path}.classes.json")
+
