@@ -10,7 +10,8 @@ import sys
 
 import torch
 
-names = ["backbone", "detector", "data", "evaluation", "predict"] + (["gpu"] if torch.cuda.is_available() else [])
+names = ["backbone", "inference", "detector", "precision", "data", "evaluation", "predict"]
+names += ["gpu"] if torch.cuda.is_available() else []
 for name in names:
     print(f"== python -m benchmarks.{name}", flush=True)
     subprocess.run([sys.executable, "-m", f"benchmarks.{name}"], check=True)

@@ -43,7 +43,7 @@ def test_the_benchmark_command_runs_each_benchmark_in_a_fresh_process(monkeypatc
     calls = []
     monkeypatch.setattr(subprocess, "run", lambda cmd, check: calls.append(cmd))
     runpy.run_module("benchmarks", run_name="__main__")
-    expected = ["backbone", "detector", "data", "evaluation", "predict"]
+    expected = ["backbone", "inference", "detector", "precision", "data", "evaluation", "predict"]
     expected += ["gpu"] if torch.cuda.is_available() else []
     assert calls == [[sys.executable, "-m", f"benchmarks.{name}"] for name in expected]
 
@@ -56,3 +56,29 @@ def test_predict_benchmark_reports_memory_and_speed_per_count_on_tiny_shapes():
     assert [(row[0], row[1]) for row in rows] == [("| 3", "streamed"), ("| 6", "streamed")]
     assert [row[-1] for row in rows] == ["30 |", "60 |"]  # 10 detections per image, all written
     assert all(float(row[4]) > 0 and " -> " in row[5] for row in rows)
+
+
+def test_inference_benchmark_gives_fp32_and_native_bf16_rows_on_tiny_shapes():
+    from benchmarks import inference
+    from tasks.inference import native_support
+
+    body = inference.main(["--model", "resnet18", "--batches", "2", "--size", "64", "--repeats", "1",
+                           "--detector-batches", "1", "--no-write"])
+    trunk = [line.split(" | ")[1:3] for line in body.splitlines() if line.startswith("| 2 |")]
+    detector = [line.split(" | ")[0] for line in body.splitlines() if line.startswith("| fused ")]
+    expected = [["fused fp32", "torchvision eager fp32 NCHW"]]
+    if native_support("bf16", torch.device("cpu")):  # bf16 rows only where the CPU computes bf16 natively
+        expected += [["fused bf16", "torchvision eager fp32 NCHW"], ["fused bf16", "torchvision bf16 autocast, "
+                                                                                  "channels_last"]]
+    assert trunk == expected
+    assert detector == ["| fused fp32"] + (["| fused bf16"] if len(expected) > 1 else [])
+    assert "fp32 convolution peak" in body and "ISA: " in body
+
+
+def test_precision_benchmark_times_both_precisions_on_a_tiny_batch():
+    from benchmarks import precision
+
+    body = precision.main(["--configs", "classification.yaml", "--steps", "2", "--repeats", "1", "--batch-size", "2",
+                           "--no-write"])
+    (row,) = [line.split(" | ") for line in body.splitlines() if line.startswith("| configs/classification.yaml")]
+    assert float(row[1]) > 0 and float(row[2]) > 0 and row[3].endswith("x |")

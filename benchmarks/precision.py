@@ -1,0 +1,86 @@
+"""Training precision on this CPU: s/step of the two quick starts under ``32-true`` and ``bf16-mixed``.
+
+    python -m benchmarks.precision [--configs detection.yaml classification.yaml] [--steps 6] [--repeats 3]
+                                   [--threads 2] [--batch-size N]
+
+The models and batches are the quick-start configs' (configs/detection.yaml: its detector, its batch size of images of
+its ``min_size``; configs/classification.yaml: its classifier, its batch of ``image_size`` squares), trained by
+``Trainer.fit`` on one fixed batch, timed from the second step to the last, each precision in every round (order
+reversed every other round), median s/step. The answer differs by machine: on CPUs with AMX, bf16 matrix units make
+``bf16-mixed`` the faster; on AVX2-only CPUs it is emulated and far slower. The table names the CPU and its flags.
+"""
+
+from __future__ import annotations
+
+import statistics
+from typing import Optional
+
+import torch
+from lightning.pytorch import Trainer
+
+from tasks import ImageClassifier, ObjectDetector
+
+from .common import benchmark_parser, machine, publish
+from .detector import Repeat, StepTimer, make_batch
+from .inference import isa_flags, quick_start_config
+
+PRECISIONS = ("32-true", "bf16-mixed")
+
+
+def step_seconds(model, batch, steps: int, precision: str) -> float:
+    timer = StepTimer()
+    trainer = Trainer(accelerator="cpu", devices=1, max_steps=steps, precision=precision, logger=False,
+                      enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                      callbacks=[timer], num_sanity_val_steps=0, limit_val_batches=0)
+    trainer.fit(model, train_dataloaders=Repeat(batch, steps))
+    return timer.seconds
+
+
+def quick_start(name: str, batch_size: Optional[int] = None):
+    """A fresh model of the quick-start config ``name`` and one batch of its size (or ``batch_size``)."""
+    config = quick_start_config(name)
+    init = {k: v for k, v in config["model"]["init_args"].items() if k != "optimizer"}
+    init.update(warmup_steps=0, lr_schedule="constant")
+    data = {**config["data"]["init_args"], **({"batch_size": batch_size} if batch_size else {})}
+    optimizer = lambda params: torch.optim.SGD(params, lr=0.001, momentum=0.9)  # noqa: E731
+    torch.manual_seed(0)
+    if name == "detection.yaml":
+        return ObjectDetector(**init, num_classes=3, optimizer=optimizer), make_batch(data["batch_size"],
+                                                                                    init["min_size"])
+    size = data["image_size"]
+    images = torch.rand(data["batch_size"], 3, size, size)
+    return ImageClassifier(**init, num_classes=3, log_images=0, optimizer=optimizer), (images,
+                                                                                         torch.arange(len(images)) % 3)
+
+
+def main(argv=None) -> str:
+    parser = benchmark_parser(__doc__)
+    parser.add_argument("--configs", nargs="+", default=["detection.yaml", "classification.yaml"],
+                        help="quick-start configs under configs/")
+    parser.add_argument("--batch-size", type=int, help="instead of each config's (tests use a tiny one)")
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    rows = ["| quick start | 32-true s/step | bf16-mixed s/step | bf16-mixed speed-up |", "|---|---|---|---|"]
+    for name in args.configs:
+        times = {p: [] for p in PRECISIONS}
+        for r in range(args.repeats):
+            for precision in PRECISIONS if r % 2 == 0 else PRECISIONS[::-1]:
+                model, batch = quick_start(name, args.batch_size)
+                times[precision].append(step_seconds(model, batch, args.steps, precision))
+        t = {p: statistics.median(v) for p, v in times.items()}
+        rows.append(f"| configs/{name} | {t['32-true']:.3f} | {t['bf16-mixed']:.3f} | "
+                    f"{t['32-true'] / t['bf16-mixed']:.2f}x |")
+        print(rows[-1], flush=True)
+    body = (f"## Training precision on this CPU: the quick starts under 32-true and bf16-mixed\n\n"
+            f"`python -m benchmarks.precision --configs {' '.join(args.configs)} --steps {args.steps} "
+            f"--repeats {args.repeats} --threads {args.threads}`"
+            f"; Trainer.fit on one fixed batch of each config's size, median s/step of {args.repeats} alternating "
+            f"rounds. Machine: {machine()}; ISA: {isa_flags()}.\n\n" + "\n".join(rows))
+    return publish("precision", body, args)
+
+
+if __name__ == "__main__":
+    main()
