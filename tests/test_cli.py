@@ -5,6 +5,7 @@ import json
 import math
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -157,6 +158,35 @@ def test_load_from_checkpoint_outside_the_cli_predicts(fitted, tiny_coco):
     assert det["boxes"].shape[1] == 4 and set(det["labels"].tolist()) <= {3, 5, 9}
 
 
+def validate_at(task_class, checkpoint, datamodule, precision):
+    """Validation metrics of ``checkpoint`` at ``inference_precision=precision``, with the warnings it raised."""
+    from lightning.pytorch import Trainer
+
+    model = task_class.load_from_checkpoint(checkpoint, map_location="cpu", inference_precision=precision,
+                                            log_images=0)
+    trainer = Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        (metrics,) = trainer.validate(model, datamodule=datamodule, verbose=False)
+    return metrics, [str(w.message) for w in caught if "inference_precision" in str(w.message)]
+
+
+def test_bf16_inference_gives_the_float32_map_within_a_hundredth(fitted, large_object_coco):
+    """Where the CPU computes bf16 natively, validation at inference_precision=bf16 is within 0.01 mAP of float32;
+    elsewhere it warns once and is float32."""
+    from tasks.data import CocoDetectionDataModule
+    from tasks.inference import native_support
+
+    checkpoint = str(fitted[2] / "ckpt" / "last.ckpt")
+    data = dict(large_object_coco)
+    fp32, _ = validate_at(ObjectDetector, checkpoint, CocoDetectionDataModule(**data, num_workers=0), "32")
+    bf16, warned = validate_at(ObjectDetector, checkpoint, CocoDetectionDataModule(**data, num_workers=0), "bf16")
+    assert fp32["val/map"] > 0.005  # a checkpoint of a few steps that finds something: a difference could show
+    assert len(warned) == (0 if native_support("bf16", torch.device("cpu")) else 1)
+    for key in ("val/map", "val/map_50"):
+        assert bf16[key] == pytest.approx(fp32[key], abs=0.01)
+
+
 @pytest.fixture(scope="module")
 def colour_classifier(tmp_path_factory, colour_folder):
     """A classifier fitted through the CLI on the colour set, with the default logger (TensorBoard): the CLI, its
@@ -179,6 +209,21 @@ def test_classification_fit_through_the_cli_learns_a_separable_set(colour_classi
     (tested,) = cli.trainer.test(cli.model, datamodule=cli.datamodule)
     assert tested["test/acc"] == validated  # the same images and weights
     assert cli.model.metrics["test"]["acc"] is not cli.model.metrics["val"]["acc"]
+
+
+def test_bf16_inference_gives_the_float32_accuracy(colour_classifier, colour_folder):
+    """On 12 validation images one image is 8 points: within half a point means the same accuracy."""
+    from tasks.data import ImageFolderDataModule
+
+    (checkpoint,) = colour_classifier[1].rglob("*.ckpt")
+
+    def data():
+        return ImageFolderDataModule(**colour_folder, image_size=32, batch_size=6, num_workers=0)
+
+    fp32, _ = validate_at(ImageClassifier, checkpoint, data(), "32")
+    bf16, _ = validate_at(ImageClassifier, checkpoint, data(), "bf16")
+    assert fp32["val/acc"] >= 0.75
+    assert bf16["val/acc"] == fp32["val/acc"]
 
 
 def by_hand(image_size):
