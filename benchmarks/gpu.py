@@ -5,7 +5,9 @@ Faster R-CNN X101-32x8d-FPN training iteration. ``python -m benchmarks`` adds it
 
 Rows: training images/s (forward, backward, SGD step; channels_last; ``bf16`` and ``fp16`` autocast, the
 latter with a GradScaler, as Lightning's ``bf16-mixed`` / ``16-mixed`` do), ours vs torchvision's model with the
-same weights, alternating, median of ``--repeats``. MFU = images/s x 3 x forward FLOPs per image / peak
+same weights, alternating, median of ``--repeats``; then inference images/s of our fused copy
+(``trunk.fused(dtype)``, what validate/test/predict run) in fp32, bf16 and fp16 natively vs torchvision eager fp32
+or under the same autocast. MFU = images/s x 3 x forward FLOPs per image / peak
 (forward FLOPs counted by torch's FlopCounterMode; backward ~2x forward). Detector: s/iter of torchvision's
 FasterRCNN on our FPN vs on torchvision's ``resnet_fpn_backbone``, same weights, 2 images of 800x1333.
 ``--device cpu`` with tiny sizes checks the code path without a GPU (tests/test_benchmarks.py).
@@ -55,6 +57,30 @@ def train_step(model, optimizer, scaler, x, dtype) -> None:
     scaler.update()
 
 
+def infer(model, x, dtype) -> None:
+    with torch.inference_mode(), torch.autocast(x.device.type, dtype=dtype, enabled=dtype is not None):
+        model(x)
+
+
+def inference_rows(name: str, args, device: torch.device) -> list:
+    """Inference img/s: our fused copy in the dtype natively (``trunk.fused(dtype)``, channels_last) vs torchvision's
+    model under autocast to that dtype (channels_last), same weights."""
+    ours, tv = build_pair(name, torch.channels_last)
+    ours, tv = ours.to(device).eval(), tv.to(device).eval()
+    x = torch.rand(args.batch, 3, args.size, args.size, device=device).to(memory_format=torch.channels_last)
+    rows = []
+    for label, dtype in [("fp32", None), ("bf16", torch.bfloat16), ("fp16", torch.float16)]:
+        fused = ours.fused(dtype)
+        fns = {"ours": partial(infer, fused, x.to(dtype or torch.float32), None), "tv": partial(infer, tv, x, dtype)}
+        t = median_seconds_alternating(fns, repeats=args.repeats, warmup=3)
+        rows.append(f"| {name} | inference, ours fused {label} natively vs torchvision {label} "
+                    f"{'autocast' if dtype else 'eager'} | {args.batch / t['ours']:.1f} | {args.batch / t['tv']:.1f} | "
+                    f"{t['tv'] / t['ours']:.3f} | - |")
+        print(rows[-1], flush=True)
+        del fused
+    return rows
+
+
 def detector_seconds(detector: FasterRCNN, images, targets, dtype, steps: int) -> float:
     optimizer = torch.optim.SGD(detector.parameters(), lr=0.001, momentum=0.9)
     detector.train()
@@ -89,7 +115,8 @@ def main(argv=None) -> str:
     torch.manual_seed(0)
     torch.backends.cudnn.benchmark = True
     peak = args.peak_tflops or peak_tflops(device)
-    rows = ["| model | autocast | ours img/s | torchvision img/s | ratio | ours MFU |", "|---|---|---|---|---|---|"]
+    rows = ["| model | pass (precision) | ours img/s | torchvision img/s | ratio | ours MFU |",
+            "|---|---|---|---|---|---|"]
     for name in args.models:
         ours, tv = (m.to(device) for m in build_pair(name, torch.channels_last))
         flops = forward_flops(ours, args.size)
@@ -103,10 +130,11 @@ def main(argv=None) -> str:
             t = median_seconds_alternating(fns, repeats=args.repeats, warmup=3)
             ours_ips = args.batch / t["ours"]
             mfu = f"{100 * ours_ips * 3 * flops / (peak * 1e12):.1f}%" if peak else "-"
-            rows.append(f"| {name} | {label} | {ours_ips:.1f} | {args.batch / t['tv']:.1f} | "
+            rows.append(f"| {name} | training, {label} autocast | {ours_ips:.1f} | {args.batch / t['tv']:.1f} | "
                         f"{t['tv'] / t['ours']:.3f} | {mfu} |")
             print(rows[-1], flush=True)
         del ours, tv
+        rows += inference_rows(name, args, device)
 
     h, w = args.detector_size
     images = [torch.rand(3, h, w, device=device) for _ in range(2)]

@@ -228,3 +228,45 @@ def test_a_groupnorm_trunk_runs_unfused_at_inference():
     with torch.no_grad():
         expected = model(images).softmax(-1)
     torch.testing.assert_close(predict(model, (images, None), 0), expected, atol=1e-5, rtol=0)
+
+
+@pytest.fixture
+def no_tf32():
+    """Convolutions in true float32 on CUDA (cuDNN's default TF32 rounds to 10 bits of mantissa)."""
+    saved = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32 = saved
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision, dtype", [("32", torch.float32), ("bf16", torch.bfloat16), ("16", torch.float16)])
+def test_inference_on_cuda_runs_the_fused_trunk_in_the_precision_asked(precision, dtype, no_tf32):
+    model = classifier(inference_precision=precision).cuda()
+    images = torch.rand(4, 3, 64, 64, generator=torch.Generator().manual_seed(8)).cuda()
+    with torch.no_grad():
+        expected = model(images).softmax(-1)
+    calls, handle = trunk_forwards(model)
+    try:
+        predicted = predict(model, (images, None), 0)
+    finally:
+        handle.remove()
+    assert calls == [("ResNeXt", "FusedConv2d", dtype)]
+    assert predicted.dtype == torch.float32 and predicted.is_cuda
+    torch.testing.assert_close(predicted, expected, atol=1e-4 if precision == "32" else 2e-2, rtol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+def test_detector_prediction_on_cuda_in_bf16_keeps_boxes_in_float32(architecture, no_tf32):
+    model = detector(architecture, inference_precision="bf16").cuda()
+    images = [image.cuda() for image in IMAGES]
+    calls, handle = trunk_forwards(model)
+    try:
+        predicted = predict(model, (images, None), 0)
+    finally:
+        handle.remove()
+    assert calls == [("ResNeXt", "FusedConv2d", torch.bfloat16)]
+    for detections in predicted:
+        assert len(detections["boxes"]) > 10 and detections["boxes"].dtype == torch.float32
+        assert torch.isfinite(detections["boxes"]).all() and torch.isfinite(detections["scores"]).all()
