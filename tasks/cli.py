@@ -19,6 +19,9 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from .checkpoint_io import AtomicCheckpointIO
 from .classes import ClassesError, classes_for_model
 
+# Model arguments that say how a run uses the model, not what the model is: with --ckpt_path, the run's values stand
+RUN_ARGUMENTS = ("inference_precision", "fused_inference", "log_images")
+
 
 class TaskCLI(LightningCLI):
     def instantiate_trainer(self, **kwargs) -> Trainer:
@@ -41,6 +44,16 @@ class TaskCLI(LightningCLI):
             config = self.config[self.subcommand] if self.subcommand else self.config
             self._model_classes = (data, classes_for_model(data, self.subcommand, config.get("ckpt_path")))
         return self._model_classes[1]
+
+    def _parse_ckpt_path(self) -> None:
+        # Lightning puts every model argument of the --ckpt_path checkpoint over the config and the command line
+        # (Lightning issue #20801). Those that say how to run a model, not what it is, keep this run's values.
+        subcommand = self.config.get("subcommand")
+        init_args = self.config[subcommand].get("model", {}).get("init_args") if subcommand else None
+        ours = {k: init_args[k] for k in RUN_ARGUMENTS if init_args is not None and k in init_args}
+        super()._parse_ckpt_path()
+        for key, value in ours.items():
+            self.config[subcommand].model.init_args[key] = value
 
     def instantiate_classes(self) -> None:
         try:

@@ -357,13 +357,26 @@ def test_the_checkpoints_classes_win_over_other_training_data_where_no_labels_ar
         lightning_cli(["validate", "--config", config, "--ckpt_path", ckpt])
 
 
+def test_with_a_checkpoint_the_run_arguments_of_the_command_line_stand(fitted):
+    """Lightning puts a --ckpt_path checkpoint's model arguments over the command line (Lightning issue #20801): for
+    what the model is (its min_size here) that stays so; how the run uses it (precision, fusion, pictures) is the
+    command line's."""
+    _, config, tmp = fitted
+    cli = lightning_cli(["validate", "--config", config, "--ckpt_path", str(tmp / "ckpt" / "last.ckpt"),
+                         "--model.init_args.inference_precision", "bf16", "--model.init_args.fused_inference",
+                         "false", "--model.init_args.log_images", "0", "--model.init_args.min_size", "96"])
+    runner = cli.model.inference_runner
+    assert (runner.precision, runner.fused, cli.model.log_images) == ("bf16", False, 0)
+    assert cli.model.hparams.min_size == 64  # the checkpoint's
+
+
 @pytest.mark.parametrize("log_images, expected", [([], [f"val/detections_{i}" for i in range(4)]),  # default: 4
                                                    (["--model.init_args.log_images", "0"], [])])  # off
 def test_validation_pictures_reach_tensorboard_without_extra_steps(fitted, tmp_path, log_images, expected):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    _, config, _ = fitted  # no checkpoint: its hyperparameters would override log_images (Lightning issue #20801)
-    lightning_cli(["validate", "--config", config, *log_images,
+    _, config, tmp = fitted
+    lightning_cli(["validate", "--config", config, "--ckpt_path", str(tmp / "ckpt" / "last.ckpt"), *log_images,
                    "--trainer.logger", "lightning.pytorch.loggers.TensorBoardLogger",
                    "--trainer.logger.save_dir", str(tmp_path)])
     (version,) = tmp_path.glob("*/version_0")  # the config names the folder "logs"
