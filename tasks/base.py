@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import random
-from typing import Dict, Iterable, Iterator, Optional, Sequence, Tuple, Union
+from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -109,15 +109,22 @@ class BackboneTask(LightningModule):
     @contextlib.contextmanager
     def inference(self) -> Iterator[None]:
         """Inside the block, forwards run as validate/test/predict do (:mod:`tasks.inference`): the trunk's fused
-        copy in its place, at ``inference_precision``, with any autocast of the trainer's turned off around it."""
+        copy in its place, at ``inference_precision`` (with the FPN and heads, in low precision), with any autocast of
+        the trainer's turned off around it."""
         parent, name, trunk_name = self.backbone_slot()
         with torch.autocast(self.device.type, enabled=False), \
-                self.inference_runner.swapped_in(parent, name, self.trunk_module(), trunk_name):
+                self.inference_runner.swapped_in(self, (parent, name), self.trunk_module(), trunk_name,
+                                                 self.head_slots()):
             yield
 
     def backbone_slot(self) -> Tuple[nn.Module, str, Optional[str]]:
         """Where the backbone sits: ``(parent, attribute, trunk attribute inside the backbone or None)``."""
         raise NotImplementedError
+
+    def head_slots(self) -> List[Tuple[nn.Module, str]]:
+        """``(parent, attribute)`` of each head network that may run in low precision at inference (its outputs come
+        back as float32 for decoding)."""
+        return []
 
     def on_train_epoch_start(self) -> None:
         self.inference_runner.release()  # its weights are about to change: no copy held through training

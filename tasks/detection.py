@@ -33,6 +33,7 @@ class Architecture:
     anchor_keyword: str  # the detector's keyword for the anchor generator
     default_anchor_size: int  # torchvision's
     detections_keyword: str  # the detector's keyword for detections per image
+    heads: tuple  # the head networks (dotted paths in the detector) that may run in low precision at inference
 
     def build(self, backbone: nn.Module, num_classes: int, anchor_size: Optional[int], detections_per_image: int,
               **kwargs) -> nn.Module:
@@ -45,16 +46,19 @@ ARCHITECTURES: Dict[str, Architecture] = {
     "faster_rcnn": Architecture(
         FasterRCNN, ("c2", "c3", "c4", "c5"), "pool", background_classes=1,
         anchors=lambda s: AnchorGenerator(tuple((s * 2**i,) for i in range(5)), ((0.5, 1.0, 2.0),) * 5),
-        anchor_keyword="rpn_anchor_generator", default_anchor_size=32, detections_keyword="box_detections_per_img"),
+        anchor_keyword="rpn_anchor_generator", default_anchor_size=32, detections_keyword="box_detections_per_img",
+        heads=("rpn.head", "roi_heads.box_head", "roi_heads.box_predictor")),
     "retinanet": Architecture(
         RetinaNet, ("c3", "c4", "c5"), "p6p7", background_classes=0,
         anchors=lambda s: AnchorGenerator(tuple((x, int(x * 2 ** (1 / 3)), int(x * 2 ** (2 / 3)))
                                                 for x in (s * 2**i for i in range(5))), ((0.5, 1.0, 2.0),) * 5),
-        anchor_keyword="anchor_generator", default_anchor_size=32, detections_keyword="detections_per_img"),
+        anchor_keyword="anchor_generator", default_anchor_size=32, detections_keyword="detections_per_img",
+        heads=("head",)),
     "fcos": Architecture(
         FCOS, ("c3", "c4", "c5"), "p6p7", background_classes=0,
         anchors=lambda s: AnchorGenerator(tuple((s * 2**i,) for i in range(5)), ((1.0,),) * 5),
-        anchor_keyword="anchor_generator", default_anchor_size=8, detections_keyword="detections_per_img"),
+        anchor_keyword="anchor_generator", default_anchor_size=8, detections_keyword="detections_per_img",
+        heads=("head",)),
 }
 MAP_BACKENDS = ("pycocotools", "faster_coco_eval")
 
@@ -136,6 +140,13 @@ class ObjectDetector(BackboneTask):
 
     def backbone_slot(self):
         return self.model, "backbone", "body"
+
+    def head_slots(self):
+        slots = []
+        for path in ARCHITECTURES[self.hparams.architecture].heads:
+            owner, _, attribute = path.rpartition(".")
+            slots.append((self.model.get_submodule(owner), attribute))
+        return slots
 
     def set_normalization(self, normalization) -> None:
         super().set_normalization(normalization)

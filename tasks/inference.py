@@ -1,13 +1,14 @@
-"""How validate, test and predict run the network: the trunk's fused, channels_last copy, at ``inference_precision``.
+"""How validate, test and predict run the network: a fused channels_last copy of the trunk, at ``inference_precision``.
 
-Training runs the trunk as it is (BatchNorm, autograd, ``trainer.precision``). The evaluation and prediction steps
-swap in, for the duration of one forward, a module that runs a fused copy of the trunk (norms folded, oneDNN kernels
-on the CPU: :meth:`resnext_backbones.ResNeXt.fused`) in the inference dtype, natively (no autocast around it), and
-the rest of the backbone (the FPN) under autocast to that dtype; its outputs come back as float32, so the heads, box
-decoding and postprocessing stay in float32 whatever the precision (bf16 has 8 bits of mantissa: a box corner at
-x=800 would move in steps of 4 pixels). The copy lives outside the module tree: checkpoints, ``state_dict`` and the
-optimizer never see it, and it is rebuilt whenever the trunk's weights have changed (an optimizer step, a loaded
-state dict, a move to another device), so each validation sees the current weights.
+Training runs the model as it is (BatchNorm, autograd, ``trainer.precision``). The evaluation and prediction steps
+swap in, for the duration of one forward, the model's inference form: the trunk as a fused copy (norms folded, oneDNN
+kernels on the CPU: :meth:`resnext_backbones.ResNeXt.fused`) and, in low precision, copies of the FPN and of the
+heads' networks (convolutions, linear layers) with their weights cast once, run natively in that dtype (no autocast:
+it would cast every weight at every call). Each hands back float32, so box decoding, NMS and the rest of
+postprocessing stay float32 whatever the precision (bf16 has 8 bits of mantissa: a box corner at x=800 would move in
+steps of 4 pixels). The copies live outside the module tree: checkpoints, ``state_dict`` and the optimizer never see
+them, and they are rebuilt whenever the model's weights have changed (an optimizer step, a loaded state dict, a move
+to another device), so each validation sees the current weights.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import functools
 import warnings
 from itertools import chain
 from pathlib import Path
-from typing import Dict, Iterator, Optional, Tuple, Union
+from typing import Dict, Iterator, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -68,40 +69,44 @@ def state_fingerprint(module: nn.Module) -> tuple:
     return tuple((t.data_ptr(), t._version) for t in chain(module.parameters(), module.buffers()))
 
 
-class InferenceBackbone(nn.Module):
-    """The backbone as validate/test/predict run it: ``trunk`` (a fused copy, in ``dtype``) natively, the rest of
-    ``backbone`` (an FPN around it, or nothing) under autocast to ``dtype``, outputs as float32.
+def cast(value, dtype: torch.dtype):
+    """``value`` with every floating-point tensor in it (in any nesting of lists, tuples and dicts) in ``dtype``."""
+    if isinstance(value, Tensor):
+        return value.to(dtype) if value.is_floating_point() else value
+    if isinstance(value, dict):
+        return type(value)((k, cast(v, dtype)) for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return type(value)(cast(v, dtype) for v in value)
+    return value
 
-    ``backbone`` is shallow-copied with ``trunk`` in place of its own (attribute ``trunk_name``), so the FPN's
-    weights are shared, not copied; ``trunk_name=None`` means the backbone is the trunk.
-    """
 
-    def __init__(self, backbone: nn.Module, trunk: nn.Module, trunk_name: Optional[str], dtype: torch.dtype) -> None:
+class Native(nn.Module):
+    """``module`` (its weights in ``dtype``) run natively in ``dtype``: floating inputs cast to it (with
+    ``channels_last``, in that memory format too), outputs cast back to float32."""
+
+    def __init__(self, module: nn.Module, dtype: torch.dtype, channels_last: bool = False) -> None:
         super().__init__()
-        if trunk_name is None:
-            self.module = trunk
-        else:
-            self.module = copy.copy(backbone)  # a new module dict: the original's keeps its trunk
-            self.module._modules = {**backbone._modules, trunk_name: trunk}
-        self.dtype = dtype
+        self.module, self.dtype, self.channels_last = module, dtype, channels_last
 
-    def forward(self, x: Tensor):
-        x = x.to(self.dtype, memory_format=torch.channels_last)
-        low = self.dtype != torch.float32
-        with torch.autocast(x.device.type, dtype=self.dtype if low else None, enabled=low):
-            out = self.module(x)
-        if isinstance(out, dict):
-            return type(out)((k, v.float()) for k, v in out.items())
-        return out.float()
+    def forward(self, *args):
+        args = cast(args, self.dtype)
+        if self.channels_last:
+            args = [a.contiguous(memory_format=torch.channels_last) for a in args]
+        return cast(self.module(*args), torch.float32)
+
+
+def low_precision_copy(module: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """A copy of ``module`` with its weights in ``dtype``; ``module`` itself in float32."""
+    return module if dtype == torch.float32 else copy.deepcopy(module).to(dtype)
 
 
 class InferenceRunner:
-    """Builds, caches and swaps in the :class:`InferenceBackbone` of one task. Not an ``nn.Module``: what it holds
-    stays out of the task's module tree (state dict, checkpoints, DDP's parameters)."""
+    """Builds, caches and swaps in the inference form of one task's model. Not an ``nn.Module``: what it holds stays
+    out of the task's module tree (state dict, checkpoints, DDP's parameters)."""
 
     def __init__(self, precision: str, fused: bool) -> None:
         self.precision, self.fused = precision, fused
-        self._cached: Optional[Tuple[tuple, InferenceBackbone]] = None
+        self._cached: Optional[Tuple[tuple, list]] = None
         self._warned = False
 
     def dtype(self, device: torch.device) -> torch.dtype:
@@ -113,37 +118,60 @@ class InferenceRunner:
             warnings.warn(f"model.inference_precision={self.precision} is not native on this {device.type} "
                           f"({describe_device(device)}): validate/test/predict run in float32 instead. bf16 needs a "
                           "CUDA GPU with bf16 or a CPU with AMX or AVX-512 BF16; 16 a CUDA GPU or a CPU with "
-                          "AMX-FP16 or AVX-512 FP16", stacklevel=3)
+                          "AMX-FP16 or AVX-512 FP16", stacklevel=4)
         return torch.float32
 
-    def backbone(self, backbone: nn.Module, trunk: nn.Module, trunk_name: Optional[str]) -> InferenceBackbone:
-        """The inference backbone for the trunk's current weights: the cached one, or a new one if they changed."""
-        device = next(trunk.parameters()).device
-        dtype = self.dtype(device)
-        key = (dtype, state_fingerprint(trunk))
+    def build(self, backbone: nn.Module, trunk: nn.Module, trunk_name: Optional[str],
+              heads: Sequence[nn.Module], dtype: torch.dtype) -> list:
+        """``[backbone, *heads]`` in inference form, for ``dtype``."""
+        if self.fused and getattr(trunk, "norm", None) != "gn":
+            fast_trunk = trunk.fused(dtype)
+        else:
+            fast_trunk = low_precision_copy(trunk, dtype)
+        if trunk_name is None:
+            network = fast_trunk
+        else:  # a shallow copy with its own children: the fast trunk, and the rest (the FPN) in dtype
+            network = copy.copy(backbone)
+            network._modules = {name: fast_trunk if name == trunk_name else low_precision_copy(child, dtype)
+                                for name, child in backbone._modules.items()}
+        return [Native(network, dtype, channels_last=True)] + [Native(low_precision_copy(head, dtype), dtype)
+                                                                for head in heads]
+
+    def modules(self, model: nn.Module, backbone: nn.Module, trunk: nn.Module, trunk_name: Optional[str],
+                heads: Sequence[nn.Module]) -> list:
+        """The inference form of ``[backbone, *heads]`` for the current weights of ``model`` (which holds them all):
+        the cached one, or a new one if any weight changed. In float32 the heads run as they are."""
+        dtype = self.dtype(next(trunk.parameters()).device)
+        key = (dtype, state_fingerprint(model if dtype != torch.float32 else trunk))
         if self._cached is None or self._cached[0] != key:
-            self._cached = None  # free the old copy before making the new one
+            self._cached = None  # free the old copies before making new ones
             # Lightning predicts under inference_mode, whose tensors have no version counter (the fused kernels key
-            # their packed weights on it): the copy is made of ordinary tensors
+            # their packed weights on it): the copies are made of ordinary tensors
             with torch.inference_mode(False), torch.no_grad():
-                fast = trunk.fused(dtype) if self.fused and getattr(trunk, "norm", None) != "gn" else trunk
-            self._cached = (key, InferenceBackbone(backbone, fast, trunk_name, dtype))
+                self._cached = (key, self.build(backbone, trunk, trunk_name,
+                                                heads if dtype != torch.float32 else [], dtype))
         return self._cached[1]
 
     def release(self) -> None:
-        """Drop the copy (training is about to change the weights anyway)."""
+        """Drop the copies (training is about to change the weights anyway)."""
         self._cached = None
 
     @contextlib.contextmanager
-    def swapped_in(self, parent: nn.Module, name: str, trunk: nn.Module, trunk_name: Optional[str]) -> Iterator[None]:
-        """``parent.<name>`` (the backbone) is the inference backbone inside the block, and the original again after,
-        also on an error."""
-        original = parent._modules[name]
-        parent._modules[name] = self.backbone(original, trunk, trunk_name)
+    def swapped_in(self, model: nn.Module, backbone: Tuple[nn.Module, str], trunk: nn.Module,
+                   trunk_name: Optional[str], heads: Sequence[Tuple[nn.Module, str]] = ()) -> Iterator[None]:
+        """Inside the block, the backbone (``(parent, attribute)``) and, in low precision, the ``heads`` (each
+        ``(parent, attribute)``) of ``model`` are their inference form; the originals are back after, also on an
+        error."""
+        slots = [backbone, *heads]
+        originals = [owner._modules[attribute] for owner, attribute in slots]
+        replacements = self.modules(model, originals[0], trunk, trunk_name, originals[1:])
         try:
+            for (owner, attribute), module in zip(slots, replacements, strict=False):  # float32: the backbone only
+                owner._modules[attribute] = module
             yield
         finally:
-            parent._modules[name] = original
+            for (owner, attribute), original in zip(slots, originals, strict=True):
+                owner._modules[attribute] = original
 
 
 def describe_device(device: torch.device) -> str:
