@@ -12,34 +12,38 @@ the same values, and the output keeps the input's memory format.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Dict, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-__all__ = ["FusedConv2d", "FusedBlock"]
+__all__ = ["FusedConv2d", "FusedBlock", "pack_convolutions"]
 
 _ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
 _ONEDNN_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 class FusedConv2d(nn.Module):
-    """``relu(conv(x) + bias [+ shortcut])`` with the norm already folded into ``weight`` and ``bias``.
+    """``relu(conv(x) + bias [+ shortcut])`` with the norm (if any) already folded into ``weight`` and ``bias``.
 
     Parameters keep the names of the convolution they replace (``weight``, ``bias``), so a fused trunk's state
-    dict has ``convN.weight``/``convN.bias`` where the trunk had ``convN.weight`` and ``bnN.*``.
+    dict has ``convN.weight``/``convN.bias`` where the trunk had ``convN.weight`` and ``bnN.*``. ``norm=None``
+    takes the convolution as it is (its bias, or zeros): :func:`pack_convolutions`.
     """
 
-    def __init__(self, conv: nn.Conv2d, norm: nn.Module, relu: bool) -> None:
+    PACKED_SHAPES = 8  # reordered weights kept per convolution: one per input shape, the most recently used
+
+    def __init__(self, conv: nn.Conv2d, norm: Optional[nn.Module], relu: bool) -> None:
         super().__init__()
-        folded = fuse_conv_bn_eval(conv, norm)  # torch's folding; works for FrozenBatchNorm2d's buffers too
-        self.weight = nn.Parameter(folded.weight.detach(), requires_grad=False)
-        self.bias = nn.Parameter(folded.bias.detach(), requires_grad=False)
+        folded = conv if norm is None else fuse_conv_bn_eval(conv, norm)  # torch's folding (FrozenBatchNorm2d too)
+        bias = folded.bias if folded.bias is not None else torch.zeros_like(conv.weight[:, 0, 0, 0])
+        self.weight = nn.Parameter(folded.weight.detach().clone(), requires_grad=False)
+        self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
         self.stride, self.padding = list(conv.stride), list(conv.padding)
         self.dilation, self.groups, self.relu = list(conv.dilation), conv.groups, relu
-        self._packed: Optional[tuple] = None  # (key, oneDNN weight): the reordered weight and what it was made from
+        self._packed: Dict[tuple, Tensor] = {}  # (input shape, weight storage and version) -> oneDNN weight
 
     def extra_repr(self) -> str:
         o, i, kh, kw = self.weight.shape
@@ -71,22 +75,37 @@ class FusedConv2d(nn.Module):
 
     def _packed_weight(self, x: Tensor) -> Tensor:
         # oneDNN picks its kernel, and the weight layout it wants, by input shape: a weight packed for another
-        # shape runs up to 4x slower. So the last shape's copy is kept, and made again when the shape or the
-        # weight changes (load_state_dict bumps the version; .to() moves the storage).
+        # shape runs up to 4x slower. So a copy is kept per recent shape (an FPN level, a batch of another size),
+        # and made again when the weight changes (load_state_dict bumps the version; .to() moves the storage).
         key = (tuple(x.shape), self.weight.data_ptr(), self.weight._version)
-        packed = self._packed  # read once: threads sharing the module each use a (key, weight) pair that matches
-        if packed is None or packed[0] != key:
-            packed = (key, torch.ops.mkldnn._reorder_convolution_weight(
-                self.weight.detach(), self.padding, self.stride, self.dilation, self.groups, list(x.shape)))
-            self._packed = packed
-        return packed[1]
+        packed = self._packed.pop(key, None)  # re-inserted last: the dict keeps the most recently used at its end
+        if packed is None:
+            packed = torch.ops.mkldnn._reorder_convolution_weight(
+                self.weight.detach(), self.padding, self.stride, self.dilation, self.groups, list(x.shape))
+            while len(self._packed) >= self.PACKED_SHAPES:
+                self._packed.pop(next(iter(self._packed)))
+        self._packed[key] = packed
+        return packed
 
     def _apply(self, fn, recurse: bool = True):
-        self._packed = None  # .to()/.float()/.cpu(): the reordered copy belongs to the old tensor
+        self._packed = {}  # .to()/.float()/.cpu(): the reordered copies belong to the old tensor
         return super()._apply(fn, recurse)
 
-    def __getstate__(self) -> dict:  # pickle and deepcopy: the oneDNN copy is a cache, rebuilt on first use
-        return {**self.__dict__, "_packed": None}
+    def __getstate__(self) -> dict:  # pickle and deepcopy: the oneDNN copies are a cache, rebuilt on first use
+        return {**self.__dict__, "_packed": {}}
+
+
+def pack_convolutions(module: nn.Module) -> nn.Module:
+    """Every ``nn.Conv2d`` of ``module`` (an FPN, a detector's heads) as a :class:`FusedConv2d` without norm, in place:
+    on the CPU with channels_last input, one oneDNN kernel on a weight reordered once per input shape instead of at
+    every call (3x faster for a 256-channel 3x3 on small maps); elsewhere the same ``F.conv2d``. For inference
+    (the weights no longer train). Convolutions with other padding modes or string padding are left as they are."""
+    for name, child in module.named_children():
+        if isinstance(child, nn.Conv2d) and child.padding_mode == "zeros" and not isinstance(child.padding, str):
+            setattr(module, name, FusedConv2d(child, None, relu=False))
+        else:
+            pack_convolutions(child)
+    return module
 
 
 class FusedBlock(nn.Module):

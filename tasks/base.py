@@ -56,8 +56,9 @@ class BackboneTask(LightningModule):
             under autocast; heads and postprocessing stay float32. Applied where the device computes it natively
             (CUDA; CPUs with AMX or AVX-512 BF16 / FP16); elsewhere a warning, once, and float32.
         fused_inference: validate, test and predict run a fused channels_last copy of the trunk (norms folded into
-            the convolutions; :mod:`tasks.inference`), rebuilt whenever the weights change; ``false`` runs the
-            trunk as trained. A GroupNorm trunk is never fused.
+            the convolutions) and copies of the FPN and heads with packed convolutions (:mod:`tasks.inference`),
+            rebuilt whenever the weights change; ``false`` runs the model as trained. A GroupNorm trunk is never
+            fused.
     """
 
     STAGES = ("val", "test")

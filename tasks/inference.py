@@ -2,11 +2,12 @@
 
 Training runs the model as it is (BatchNorm, autograd, ``trainer.precision``). The evaluation and prediction steps
 swap in, for the duration of one forward, the model's inference form: the trunk as a fused copy (norms folded, oneDNN
-kernels on the CPU: :meth:`resnext_backbones.ResNeXt.fused`) and, in low precision, copies of the FPN and of the
-heads' networks (convolutions, linear layers) with their weights cast once, run natively in that dtype (no autocast:
-it would cast every weight at every call). Each hands back float32, so box decoding, NMS and the rest of
-postprocessing stay float32 whatever the precision (bf16 has 8 bits of mantissa: a box corner at x=800 would move in
-steps of 4 pixels). The copies live outside the module tree: checkpoints, ``state_dict`` and the optimizer never see
+kernels on the CPU: :meth:`resnext_backbones.ResNeXt.fused`), and copies of the FPN and of the heads' networks
+(convolutions, linear layers) whose convolutions run on weights packed once
+(:func:`resnext_backbones.fused.pack_convolutions`). In low precision the copies hold their weights in that dtype and
+run natively (no autocast: it would cast every weight at every call). Each hands back float32, so box decoding, NMS
+and the rest of postprocessing stay float32 whatever the precision (bf16 has 8 bits of mantissa: a box corner at
+x=800 would move in steps of 4 pixels). The copies live outside the module tree: checkpoints, ``state_dict`` and the optimizer never see
 them, and they are rebuilt whenever the model's weights have changed (an optimizer step, a loaded state dict, a move
 to another device), so each validation sees the current weights.
 """
@@ -23,6 +24,8 @@ from typing import Dict, Iterator, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
+
+from resnext_backbones.fused import pack_convolutions
 
 INFERENCE_PRECISIONS: Dict[str, torch.dtype] = {"32": torch.float32, "bf16": torch.bfloat16, "16": torch.float16}
 
@@ -95,9 +98,10 @@ class Native(nn.Module):
         return cast(self.module(*args), torch.float32)
 
 
-def low_precision_copy(module: nn.Module, dtype: torch.dtype) -> nn.Module:
-    """A copy of ``module`` with its weights in ``dtype``; ``module`` itself in float32."""
-    return module if dtype == torch.float32 else copy.deepcopy(module).to(dtype)
+def inference_copy(module: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """A copy of ``module`` for inference: weights in ``dtype``, convolutions on weights packed once
+    (:func:`resnext_backbones.fused.pack_convolutions`)."""
+    return pack_convolutions(copy.deepcopy(module).to(dtype))
 
 
 class InferenceRunner:
@@ -124,32 +128,36 @@ class InferenceRunner:
     def build(self, backbone: nn.Module, trunk: nn.Module, trunk_name: Optional[str],
               heads: Sequence[nn.Module], dtype: torch.dtype) -> list:
         """``[backbone, *heads]`` in inference form, for ``dtype``."""
-        if self.fused and getattr(trunk, "norm", None) != "gn":
-            fast_trunk = trunk.fused(dtype)
+        if not self.fused:  # the trunk as trained (in low precision, a copy in that dtype)
+            fast_trunk = trunk if dtype == torch.float32 else copy.deepcopy(trunk).to(dtype)
         else:
-            fast_trunk = low_precision_copy(trunk, dtype)
+            fast_trunk = trunk.fused(dtype) if getattr(trunk, "norm", None) != "gn" else inference_copy(trunk, dtype)
         if trunk_name is None:
             network = fast_trunk
-        else:  # a shallow copy with its own children: the fast trunk, and the rest (the FPN) in dtype
+        else:  # a shallow copy with children of its own: the fast trunk, and the rest (the FPN) copied for inference
             network = copy.copy(backbone)
-            network._modules = {name: fast_trunk if name == trunk_name else low_precision_copy(child, dtype)
+            network._modules = {name: fast_trunk if name == trunk_name else
+                                child if not self.fused else inference_copy(child, dtype)
                                 for name, child in backbone._modules.items()}
-        return [Native(network, dtype, channels_last=True)] + [Native(low_precision_copy(head, dtype), dtype)
-                                                                for head in heads]
+            if not self.fused and dtype != torch.float32:
+                network = copy.deepcopy(network).to(dtype)
+        heads = [inference_copy(head, dtype) if self.fused else copy.deepcopy(head).to(dtype) for head in heads]
+        return [Native(network, dtype, channels_last=True)] + [Native(head, dtype) for head in heads]
 
     def modules(self, model: nn.Module, backbone: nn.Module, trunk: nn.Module, trunk_name: Optional[str],
                 heads: Sequence[nn.Module]) -> list:
         """The inference form of ``[backbone, *heads]`` for the current weights of ``model`` (which holds them all):
-        the cached one, or a new one if any weight changed. In float32 the heads run as they are."""
+        the cached one, or a new one if any weight changed. Unfused in float32, the model runs as it is."""
         dtype = self.dtype(next(trunk.parameters()).device)
-        key = (dtype, state_fingerprint(model if dtype != torch.float32 else trunk))
+        if not self.fused and dtype == torch.float32:
+            return [backbone]
+        key = (dtype, state_fingerprint(model))
         if self._cached is None or self._cached[0] != key:
             self._cached = None  # free the old copies before making new ones
             # Lightning predicts under inference_mode, whose tensors have no version counter (the fused kernels key
             # their packed weights on it): the copies are made of ordinary tensors
             with torch.inference_mode(False), torch.no_grad():
-                self._cached = (key, self.build(backbone, trunk, trunk_name,
-                                                heads if dtype != torch.float32 else [], dtype))
+                self._cached = (key, self.build(backbone, trunk, trunk_name, heads, dtype))
         return self._cached[1]
 
     def release(self) -> None:
@@ -159,14 +167,13 @@ class InferenceRunner:
     @contextlib.contextmanager
     def swapped_in(self, model: nn.Module, backbone: Tuple[nn.Module, str], trunk: nn.Module,
                    trunk_name: Optional[str], heads: Sequence[Tuple[nn.Module, str]] = ()) -> Iterator[None]:
-        """Inside the block, the backbone (``(parent, attribute)``) and, in low precision, the ``heads`` (each
-        ``(parent, attribute)``) of ``model`` are their inference form; the originals are back after, also on an
-        error."""
+        """Inside the block, the backbone (``(parent, attribute)``) and the ``heads`` (each ``(parent, attribute)``) of
+        ``model`` are their inference form; the originals are back after, also on an error."""
         slots = [backbone, *heads]
         originals = [owner._modules[attribute] for owner, attribute in slots]
         replacements = self.modules(model, originals[0], trunk, trunk_name, originals[1:])
         try:
-            for (owner, attribute), module in zip(slots, replacements, strict=False):  # float32: the backbone only
+            for (owner, attribute), module in zip(slots, replacements, strict=False):  # unfused fp32: as it is
                 owner._modules[attribute] = module
             yield
         finally:

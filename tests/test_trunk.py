@@ -13,7 +13,7 @@ from torchvision.ops import FrozenBatchNorm2d
 
 import resnext_backbones as rb
 from resnext_backbones.fused import _ONEDNN as ONEDNN
-from resnext_backbones.fused import FusedBlock, FusedConv2d
+from resnext_backbones.fused import FusedBlock, FusedConv2d, pack_convolutions
 from resnext_backbones.trunk import STAGE_BLOCKS
 
 
@@ -188,7 +188,7 @@ def channels_last(x):
 
 def packed_convs(trunk):
     """Which convolutions hold a oneDNN-reordered weight, i.e. ran the fused CPU kernels."""
-    return [m._packed is not None for m in trunk.modules() if isinstance(m, FusedConv2d)]
+    return [bool(m._packed) for m in trunk.modules() if isinstance(m, FusedConv2d)]
 
 
 @pytest.mark.parametrize("norm", ["bn", "frozen_bn"])
@@ -340,3 +340,28 @@ def test_low_precision_fused_copy_runs_natively_close_to_float32(dtype, images):
 def test_fused_copy_refuses_group_norm():
     with pytest.raises(ValueError, match="GroupNorm's statistics depend on the input"):
         rb.resnext("resnet18", norm="gn").fused()
+
+
+def test_packed_convolutions_give_the_same_values_with_a_weight_packed_per_input_shape():
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.Sequential(nn.Conv2d(16, 4, 1, bias=False)),
+                          nn.Conv2d(4, 4, 3, padding="same"))
+    packed = pack_convolutions(copy.deepcopy(plain))
+    assert [type(m).__name__ for m in packed.modules() if "Conv" in type(m).__name__] == \
+        ["FusedConv2d", "FusedConv2d", "Conv2d"]  # string padding is left to F.conv2d
+    shapes = [(1, 8, 16, 16), (2, 8, 8, 12), (1, 8, 16, 16)]
+    with torch.no_grad():
+        for shape in shapes:
+            x = channels_last(torch.rand(shape))
+            torch.testing.assert_close(packed(x), plain(x), rtol=1e-4, atol=1e-5)
+    first = packed[0]
+    assert len(first._packed) == (2 if ONEDNN else 0)  # two shapes, the third call reused the first's weight
+    FusedConv2d.PACKED_SHAPES, saved = 1, FusedConv2d.PACKED_SHAPES
+    first._packed.clear()
+    try:
+        with torch.no_grad():
+            for shape in shapes:
+                packed(channels_last(torch.rand(shape)))
+        assert len(first._packed) == (1 if ONEDNN else 0)  # the oldest shapes make room
+    finally:
+        FusedConv2d.PACKED_SHAPES = saved
