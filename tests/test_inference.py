@@ -1,5 +1,6 @@
 """validate/test/predict run a fused channels_last copy of the trunk at ``inference_precision`` (tasks.inference)."""
 
+import contextlib
 import warnings
 
 import pytest
@@ -37,17 +38,21 @@ def classifier(**kwargs):
     return randomize_norm_stats(ImageClassifier(backbone="resnet18", num_classes=4, **kwargs)).eval()
 
 
-def trunk_forwards(model):
-    """Every trunk forward from here on, as ``(class of the module that ran, its first conv's class, dtype of C5)``:
-    which trunk ran, fused or not, in which precision."""
+@contextlib.contextmanager
+def trunk_forwards():
+    """Every trunk forward inside the block, as ``(class of the module that ran, its first conv's class, dtype of
+    C5)``: which trunk ran, fused or not, in which precision."""
     calls = []
 
     def hook(module, args, out):
-        calls.append((type(module).__name__, type(module.conv1).__name__, out[module.returned_features[-1]].dtype))
+        if isinstance(module, rb.ResNeXt):
+            calls.append((type(module).__name__, type(module.conv1).__name__, out[module.returned_features[-1]].dtype))
 
-    handle = torch.nn.modules.module.register_module_forward_hook(
-        lambda module, args, out: hook(module, args, out) if isinstance(module, rb.ResNeXt) else None)
-    return calls, handle
+    handle = torch.nn.modules.module.register_module_forward_hook(hook)
+    try:
+        yield calls
+    finally:
+        handle.remove()
 
 
 @pytest.mark.parametrize("architecture", ARCHITECTURES)
@@ -56,11 +61,8 @@ def test_prediction_runs_the_fused_trunk_and_equals_the_unfused_detector(archite
     state = {k: v.clone() for k, v in model.state_dict().items()}
     with torch.no_grad():
         expected = model(IMAGES)  # forward() itself: the trunk as trained
-    calls, handle = trunk_forwards(model)
-    try:
+    with trunk_forwards() as calls:
         predicted = predict(model, (IMAGES, None), 0)
-    finally:
-        handle.remove()
     assert calls == [("ResNeXt", "FusedConv2d", torch.float32)]  # the copy ran, not the training trunk
     for want, got in zip(expected, predicted, strict=True):
         assert len(want["boxes"]) > 10  # score threshold 0: many detections to compare
@@ -76,11 +78,8 @@ def test_classifier_prediction_runs_the_fused_trunk_and_equals_the_unfused_logit
     images = torch.rand(3, 3, 48, 48, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         expected = model(images).softmax(-1)
-    calls, handle = trunk_forwards(model)
-    try:
+    with trunk_forwards() as calls:
         predicted = predict(model, (images, None), 0)
-    finally:
-        handle.remove()
     assert calls == [("ResNeXt", "FusedConv2d", torch.float32)]
     assert expected.max() - expected.min() > 0.05  # probabilities that differ between classes and images
     torch.testing.assert_close(predicted, expected, atol=1e-4, rtol=0)
@@ -88,11 +87,8 @@ def test_classifier_prediction_runs_the_fused_trunk_and_equals_the_unfused_logit
 
 def test_fused_inference_false_runs_the_trunk_as_trained():
     model = classifier(fused_inference=False)
-    calls, handle = trunk_forwards(model)
-    try:
+    with trunk_forwards() as calls:
         predict(model, (torch.rand(1, 3, 32, 32), None), 0)
-    finally:
-        handle.remove()
     assert calls == [("ResNeXt", "Conv2d", torch.float32)]
 
 
@@ -128,11 +124,11 @@ class RecordValidation(Callback):
     def on_validation_batch_start(self, trainer, module, batch, batch_idx, dataloader_idx=0):
         with torch.no_grad():
             plain = torch.nn.functional.cross_entropy(module(batch[0]), batch[1])
-        calls, self.handle = trunk_forwards(module)
-        self.epochs.append({"plain": float(plain), "calls": calls})
+        self.recording = trunk_forwards()
+        self.epochs.append({"plain": float(plain), "calls": self.recording.__enter__()})
 
     def on_validation_batch_end(self, trainer, module, outputs, batch, batch_idx, dataloader_idx=0):
-        self.handle.remove()
+        self.recording.__exit__(None, None, None)
 
     def on_train_epoch_end(self, trainer, module):
         self.epochs[-1]["logged"] = float(trainer.callback_metrics["val/loss"])
@@ -168,13 +164,9 @@ def test_low_precision_runs_where_native_else_warns_once_and_stays_float32(preci
         expected = model(images).softmax(-1)
     native = native_support(precision, torch.device("cpu"))
     dtype = {"bf16": torch.bfloat16, "16": torch.float16}[precision] if native else torch.float32
-    calls, handle = trunk_forwards(model)
-    with warnings.catch_warnings(record=True) as caught:
+    with trunk_forwards() as calls, warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        try:
-            predictions = [predict(model, (images, None), 0) for _ in range(2)]
-        finally:
-            handle.remove()
+        predictions = [predict(model, (images, None), 0) for _ in range(2)]
     assert calls == [("ResNeXt", "FusedConv2d", dtype)] * 2
     assert [w for w in caught if "inference_precision" in str(w.message)] == []
     for p in predictions:
@@ -186,13 +178,9 @@ def test_low_precision_runs_where_native_else_warns_once_and_stays_float32(preci
     model = classifier(inference_precision=precision)
     with torch.no_grad():
         expected = model(images).softmax(-1)
-    calls, handle = trunk_forwards(model)
-    with warnings.catch_warnings(record=True) as caught:
+    with trunk_forwards() as calls, warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        try:
-            predictions = [predict(model, (images, None), 0) for _ in range(3)]
-        finally:
-            handle.remove()
+        predictions = [predict(model, (images, None), 0) for _ in range(3)]
     messages = [str(w.message) for w in caught if "inference_precision" in str(w.message)]
     assert len(messages) == 1, messages
     assert f"inference_precision={precision} is not native" in messages[0] and "float32" in messages[0]
@@ -205,12 +193,9 @@ def test_inference_precision_32_turns_the_trainers_autocast_off():
     model = detector("retinanet")
     with torch.no_grad():
         expected = model(IMAGES)
-    calls, handle = trunk_forwards(model)
-    try:
+    with trunk_forwards() as calls:
         with torch.autocast("cpu", dtype=torch.bfloat16):  # what Lightning's bf16-mixed puts around the steps
             predicted = predict(model, (IMAGES, None), 0)
-    finally:
-        handle.remove()
     assert calls == [("ResNeXt", "FusedConv2d", torch.float32)]
     for want, got in zip(expected, predicted, strict=True):
         assert_same_detections(got, want, box_tolerance=1e-4, score_tolerance=1e-4)
@@ -246,11 +231,8 @@ def test_inference_on_cuda_runs_the_fused_trunk_in_the_precision_asked(precision
     images = torch.rand(4, 3, 64, 64, generator=torch.Generator().manual_seed(8)).cuda()
     with torch.no_grad():
         expected = model(images).softmax(-1)
-    calls, handle = trunk_forwards(model)
-    try:
+    with trunk_forwards() as calls:
         predicted = predict(model, (images, None), 0)
-    finally:
-        handle.remove()
     assert calls == [("ResNeXt", "FusedConv2d", dtype)]
     assert predicted.dtype == torch.float32 and predicted.is_cuda
     torch.testing.assert_close(predicted, expected, atol=1e-4 if precision == "32" else 2e-2, rtol=0)
@@ -261,11 +243,8 @@ def test_inference_on_cuda_runs_the_fused_trunk_in_the_precision_asked(precision
 def test_detector_prediction_on_cuda_in_bf16_keeps_boxes_in_float32(architecture, no_tf32):
     model = detector(architecture, inference_precision="bf16").cuda()
     images = [image.cuda() for image in IMAGES]
-    calls, handle = trunk_forwards(model)
-    try:
+    with trunk_forwards() as calls:
         predicted = predict(model, (images, None), 0)
-    finally:
-        handle.remove()
     assert calls == [("ResNeXt", "FusedConv2d", torch.bfloat16)]
     for detections in predicted:
         assert len(detections["boxes"]) > 10 and detections["boxes"].dtype == torch.float32
