@@ -34,7 +34,7 @@ from tasks import ImageClassifier, ObjectDetector
 from tasks.inference import cpu_flags, native_support
 
 from .backbone import build_pair
-from .common import benchmark_parser, machine, median_seconds_alternating, publish
+from .common import benchmark_parser, machine, median_seconds_alternating, pin_malloc, publish
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 ISA = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_fp16")
@@ -178,14 +178,14 @@ def quality_rows(args, bf16: bool) -> List[str]:
             "|---|---|" + "---|" * len(precisions)]
     cases = []
     if args.detection_checkpoint:
-        data = quick_start_config("detection.yaml")["data"]["init_args"]
+        init = quick_start_config("detection.yaml")["data"]["init_args"]
         cases.append(("detection quick start", "val/map", ObjectDetector, args.detection_checkpoint,
-                      lambda: CocoDetectionDataModule(batch_size=data["batch_size"], num_workers=0)))
+                      partial(CocoDetectionDataModule, batch_size=init["batch_size"], num_workers=0)))
     if args.classification_checkpoint:
-        data = quick_start_config("classification.yaml")["data"]["init_args"]
+        init = quick_start_config("classification.yaml")["data"]["init_args"]
         cases.append(("classification quick start", "val/acc", ImageClassifier, args.classification_checkpoint,
-                      lambda: ImageFolderDataModule(image_size=data["image_size"], batch_size=data["batch_size"],
-                                                    num_workers=0)))
+                      partial(ImageFolderDataModule, image_size=init["image_size"], batch_size=init["batch_size"],
+                              num_workers=0)))
     for name, metric, task_class, checkpoint, data in cases:
         values = []
         for precision in precisions:
@@ -198,8 +198,14 @@ def quality_rows(args, bf16: bool) -> List[str]:
     return rows if cases else []
 
 
+SECTIONS = ("trunk", "detector", "quality")
+
+
 def main(argv=None) -> str:
     parser = benchmark_parser(__doc__)
+    parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS),
+                        help="which tables (each is its own section of benchmarks/README.md); quality needs the "
+                             "checkpoints")
     parser.add_argument("--model", default="resnext50_32x4d")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--size", type=int, default=224)
@@ -211,27 +217,38 @@ def main(argv=None) -> str:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    allocator = pin_malloc()  # freed activations stay mapped: no page faults that depend on what ran before
     bf16 = native_support("bf16", torch.device("cpu"))
-    peak = conv_peak_gflops(args.repeats)
-    trunk = trunk_rows(args, bf16)
-    detection = detector_rows(args, bf16)
-    quality = quality_rows(args, bf16)
     note = "" if bf16 else " bf16 rows: none, this CPU has no native bf16 (AMX or AVX-512 BF16)."
-    command = (f"`python -m benchmarks.inference --batches {' '.join(map(str, args.batches))} --size {args.size} "
-               f"--repeats {args.repeats} --threads {args.threads}" +
-               (" --detection-checkpoint DET" if args.detection_checkpoint else "") +
-               (" --classification-checkpoint CLS" if args.classification_checkpoint else "") + "`")
-    body = (f"## Inference: fused fp32 and native bf16, ours vs torchvision\n\n{command}. Machine: {machine()}; "
-            f"ISA: {isa_flags()}.{note}\n\n"
-            f"### Trunk: `{args.model}` at {args.size}x{args.size}, same weights\n\nThis CPU's fp32 convolution peak "
-            f"(dense 3x3, 256 channels, 56x56, batch 8, channels_last): {peak:.0f} GFLOP/s.\n\n" + "\n".join(trunk) +
-            "\n\n### Detector `predict`: the quick start's (configs/detection.yaml), on its validation images\n\n"
-            f"{args.detector_batches} batches of the config's batch size per round, median of {args.repeats}; "
-            "torchvision: its FasterRCNN on its own ResNeXt + BackboneWithFPN, same weights, eager fp32 NCHW.\n\n" +
-            "\n".join(detection) +
-            ("\n\n### Validation quality at each inference precision (the quick starts' checkpoints)\n\n" +
-             "\n".join(quality) if quality else ""))
-    return publish("inference", body, args)
+    header = f"Machine: {machine()}; ISA: {isa_flags()}; {allocator}.{note}"
+    bodies = []
+    if "trunk" in args.sections:
+        peak = conv_peak_gflops(args.repeats)
+        rows = trunk_rows(args, bf16)
+        bodies.append(publish("inference_trunk", (
+            f"## Inference, trunk: `{args.model}` at {args.size}x{args.size}, fused fp32 and native bf16 vs "
+            f"torchvision, same weights\n\n`python -m benchmarks.inference --sections trunk --batches "
+            f"{' '.join(map(str, args.batches))} --size {args.size} --repeats {args.repeats} --threads {args.threads}`"
+            f"; alternating, median of {args.repeats}. {header}\n\nThis CPU's fp32 convolution peak (dense 3x3, 256 "
+            f"channels, 56x56, batch 8, channels_last): {peak:.0f} GFLOP/s.\n\n" + "\n".join(rows)), args))
+    if "detector" in args.sections:
+        rows = detector_rows(args, bf16)
+        bodies.append(publish("inference_detector", (
+            "## Inference, detector `predict`: the quick start's (configs/detection.yaml) on its validation images"
+            f"\n\n`python -m benchmarks.inference --sections detector --detector-batches {args.detector_batches} "
+            f"--repeats {args.repeats} --threads {args.threads}`: {args.detector_batches} batches of the config's "
+            f"batch size per round, alternating, median of {args.repeats}; ours through `predict_step` at "
+            "inference_precision 32 and bf16; torchvision: its FasterRCNN on its own ResNeXt + BackboneWithFPN, same "
+            f"weights, eager fp32 NCHW. {header}\n\n" + "\n".join(rows)), args))
+    if "quality" in args.sections:
+        rows = quality_rows(args, bf16)
+        if rows:
+            bodies.append(publish("inference_quality", (
+                "## Inference, validation quality at each inference_precision: the quick starts' checkpoints\n\n"
+                "`python -m benchmarks.inference --sections quality --detection-checkpoint DET "
+                f"--classification-checkpoint CLS`: `Trainer.validate` on each quick start's validation set. "
+                f"{header}\n\n" + "\n".join(rows)), args))
+    return "\n\n".join(bodies)
 
 
 if __name__ == "__main__":

@@ -65,8 +65,8 @@ def test_inference_benchmark_gives_fp32_and_native_bf16_rows_on_tiny_shapes():
     from benchmarks import inference
     from tasks.inference import native_support
 
-    body = inference.main(["--model", "resnet18", "--batches", "2", "--size", "64", "--repeats", "1",
-                           "--detector-batches", "1", "--no-write"])
+    body = inference.main(["--sections", "trunk", "detector", "--model", "resnet18", "--batches", "2", "--size", "64",
+                           "--repeats", "1", "--detector-batches", "1", "--no-write"])
     trunk = [line.split(" | ")[1:3] for line in body.splitlines() if line.startswith("| 2 |")]
     detector = [line.split(" | ")[0] for line in body.splitlines() if line.startswith("| fused ")]
     expected = [["fused fp32", "torchvision eager fp32 NCHW"]]
