@@ -7,9 +7,9 @@ kernels on the CPU: :meth:`resnext_backbones.ResNeXt.fused`), and copies of the 
 (:func:`resnext_backbones.fused.pack_convolutions`). In low precision the copies hold their weights in that dtype and
 run natively (no autocast: it would cast every weight at every call). Each hands back float32, so box decoding, NMS
 and the rest of postprocessing stay float32 whatever the precision (bf16 has 8 bits of mantissa: a box corner at
-x=800 would move in steps of 4 pixels). The copies live outside the module tree: checkpoints, ``state_dict`` and the optimizer never see
-them, and they are rebuilt whenever the model's weights have changed (an optimizer step, a loaded state dict, a move
-to another device), so each validation sees the current weights.
+x=800 would move in steps of 4 pixels). The copies live outside the module tree: checkpoints, ``state_dict`` and the
+optimizer never see them, and they are rebuilt whenever the model's weights have changed (an optimizer step, a loaded
+state dict, a move to another device), so each validation sees the current weights.
 """
 
 from __future__ import annotations
