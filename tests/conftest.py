@@ -108,6 +108,18 @@ def large_object_coco(tiny_coco, tmp_path_factory):
     return {**tiny_coco, "val_annotations": str(root / "val.json"), "val_images": str(root / "val")}
 
 
+def uncompressed_rle(mask) -> dict:
+    """``mask`` (H x W, 0/1) as COCO stores crowd regions: an uncompressed RLE, the lengths of alternating runs of 0s
+    and 1s down the columns, starting with 0s. (pycocotools writes only compressed RLE; the tests check that it
+    decodes this one to ``mask``.)"""
+    import numpy as np
+
+    flat = np.asarray(mask, dtype=np.uint8).flatten(order="F")
+    edges = np.flatnonzero(np.diff(flat)) + 1
+    runs = np.diff(np.concatenate([[0], edges, [len(flat)]])).tolist()
+    return {"size": list(np.shape(mask)), "counts": ([0] if flat[0] else []) + runs}
+
+
 def classification_args(tmp_path, folder, *extra, backbone="resnet18", image_size=32):
     return ["fit", "--model", "tasks.ImageClassifier", "--model.backbone", backbone,
             "--data", "tasks.data.ImageFolderDataModule", "--data.train_dir", folder["train_dir"],
