@@ -82,13 +82,13 @@ def colour_folder(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def large_object_coco(tiny_coco, tmp_path_factory):
-    """``tiny_coco`` with another validation set: 5 images (an odd count) of one large shape each, which a
-    checkpoint of a few steps already finds now and then, so that its mAP is above zero."""
+    """``tiny_coco`` with another validation set: 5 images (an odd count) of one large shape each (with its exact
+    mask), which a checkpoint of a few steps already finds now and then, so that its mAP is above zero."""
     import json
 
     import numpy as np
 
-    from tasks.data.shapes import CATEGORIES, _write, draw
+    from tasks.data.shapes import CATEGORIES, _write, draw_instances, segmentation
 
     root = tmp_path_factory.mktemp("large_objects")
     (root / "val").mkdir()
@@ -97,11 +97,13 @@ def large_object_coco(tiny_coco, tmp_path_factory):
     images, annotations = [], []
     for i in range(5):
         category = ids[i % len(ids)]
-        image, [(x0, y0, x1, y1)] = draw(rng, 96, 96, [CATEGORIES[category]], min_size=60, max_size=90)
+        image, [(x0, y0, x1, y1)], [mask] = draw_instances(rng, 96, 96, [CATEGORIES[category]], min_size=60,
+                                                            max_size=90)
         _write(image, root / "val" / f"{i}.jpg")
         images.append({"id": 100 + i, "file_name": f"{i}.jpg", "height": 96, "width": 96})
         annotations.append({"id": i + 1, "image_id": 100 + i, "category_id": category, "iscrowd": 0,
-                            "bbox": [x0, y0, x1 - x0, y1 - y0], "area": (x1 - x0) * (y1 - y0)})
+                            "bbox": [x0, y0, x1 - x0, y1 - y0], "area": (x1 - x0) * (y1 - y0),
+                            "segmentation": segmentation(CATEGORIES[category], mask)})
     categories = [{"id": k, "name": v} for k, v in CATEGORIES.items()]
     (root / "val.json").write_text(json.dumps({"images": images, "annotations": annotations,
                                                "categories": categories}))
