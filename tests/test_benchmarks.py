@@ -56,3 +56,15 @@ def test_predict_benchmark_reports_memory_and_speed_per_count_on_tiny_shapes():
     assert [(row[0], row[1]) for row in rows] == [("| 3", "streamed"), ("| 6", "streamed")]
     assert [row[-1] for row in rows] == ["30 |", "60 |"]  # 10 detections per image, all written
     assert all(float(row[4]) > 0 and " -> " in row[5] for row in rows)
+
+
+def test_data_benchmark_measures_worker_memory_with_and_without_masks_on_tiny_shapes():
+    from benchmarks import data
+
+    body = data.main(["--images", "4", "--repeats", "1", "--batch", "4", "--memory-images", "40", "--memory-boxes",
+                      "120", "--polygon-points", "8", "--no-write"])
+    rows = [line.split(" | ")[:2] for line in body.splitlines() if line.startswith(("| ours |", "| torchvision |"))
+            and line.count("|") > 4]
+    assert rows == [["| ours", "boxes"], ["| torchvision", "boxes"], ["| ours", "boxes, masks"],
+                    ["| torchvision", "boxes, masks"]]
+    assert "Ours keeps the 120 segmentations in " in body
