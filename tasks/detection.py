@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from torchmetrics.detection import MeanAveragePrecision
 from torchvision.models.detection import FCOS, FasterRCNN, MaskRCNN, RetinaNet
 from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.transforms.v2.functional import to_dtype
 
 import resnext_backbones as rb
@@ -107,6 +108,10 @@ class ObjectDetector(BackboneTask):
             torchvision's, 32 or FCOS 8).
         fpn_channels: channels of every pyramid level.
         detections_per_image: most detections kept per image.
+        mask_head_layers: Mask R-CNN: the channels of each 3x3 convolution of its mask head (torchvision's
+            ``MaskRCNNHeads`` ``layers``; detectron2's ``NUM_CONV`` x ``CONV_DIM``); default torchvision's four of 256.
+            The mask head runs on every positive RoI and is most of a training step on a CPU: the CPU quick start
+            takes two of 128.
         detector_kwargs: further keyword arguments of torchvision's detector class (``box_batch_size_per_image``,
             ``rpn_post_nms_top_n_train``, ``score_thresh``, ...), e.g. to size the heads to small images.
         categories: dataset category id -> name (set by the data module); metrics and predictions use these ids.
@@ -124,7 +129,7 @@ class ObjectDetector(BackboneTask):
                  weights: Optional[str] = None, strict_weights: bool = True, trainable_stages: int = 3,
                  norm: str = "frozen_bn", min_size: Union[int, List[int]] = 800, max_size: int = 1333,
                  anchor_size: Optional[int] = None, fpn_channels: int = 256, detections_per_image: int = 100,
-                 detector_kwargs: Optional[Dict[str, Any]] = None,
+                 mask_head_layers: Optional[List[int]] = None, detector_kwargs: Optional[Dict[str, Any]] = None,
                  categories: Optional[Dict[int, str]] = None, map_backend: str = "faster_coco_eval",
                  log_images: int = 4, optimizer: OptimizerCallable = sgd, lr_schedule: str = "multistep",
                  warmup_steps: int = 500, milestones: Sequence[float] = (0.667, 0.917), **kwargs) -> None:
@@ -145,6 +150,8 @@ class ObjectDetector(BackboneTask):
         min_size = tuple(min_size) if isinstance(min_size, (list, tuple)) else min_size
         self.model = arch.build(fpn, num_classes, anchor_size, detections_per_image, min_size=min_size,
                                 max_size=max_size, **(detector_kwargs or {}))
+        if mask_head_layers is not None:
+            self._size_mask_head(list(mask_head_layers), fpn_channels, num_classes + arch.background_classes)
         self.set_normalization(fpn.body.normalization)  # the weights' input convention, not a fixed ImageNet one
         # extended_summary: the precision array, from which AP and AP50 per category come (tasks.per_class)
         self.metrics = self.stage_metrics(MeanAveragePrecision(
@@ -152,6 +159,16 @@ class ObjectDetector(BackboneTask):
             sync_on_compute=False, extended_summary=True))
         self._eval_batches: List = []
         self.log_images, self._pictures_sent = log_images, 0
+
+    def _size_mask_head(self, layers: List[int], in_channels: int, classes: int) -> None:
+        if not self.predicts_masks:
+            raise ValueError(f"model.mask_head_layers sizes Mask R-CNN's mask head, but model.architecture="
+                             f"{self.hparams.architecture!r} has none; leave it unset or use mask_rcnn")
+        if not layers or not all(isinstance(c, int) and c > 0 for c in layers):
+            raise ValueError(f"model.mask_head_layers={layers!r} must be a non-empty list of positive channel counts, "
+                             "e.g. [256, 256, 256, 256] (torchvision's)")
+        self.model.roi_heads.mask_head = MaskRCNNHeads(in_channels, layers, 1)
+        self.model.roi_heads.mask_predictor = MaskRCNNPredictor(layers[-1], layers[-1], classes)
 
     def trunk_module(self) -> nn.Module:
         return self.model.backbone.body

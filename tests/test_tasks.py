@@ -118,6 +118,25 @@ def test_mask_rcnn_detects_as_torchvisions_own_with_masks_thresholded_at_a_half_
         assert 0 < mine["masks"].float().mean() < 1  # some pixels in, some out
 
 
+def test_the_mask_head_takes_the_layers_it_is_given_and_only_mask_rcnn_has_one():
+    from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
+
+    model = detector("mask_rcnn", mask_head_layers=[64, 32], detector_kwargs={"box_score_thresh": 0.0}).eval()
+    head, predictor = model.model.roi_heads.mask_head, model.model.roi_heads.mask_predictor
+    assert type(head) is MaskRCNNHeads and type(predictor) is MaskRCNNPredictor
+    convolutions = [m for m in head.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert [(c.in_channels, c.out_channels) for c in convolutions] == [(256, 64), (64, 32)]
+    assert predictor.mask_fcn_logits.in_channels == 32 and predictor.mask_fcn_logits.out_channels == 4
+    with torch.no_grad():
+        (det,) = model([torch.rand(3, 64, 64)])
+    assert det["masks"].shape == (len(det["boxes"]), 64, 64) and len(det["boxes"]) > 0
+    with pytest.raises(ValueError, match="model.mask_head_layers sizes Mask R-CNN's mask head, but "
+                                         "model.architecture='faster_rcnn' has none"):
+        detector("faster_rcnn", mask_head_layers=[64])
+    with pytest.raises(ValueError, match=r"model.mask_head_layers=\[\] must be a non-empty list"):
+        detector("mask_rcnn", mask_head_layers=[])
+
+
 def test_uint8_images_from_the_data_modules_detect_as_their_float_equivalent():
     model = detector("faster_rcnn", detector_kwargs={"box_score_thresh": 0.0}).eval()
     image = torch.randint(0, 256, (3, 64, 64), dtype=torch.uint8)
