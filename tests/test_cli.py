@@ -343,7 +343,8 @@ def test_augmentations_from_a_config_train_through_lightning_fit(tmp_path, tiny_
                          str(REPO / "configs" / "augment" / overlay), "--trainer.max_steps", "3",
                          "--trainer.limit_val_batches", "0"])
     assert [type(t).__name__ for t in cli.datamodule.train_transforms().transforms] == \
-        expected + ["ConvertBoundingBoxFormat", "ClampBoundingBoxes", "SanitizeBoundingBoxes"]
+        expected + ["ConvertBoundingBoxFormat", "ClampBoundingBoxes", "SanitizeBoundingBoxes",
+                    "DropEmptyMasks"]
     assert cli.trainer.global_step == 3 and math.isfinite(float(cli.trainer.callback_metrics["train/loss"]))
 
 
