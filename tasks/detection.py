@@ -1,4 +1,5 @@
-"""ObjectDetector: torchvision's Faster R-CNN, RetinaNet or FCOS on a ResNeXt-FPN, evaluated with COCO mAP."""
+"""ObjectDetector: torchvision's Faster R-CNN, RetinaNet, FCOS or Mask R-CNN on a ResNeXt-FPN, evaluated with COCO mAP
+(boxes, and masks for Mask R-CNN)."""
 
 from __future__ import annotations
 
@@ -10,13 +11,15 @@ import torch
 from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor, nn
 from torchmetrics.detection import MeanAveragePrecision
-from torchvision.models.detection import FCOS, FasterRCNN, RetinaNet
+from torchvision.models.detection import FCOS, FasterRCNN, MaskRCNN, RetinaNet
 from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.transforms.v2.functional import to_dtype
 
 import resnext_backbones as rb
 
 from .base import BackboneTask, gather_objects, log, sgd
+from .data.masks import EncodedMasks, binary_masks
 from .per_class import per_category_ap, table, unique_names
 from .pictures import detections_picture, ground_truth_picture, send_picture, side_by_side
 
@@ -34,6 +37,7 @@ class Architecture:
     default_anchor_size: int  # torchvision's
     detections_keyword: str  # the detector's keyword for detections per image
     heads: tuple  # the head networks (dotted paths in the detector) that may run in low precision at inference
+    masks: bool = False  # predicts instance masks: trained on them, evaluated, written and drawn with them
 
     def build(self, backbone: nn.Module, num_classes: int, anchor_size: Optional[int], detections_per_image: int,
               **kwargs) -> nn.Module:
@@ -42,12 +46,23 @@ class Architecture:
                              **{self.anchor_keyword: anchors, self.detections_keyword: detections_per_image}, **kwargs)
 
 
+def _rpn_anchors(size: int) -> AnchorGenerator:
+    return AnchorGenerator(tuple((size * 2**i,) for i in range(5)), ((0.5, 1.0, 2.0),) * 5)
+
+
+_RCNN_HEADS = ("rpn.head", "roi_heads.box_head", "roi_heads.box_predictor")
+
+
 ARCHITECTURES: Dict[str, Architecture] = {
     "faster_rcnn": Architecture(
-        FasterRCNN, ("c2", "c3", "c4", "c5"), "pool", background_classes=1,
-        anchors=lambda s: AnchorGenerator(tuple((s * 2**i,) for i in range(5)), ((0.5, 1.0, 2.0),) * 5),
+        FasterRCNN, ("c2", "c3", "c4", "c5"), "pool", background_classes=1, anchors=_rpn_anchors,
         anchor_keyword="rpn_anchor_generator", default_anchor_size=32, detections_keyword="box_detections_per_img",
-        heads=("rpn.head", "roi_heads.box_head", "roi_heads.box_predictor")),
+        heads=_RCNN_HEADS),
+    # Faster R-CNN's keywords, plus the mask branch (RoIAlign 14x14, four 3x3 convolutions, 28x28 masks)
+    "mask_rcnn": Architecture(
+        MaskRCNN, ("c2", "c3", "c4", "c5"), "pool", background_classes=1, anchors=_rpn_anchors,
+        anchor_keyword="rpn_anchor_generator", default_anchor_size=32, detections_keyword="box_detections_per_img",
+        heads=_RCNN_HEADS + ("roi_heads.mask_head", "roi_heads.mask_predictor"), masks=True),
     "retinanet": Architecture(
         RetinaNet, ("c3", "c4", "c5"), "p6p7", background_classes=0,
         anchors=lambda s: AnchorGenerator(tuple((x, int(x * 2 ** (1 / 3)), int(x * 2 ** (2 / 3)))
@@ -63,20 +78,30 @@ ARCHITECTURES: Dict[str, Architecture] = {
 MAP_BACKENDS = ("pycocotools", "faster_coco_eval")
 
 
-def coco_map(metric: MeanAveragePrecision, preds: List[Dict[str, Tensor]], targets: List[Dict[str, Tensor]]
+def coco_map(metric: MeanAveragePrecision, preds: List[Dict], targets: List[Dict], images_per_update: int = 16
              ) -> Dict[str, Tensor]:
-    """COCO box mAP of ``preds`` against ``targets`` (labels in category ids; ``iscrowd`` and ``area`` honoured)."""
-    metric.update(preds, targets)
+    """COCO mAP of ``preds`` against ``targets`` (labels in category ids; ``iscrowd`` and ``area`` honoured), boxes and,
+    where the metric's ``iou_type`` has ``segm``, masks: bool tensors or :class:`~tasks.data.masks.EncodedMasks`,
+    decoded ``images_per_update`` images at a time (the metric keeps them as RLE)."""
+    for start in range(0, len(preds), images_per_update):
+        metric.update([_decoded(p) for p in preds[start:start + images_per_update]],
+                      [_decoded(t) for t in targets[start:start + images_per_update]])
     result = metric.compute()
     metric.reset()
     return result
+
+
+def _decoded(item: Dict) -> Dict[str, Tensor]:
+    masks = item.get("masks")
+    return item if not isinstance(masks, EncodedMasks) else {**item, "masks": masks.decode()}
 
 
 class ObjectDetector(BackboneTask):
     """Object detection on a ResNeXt-FPN backbone.
 
     Args:
-        architecture: ``faster_rcnn`` (P2-P6) | ``retinanet`` (P3-P7) | ``fcos`` (P3-P7).
+        architecture: ``faster_rcnn`` (P2-P6) | ``mask_rcnn`` (P2-P6, instance masks) | ``retinanet`` (P3-P7) |
+            ``fcos`` (P3-P7).
         backbone: a name from ``resnext_backbones.list_models()``.
         num_classes: object categories, without background (set by the data module in the CLI).
         weights: trunk or backbone weights, any format ``resnext_backbones.load_weights`` reads, or a checkpoint
@@ -90,11 +115,15 @@ class ObjectDetector(BackboneTask):
             torchvision's, 32 or FCOS 8).
         fpn_channels: channels of every pyramid level.
         detections_per_image: most detections kept per image.
+        mask_head_layers: Mask R-CNN: the channels of each 3x3 convolution of its mask head (torchvision's
+            ``MaskRCNNHeads`` ``layers``; detectron2's ``NUM_CONV`` x ``CONV_DIM``); default torchvision's four of 256.
+            The mask head runs on every positive RoI and is most of a training step on a CPU: the CPU quick start
+            takes two of 128.
         detector_kwargs: further keyword arguments of torchvision's detector class (``box_batch_size_per_image``,
             ``rpn_post_nms_top_n_train``, ``score_thresh``, ...), e.g. to size the heads to small images.
         categories: dataset category id -> name (set by the data module); metrics and predictions use these ids.
         map_backend: ``faster_coco_eval`` (the same numbers, ~5x faster: benchmarks/README.md) | ``pycocotools``,
-            for torchmetrics' ``MeanAveragePrecision``.
+            for torchmetrics' ``MeanAveragePrecision`` (of boxes, and for Mask R-CNN of masks too).
         log_images: how many validation images to send, each epoch, to the loggers that show pictures (TensorBoard):
             ground truth and predictions side by side, boxes labelled with category names (and scores); 0 for none.
         optimizer: default SGD, lr 0.02 for 16 images, momentum 0.9, weight decay 1e-4 (the detection 1x recipe).
@@ -107,7 +136,7 @@ class ObjectDetector(BackboneTask):
                  weights: Optional[str] = None, strict_weights: bool = True, trainable_stages: int = 3,
                  norm: str = "frozen_bn", min_size: Union[int, List[int]] = 800, max_size: int = 1333,
                  anchor_size: Optional[int] = None, fpn_channels: int = 256, detections_per_image: int = 100,
-                 detector_kwargs: Optional[Dict[str, Any]] = None,
+                 mask_head_layers: Optional[List[int]] = None, detector_kwargs: Optional[Dict[str, Any]] = None,
                  categories: Optional[Dict[int, str]] = None, map_backend: str = "faster_coco_eval",
                  log_images: int = 4, optimizer: OptimizerCallable = sgd, lr_schedule: str = "multistep",
                  warmup_steps: int = 500, milestones: Sequence[float] = (0.667, 0.917), **kwargs) -> None:
@@ -119,6 +148,7 @@ class ObjectDetector(BackboneTask):
         super().__init__(num_classes=num_classes, categories=categories, optimizer=optimizer,
                          lr_schedule=lr_schedule, warmup_steps=warmup_steps, milestones=milestones, **kwargs)
         arch = ARCHITECTURES[architecture]
+        self.predicts_masks = arch.masks  # the data module reads this to give masks (data.masks unset)
         self.label_map = self.label_map.with_offset(arch.background_classes)
         fpn = rb.resnext_fpn(backbone, returned_features=arch.returned_features, extra_blocks=arch.extra_blocks,
                              trainable_stages=trainable_stages, norm=norm, out_channels=fpn_channels)
@@ -127,13 +157,25 @@ class ObjectDetector(BackboneTask):
         min_size = tuple(min_size) if isinstance(min_size, (list, tuple)) else min_size
         self.model = arch.build(fpn, num_classes, anchor_size, detections_per_image, min_size=min_size,
                                 max_size=max_size, **(detector_kwargs or {}))
+        if mask_head_layers is not None:
+            self._size_mask_head(list(mask_head_layers), fpn_channels, num_classes + arch.background_classes)
         self.set_normalization(fpn.body.normalization)  # the weights' input convention, not a fixed ImageNet one
         # extended_summary: the precision array, from which AP and AP50 per category come (tasks.per_class)
-        self.metrics = self.stage_metrics(MeanAveragePrecision(box_format="xyxy", iou_type="bbox",
-                                                               backend=map_backend, sync_on_compute=False,
-                                                               extended_summary=True))
+        self.metrics = self.stage_metrics(MeanAveragePrecision(
+            box_format="xyxy", iou_type=("bbox", "segm") if arch.masks else "bbox", backend=map_backend,
+            sync_on_compute=False, extended_summary=True))
         self._eval_batches: List = []
         self.log_images, self._pictures_sent = log_images, 0
+
+    def _size_mask_head(self, layers: List[int], in_channels: int, classes: int) -> None:
+        if not self.predicts_masks:
+            raise ValueError(f"model.mask_head_layers sizes Mask R-CNN's mask head, but model.architecture="
+                             f"{self.hparams.architecture!r} has none; leave it unset or use mask_rcnn")
+        if not layers or not all(isinstance(c, int) and c > 0 for c in layers):
+            raise ValueError(f"model.mask_head_layers={layers!r} must be a non-empty list of positive channel counts, "
+                             "e.g. [256, 256, 256, 256] (torchvision's)")
+        self.model.roi_heads.mask_head = MaskRCNNHeads(in_channels, layers, 1)
+        self.model.roi_heads.mask_predictor = MaskRCNNPredictor(layers[-1], layers[-1], classes)
 
     def trunk_module(self) -> nn.Module:
         return self.model.backbone.body
@@ -167,19 +209,33 @@ class ObjectDetector(BackboneTask):
 
     def forward(self, images: Sequence[Tensor]) -> List[Dict[str, Tensor]]:
         """Detections per image (uint8 images, or float in [0, 1]): ``boxes`` (xyxy, input pixels), ``scores``,
-        ``labels`` (dataset category ids)."""
+        ``labels`` (dataset category ids); Mask R-CNN's also ``masks`` (N x H x W bool, in the input's pixels: its soft
+        masks thresholded at 0.5, as torchvision's references and COCO evaluations take them)."""
         detections = self.model(self._inputs(images))
         for d in detections:
             d["labels"] = self.label_map.category_ids_of_model(d["labels"])
+            if "masks" in d:
+                d["masks"] = binary_masks(d["masks"])
         return detections
 
     def training_loss(self, batch, batch_idx: int) -> Tensor:
         images, targets = batch
-        targets = [{"boxes": t["boxes"].as_subclass(Tensor), "labels": self.label_map.to_model(t["labels"])}
-                   for t in targets]
+        targets = [self._training_target(t) for t in targets]
         losses = self.model(self._inputs(images), targets)
         self.log_dict({f"train/{k}": v for k, v in losses.items()}, batch_size=len(images))
         return sum(losses.values())
+
+    def _training_target(self, target: Dict) -> Dict[str, Tensor]:
+        model_target = {"boxes": target["boxes"].as_subclass(Tensor),
+                        "labels": self.label_map.to_model(target["labels"])}
+        if self.predicts_masks:
+            if "masks" not in target:
+                raise ValueError(f"model.architecture={self.hparams.architecture} learns instance masks, but a "
+                                 f"training target (image {target.get('image_id')}) has none; give data with masks "
+                                 "(tasks.data.CocoDetectionDataModule reads COCO segmentations where data.masks is "
+                                 "true or unset)")
+            model_target["masks"] = target["masks"].as_subclass(Tensor)
+        return model_target
 
     def describe_batch(self, batch, batch_idx: int) -> str:
         return f"image ids {[int(t['image_id']) for t in batch[1]]}"
@@ -188,15 +244,28 @@ class ObjectDetector(BackboneTask):
         images, targets = batch
         with self.inference():
             detections = self(images)
-        self._eval_batches.append(([{k: v.cpu() for k, v in d.items()} for d in detections],
+        self._eval_batches.append(([self._metric_prediction(d) for d in detections],
                                    [self._metric_target(t) for t in targets]))
         if stage == "val" and self._pictures_sent < self.log_images and not self.trainer.sanity_checking:
             self._log_pictures(images, targets, detections)
 
-    def _metric_target(self, target: Dict) -> Dict[str, Tensor]:
-        return {"boxes": target["boxes"].as_subclass(Tensor).cpu(),
+    def _metric_prediction(self, detections: Dict[str, Tensor]) -> Dict:
+        """An image's detections as kept until the end of the epoch: on the CPU, masks as RLE."""
+        kept = {k: v.cpu() for k, v in detections.items() if k != "masks"}
+        if self.predicts_masks:
+            kept["masks"] = EncodedMasks.of(detections["masks"])
+        return kept
+
+    def _metric_target(self, target: Dict) -> Dict:
+        kept = {"boxes": target["boxes"].as_subclass(Tensor).cpu(),
                 "labels": self.label_map.category_ids_of(target["labels"]).cpu(),
                 "iscrowd": target["iscrowd"].cpu(), "area": target["area"].cpu()}
+        if self.predicts_masks:
+            if "masks" not in target:
+                raise ValueError(f"model.architecture={self.hparams.architecture} is evaluated on instance masks, but "
+                                 f"the target of image {target.get('image_id')} has none; give data with masks")
+            kept["masks"] = EncodedMasks.of(target["masks"])
+        return kept
 
     def on_validation_epoch_start(self) -> None:
         self._eval_batches, self._pictures_sent = [], 0
@@ -221,25 +290,35 @@ class ObjectDetector(BackboneTask):
         if not preds:
             return
         result = coco_map(self.metrics[stage], preds, targets)
-        self.log_dict({f"{stage}/map": result["map"], f"{stage}/map_50": result["map_50"],
-                       f"{stage}/map_75": result["map_75"]}, prog_bar=True, rank_zero_only=False)
+        # torchmetrics names a single evaluation's results plainly, and prefixes each of several with its iou_type
+        kinds = {"": "bbox_", "segm_": "segm_"} if self.predicts_masks else {"": ""}
+        self.log_dict({f"{stage}/{name}{key}": result[f"{prefix}{key}"] for name, prefix in kinds.items()
+                       for key in ("map", "map_50", "map_75")}, prog_bar=True, rank_zero_only=False)
         self._log_per_category(stage, result, len(preds))
 
     def _log_per_category(self, stage: str, result: Dict[str, Tensor], images: int) -> None:
-        """``<stage>/ap/<name>`` and ``<stage>/ap50/<name>`` for each category with ground truth, and the table of
-        them, worst first (not for the sanity check)."""
+        """``<stage>/ap/<name>`` and ``<stage>/ap50/<name>`` (Mask R-CNN: also ``<stage>/segm_ap/<name>`` and
+        ``<stage>/segm_ap50/<name>``) for each category with ground truth, and the table of them, worst first (not
+        for the sanity check)."""
         names = unique_names(self.categories)
-        values = per_category_ap(result, self.metrics[stage].iou_thresholds)
-        self.log_dict({f"{stage}/{kind}/{names[c]}": ap[i] for c, ap in values.items()
-                       for i, kind in enumerate(("ap", "ap50"))}, rank_zero_only=False)
+        kinds = {"": "bbox_", "segm_": "segm_"} if self.predicts_masks else {"": ""}
+        columns, rows = [], {names[c]: [] for c in self.categories}
+        for name, prefix in kinds.items():
+            values = per_category_ap(result, self.metrics[stage].iou_thresholds, prefix)
+            self.log_dict({f"{stage}/{name}{kind}/{names[c]}": ap[i] for c, ap in values.items()
+                           for i, kind in enumerate(("ap", "ap50"))}, rank_zero_only=False)
+            columns += ["mask AP", "mask AP50"] if name else ["AP", "AP50"]
+            for c in self.categories:
+                rows[names[c]] += values.get(c, (math.nan, math.nan))
         if not self.trainer.sanity_checking and self.trainer.is_global_zero:
-            rows = {names[c]: values.get(c, (math.nan, math.nan)) for c in self.categories}
-            log.info("%s", table(f"{stage}: box AP per category over {images} images, worst first "
-                                 "('-': no ground truth)", ["AP", "AP50"], rows))
+            what = "box and mask AP" if self.predicts_masks else "box AP"
+            log.info("%s", table(f"{stage}: {what} per category over {images} images, worst first "
+                                 "('-': no ground truth)", columns, rows))
 
     def predict_batch(self, batch) -> List[Dict[str, Tensor]]:
         """Detections per image of the batch, on the CPU: ``boxes`` (xyxy, in the pixels of the image as read: the
-        predict loaders do not transform), ``labels`` (dataset category ids), ``scores``. The writer callbacks
+        predict loaders do not transform), ``labels`` (dataset category ids), ``scores``, and Mask R-CNN's ``masks``
+        (N x H x W bool, in those pixels too). The writer callbacks
         (:class:`~tasks.CocoResultsWriter`) pair them with the batch's image ids and file names."""
         images, _ = batch
         with self.inference():
@@ -253,7 +332,8 @@ class ObjectDetector(BackboneTask):
             if self._pictures_sent >= self.log_images:
                 return
             truth = ground_truth_picture(image, target["boxes"].as_subclass(Tensor),
-                                         self.label_map.category_ids_of(target["labels"]).tolist(), names)
+                                         self.label_map.category_ids_of(target["labels"]).tolist(), names,
+                                         target.get("masks"))
             picture = side_by_side(truth, detections_picture(image, {k: v.cpu() for k, v in det.items()}, names))
             send_picture(self.loggers, f"val/detections_{self._pictures_sent}", picture, self.global_step)
             self._pictures_sent += 1

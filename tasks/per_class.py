@@ -10,16 +10,18 @@ import torch
 from torch import Tensor
 
 
-def per_category_ap(result: Mapping[str, Tensor], iou_thresholds: Sequence[float]) -> Dict[int, Tuple[float, float]]:
-    """``{category id: (AP, AP50)}`` from the result of torchmetrics' ``MeanAveragePrecision(extended_summary=True)``.
+def per_category_ap(result: Mapping[str, Tensor], iou_thresholds: Sequence[float], prefix: str = ""
+                    ) -> Dict[int, Tuple[float, float]]:
+    """``{category id: (AP, AP50)}`` from the result of torchmetrics' ``MeanAveragePrecision(extended_summary=True)``;
+    ``prefix`` picks one evaluation of several (``bbox_``, ``segm_``: torchmetrics' names when ``iou_type`` has both).
 
     As pycocotools' ``summarize`` of an evaluation restricted to the category (and detectron2's table): the mean of
     the precision array over IoU thresholds and recall thresholds (AP50: at IoU 0.5 only), all areas, the most
     detections. Categories without ground truth in the evaluated set have no AP (pycocotools: -1) and are left out.
     """
-    if "precision" not in result:  # nothing was evaluated: no detections and no ground truth
+    if f"{prefix}precision" not in result:  # nothing was evaluated: no detections and no ground truth
         return {}
-    precision = result["precision"]  # (IoU thresholds, recall thresholds, classes, areas, max detections)
+    precision = result[f"{prefix}precision"]  # (IoU thresholds, recall thresholds, classes, areas, max detections)
     at_50 = min(range(len(iou_thresholds)), key=lambda i: abs(iou_thresholds[i] - 0.5))
     values = {}
     for k, category in enumerate(result["classes"].tolist()):

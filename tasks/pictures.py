@@ -1,5 +1,6 @@
-"""Pictures of what a model predicts: boxes labelled with category names (and scores), ground truth beside the
-predictions, captioned classifications, the confusion matrix; and sending them to the loggers that show pictures."""
+"""Pictures of what a model predicts: boxes labelled with category names (and scores) over their instance masks where
+there are masks, ground truth beside the predictions, captioned classifications, the confusion matrix; and sending
+them to the loggers that show pictures."""
 
 from __future__ import annotations
 
@@ -37,14 +38,21 @@ def enlarged(image: Tensor) -> tuple:
     return image.contiguous(), factor
 
 
-def draw_boxes(image: Tensor, boxes: Tensor, captions: Sequence[str], colours: Sequence[tuple]) -> Tensor:
+def draw_boxes(image: Tensor, boxes: Tensor, captions: Sequence[str], colours: Sequence[tuple],
+               masks: Optional[Tensor] = None) -> Tensor:
     """``image`` (uint8, or float in [0, 1]) with ``boxes`` (xyxy, in its pixels), each labelled with its caption on
-    a filled background, enlarged as :func:`enlarged` says; uint8 RGB."""
-    from torchvision.utils import draw_bounding_boxes
+    a filled background and, with ``masks`` (N x H x W, nonzero inside), over its mask in its colour; enlarged as
+    :func:`enlarged` says; uint8 RGB."""
+    from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
     picture, factor = enlarged(image)
     if len(boxes) == 0:
         return picture
+    if masks is not None:
+        masks = masks.detach().cpu().as_subclass(Tensor).bool()
+        if factor > 1:
+            masks = masks.repeat_interleave(factor, -2).repeat_interleave(factor, -1)
+        picture = draw_segmentation_masks(picture, masks, alpha=0.5, colors=list(colours))
     return draw_bounding_boxes(picture, boxes.detach().cpu().float().reshape(-1, 4) * factor, list(captions),
                                colors=list(colours), width=2, fill_labels=True)
 
@@ -59,17 +67,19 @@ def captions(category_ids: Iterable[int], names: Mapping[int, str], scores: Opti
 def detections_picture(image: Tensor, detections: Mapping[str, Tensor], names: Mapping[int, str],
                        threshold: float = 0.3) -> Tensor:
     """``image`` with the detections scoring at least ``threshold`` (``boxes``, ``labels`` as category ids,
-    ``scores``), labelled ``name score``."""
+    ``scores``, and ``masks`` where the model gives them), labelled ``name score``."""
     keep = detections["scores"] >= threshold
     labels, scores = detections["labels"][keep].tolist(), detections["scores"][keep].tolist()
-    return draw_boxes(image, detections["boxes"][keep], captions(labels, names, scores), [colour(c) for c in labels])
+    masks = detections["masks"][keep] if "masks" in detections else None
+    return draw_boxes(image, detections["boxes"][keep], captions(labels, names, scores), [colour(c) for c in labels],
+                      masks)
 
 
-def ground_truth_picture(image: Tensor, boxes: Tensor, category_ids: Sequence[int], names: Mapping[int, str]
-                         ) -> Tensor:
-    """``image`` with its true boxes, labelled with their names."""
+def ground_truth_picture(image: Tensor, boxes: Tensor, category_ids: Sequence[int], names: Mapping[int, str],
+                         masks: Optional[Tensor] = None) -> Tensor:
+    """``image`` with its true boxes (and masks), labelled with their names."""
     ids = [int(c) for c in category_ids]
-    return draw_boxes(image, boxes, captions(ids, names), [colour(c) for c in ids])
+    return draw_boxes(image, boxes, captions(ids, names), [colour(c) for c in ids], masks)
 
 
 def side_by_side(*pictures: Tensor, gap: int = 8) -> Tensor:

@@ -15,6 +15,7 @@ from typing import Dict, Iterable, Iterator, List, Optional, Sequence
 from lightning.pytorch.callbacks import BasePredictionWriter
 
 from .classification import ImageClassifier
+from .data.masks import EncodedMasks, coco_segmentation
 from .detection import ObjectDetector
 from .pictures import detections_picture, write_png
 
@@ -107,7 +108,9 @@ class StreamingWriter(BasePredictionWriter):
 
 class CocoResultsWriter(StreamingWriter):
     """On ``predict``, write the detector's results as a COCO results JSON (dataset category ids, xywh boxes in the
-    original image's pixels), whose entries also carry the image's ``file_name``; beside it, the images (``id``,
+    original image's pixels; for a model that predicts masks, each mask as a compressed RLE ``segmentation``, which
+    pycocotools' ``loadRes`` and segm evaluation read), whose entries also carry the image's ``file_name``; beside it,
+    the images (``id``,
     ``file_name``, ``width``, ``height``) and the categories, so that ``COCO(images).loadRes(predictions)`` turns the
     two into a COCO dataset. Both are written as batches finish (parts per process, merged at the end).
 
@@ -115,8 +118,8 @@ class CocoResultsWriter(StreamingWriter):
         output: the results file; default ``<log_dir>/predictions.json``.
         images_output: the images file; default beside ``output``, named ``<output stem>_images.json``.
         draw_dir: if set, also write each image as PNG here (under its ``file_name`` + ``.png``), with the boxes
-            scoring at least ``draw_threshold`` labelled with category name and score; images smaller than 320
-            pixels are enlarged so that the labels stay legible.
+            (and masks) scoring at least ``draw_threshold`` labelled with category name and score; images smaller
+            than 320 pixels are enlarged so that the labels stay legible.
         draw_threshold: lowest score drawn.
     """
 
@@ -139,11 +142,13 @@ class CocoResultsWriter(StreamingWriter):
             order = detections["scores"].argsort(descending=True, stable=True)
             xywh = detections["boxes"][order].clone()
             xywh[:, 2:] -= xywh[:, :2]
+            results = [{"category_id": c, "bbox": b, "score": s} for b, c, s in zip(
+                xywh.tolist(), detections["labels"][order].tolist(), detections["scores"][order].tolist(), strict=True)]
+            if pl_module.predicts_masks:
+                for result, rle in zip(results, EncodedMasks.of(detections["masks"][order]).rles, strict=True):
+                    result["segmentation"] = coco_segmentation(rle)
             yield {"image_id": int(info["image_id"]), "file_name": info["file_name"], "width": info["width"],
-                   "height": info["height"],
-                   "detections": [{"category_id": c, "bbox": b, "score": s} for b, c, s in zip(
-                       xywh.tolist(), detections["labels"][order].tolist(), detections["scores"][order].tolist(),
-                       strict=True)]}
+                   "height": info["height"], "detections": results}
             if self.draw_dir:
                 picture = detections_picture(image, detections, pl_module.categories, self.draw_threshold)
                 write_png(picture, self.picture_path(info))

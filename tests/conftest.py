@@ -26,10 +26,10 @@ def randomize_norm_stats(model: nn.Module, seed: int = 0) -> nn.Module:
 
 
 def assert_same_detections(got, want, box_tolerance: float, score_tolerance: float):
-    """The same detections (dicts of ``boxes``, ``scores``, ``labels``), in any order (scores equal to 1e-7 may swap
-    places): each expected one has a detection of its label whose box is within ``box_tolerance`` of each coordinate,
-    relative to the coordinate beyond 1 pixel (float32 rounding amplified through the heads), and whose score is
-    within ``score_tolerance``."""
+    """The same detections (dicts of ``boxes``, ``scores``, ``labels``, maybe ``masks``), in any order (scores equal
+    to 1e-7 may swap places): each expected one has a detection of its label whose box is within ``box_tolerance`` of
+    each coordinate, relative to the coordinate beyond 1 pixel (float32 rounding amplified through the heads), and
+    whose score and mask probabilities are within ``score_tolerance``."""
     assert len(got["boxes"]) == len(want["boxes"])
     free = torch.ones(len(got["boxes"]), dtype=torch.bool)
     for box, score, label in zip(want["boxes"], want["scores"], want["labels"], strict=True):
@@ -39,6 +39,11 @@ def assert_same_detections(got, want, box_tolerance: float, score_tolerance: flo
         assert distance[i] <= box_tolerance * max(1.0, float(box.abs().max())), (box, got["boxes"][i])
         assert abs(float(got["scores"][i] - score)) <= score_tolerance
         free[i] = False
+    if "masks" in want:
+        assert len(want["masks"]) == len(want["boxes"]) and want["masks"].amax() > 0.5  # masks with pixels to compare
+        matched = [int(((got["boxes"] - box).abs().amax(1) + 1e9 * (got["labels"] != label)).argmin())
+                   for box, label in zip(want["boxes"], want["labels"], strict=True)]
+        torch.testing.assert_close(got["masks"][matched], want["masks"], atol=score_tolerance, rtol=0)
 
 
 @pytest.fixture
@@ -98,13 +103,13 @@ def colour_folder(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def large_object_coco(tiny_coco, tmp_path_factory):
-    """``tiny_coco`` with another validation set: 5 images (an odd count) of one large shape each, which a
-    checkpoint of a few steps already finds now and then, so that its mAP is above zero."""
+    """``tiny_coco`` with another validation set: 5 images (an odd count) of one large shape each (with its exact
+    mask), which a checkpoint of a few steps already finds now and then, so that its mAP is above zero."""
     import json
 
     import numpy as np
 
-    from tasks.data.shapes import CATEGORIES, _write, draw
+    from tasks.data.shapes import CATEGORIES, _write, draw_instances, segmentation
 
     root = tmp_path_factory.mktemp("large_objects")
     (root / "val").mkdir()
@@ -113,15 +118,29 @@ def large_object_coco(tiny_coco, tmp_path_factory):
     images, annotations = [], []
     for i in range(5):
         category = ids[i % len(ids)]
-        image, [(x0, y0, x1, y1)] = draw(rng, 96, 96, [CATEGORIES[category]], min_size=60, max_size=90)
+        image, [(x0, y0, x1, y1)], [mask] = draw_instances(rng, 96, 96, [CATEGORIES[category]], min_size=60,
+                                                            max_size=90)
         _write(image, root / "val" / f"{i}.jpg")
         images.append({"id": 100 + i, "file_name": f"{i}.jpg", "height": 96, "width": 96})
         annotations.append({"id": i + 1, "image_id": 100 + i, "category_id": category, "iscrowd": 0,
-                            "bbox": [x0, y0, x1 - x0, y1 - y0], "area": (x1 - x0) * (y1 - y0)})
+                            "bbox": [x0, y0, x1 - x0, y1 - y0], "area": (x1 - x0) * (y1 - y0),
+                            "segmentation": segmentation(CATEGORIES[category], mask)})
     categories = [{"id": k, "name": v} for k, v in CATEGORIES.items()]
     (root / "val.json").write_text(json.dumps({"images": images, "annotations": annotations,
                                                "categories": categories}))
     return {**tiny_coco, "val_annotations": str(root / "val.json"), "val_images": str(root / "val")}
+
+
+def uncompressed_rle(mask) -> dict:
+    """``mask`` (H x W, 0/1) as COCO stores crowd regions: an uncompressed RLE, the lengths of alternating runs of 0s
+    and 1s down the columns, starting with 0s. (pycocotools writes only compressed RLE; the tests check that it
+    decodes this one to ``mask``.)"""
+    import numpy as np
+
+    flat = np.asarray(mask, dtype=np.uint8).flatten(order="F")
+    edges = np.flatnonzero(np.diff(flat)) + 1
+    runs = np.diff(np.concatenate([[0], edges, [len(flat)]])).tolist()
+    return {"size": list(np.shape(mask)), "counts": ([0] if flat[0] else []) + runs}
 
 
 def classification_args(tmp_path, folder, *extra, backbone="resnet18", image_size=32):

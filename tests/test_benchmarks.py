@@ -85,3 +85,15 @@ def test_precision_benchmark_times_both_precisions_on_a_tiny_batch():
                            "--no-write"])
     (row,) = [line.split(" | ") for line in body.splitlines() if line.startswith("| configs/classification.yaml")]
     assert float(row[1]) > 0 and float(row[2]) > 0 and row[3].endswith("x |")
+
+
+def test_data_benchmark_measures_worker_memory_with_and_without_masks_on_tiny_shapes():
+    from benchmarks import data
+
+    body = data.main(["--images", "4", "--repeats", "1", "--batch", "4", "--memory-images", "40", "--memory-boxes",
+                      "120", "--polygon-points", "8", "--no-write"])
+    rows = [line.split(" | ")[:2] for line in body.splitlines() if line.startswith(("| ours |", "| torchvision |"))
+            and line.count("|") > 4]
+    assert rows == [["| ours", "boxes"], ["| torchvision", "boxes"], ["| ours", "boxes, masks"],
+                    ["| torchvision", "boxes, masks"]]
+    assert "Ours keeps the 120 segmentations in " in body

@@ -401,7 +401,8 @@ def test_augmentations_from_a_config_train_through_lightning_fit(tmp_path, tiny_
                          str(REPO / "configs" / "augment" / overlay), "--trainer.max_steps", "3",
                          "--trainer.limit_val_batches", "0"])
     assert [type(t).__name__ for t in cli.datamodule.train_transforms().transforms] == \
-        expected + ["ConvertBoundingBoxFormat", "ClampBoundingBoxes", "SanitizeBoundingBoxes"]
+        expected + ["ConvertBoundingBoxFormat", "ClampBoundingBoxes", "SanitizeBoundingBoxes",
+                    "DropEmptyMasks"]
     assert cli.trainer.global_step == 3 and math.isfinite(float(cli.trainer.callback_metrics["train/loss"]))
 
 
@@ -576,3 +577,129 @@ def test_the_installed_lightning_command_exits_cleanly(tmp_path):
                             capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "class_path: tasks.ObjectDetector" in result.stdout
+
+
+# -- instance segmentation: configs/instance_segmentation.yaml made tiny
+
+
+def instance_segmentation_args(tmp_path, data, *extra):
+    """The shipped quick start (Mask R-CNN, data.masks unset: the data module follows the model) on tiny data: a
+    resnet18 at 64 px with small heads, one epoch of 4 steps, a CSV logger."""
+    overlay = {
+        "model": {"init_args": {"backbone": "resnet18", "min_size": 64, "max_size": 64, "warmup_steps": 2,
+                                "detector_kwargs": SMALL_HEADS, "log_images": 0}},
+        "data": {"init_args": {**data, "batch_size": 2, "num_workers": 0}},
+        "trainer": {"accelerator": "cpu", "max_epochs": 1, "default_root_dir": str(tmp_path),
+                    "enable_model_summary": False, "enable_progress_bar": False, "log_every_n_steps": 1,
+                    "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger",
+                               "init_args": {"save_dir": str(tmp_path), "name": "logs"}}}}
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(overlay))
+    return ["--config", str(REPO / "configs/instance_segmentation.yaml"), "--config", str(path), *extra]
+
+
+@pytest.fixture(scope="module")
+def mask_fitted(tmp_path_factory, tiny_coco):
+    tmp = tmp_path_factory.mktemp("fit_masks")
+    cli = lightning_cli(["fit", *instance_segmentation_args(tmp, tiny_coco)])
+    return cli, tmp, next((tmp / "logs").glob("version_0/checkpoints/last.ckpt"))
+
+
+def test_instance_segmentation_fits_with_masks_from_the_data_and_logs_segm_metrics(mask_fitted):
+    cli, _, ckpt = mask_fitted
+    metrics = {k: float(v) for k, v in cli.trainer.callback_metrics.items()}
+    for key in ["train/loss_mask", "val/map", "val/map_50", "val/segm_map", "val/segm_map_50", "val/segm_map_75",
+                "val/ap/disk", "val/segm_ap/disk", "val/segm_ap50/triangle"]:
+        assert key in metrics and math.isfinite(metrics[key]), key
+    assert cli.model.predicts_masks and cli.datamodule.masks is None and cli.datamodule.wants_masks()
+    assert cli.trainer.checkpoint_callback.monitor == "val/segm_map"
+    assert float(cli.trainer.checkpoint_callback.best_model_score) == metrics["val/segm_map"]
+    checkpoint = torch.load(ckpt, map_location="cpu", weights_only=True)
+    assert checkpoint["label_map"]["offset"] == 1 and checkpoint["hyper_parameters"]["architecture"] == "mask_rcnn"
+
+
+def raw_segm_cocoeval(annotations: str, results: str) -> dict:
+    """pycocotools' own segm mAP of a results file, its boxes left out as detectron2 does (with them, loadRes gives
+    each result its box's area; the mAP over all areas is the same)."""
+    ground_truth = COCO(annotations)
+    masks_only = [{k: v for k, v in r.items() if k != "bbox"} for r in json.loads(Path(results).read_text())]
+    evaluation = COCOeval(ground_truth, ground_truth.loadRes(masks_only), "segm")
+    evaluation.evaluate(), evaluation.accumulate(), evaluation.summarize()
+    return dict(zip(["segm_map", "segm_map_50", "segm_map_75"], evaluation.stats[:3].tolist(), strict=True))
+
+
+@pytest.fixture(scope="module")
+def box_filling_mask_checkpoint(fitted, tmp_path_factory):
+    """The fitted Faster R-CNN checkpoint (whose boxes find the large shapes now and then) as a Mask R-CNN whose masks
+    fill each detected box: its mask head added with a constant output (weights 0, bias +10). Four steps do not teach
+    masks; what the evaluation path needs is masks that match some shapes (squares nearly exactly)."""
+    checkpoint = torch.load(fitted[2] / "ckpt" / "last.ckpt", map_location="cpu", weights_only=True)
+    init = fitted[0].config["fit"]["model"]["init_args"]
+    mask_rcnn = ObjectDetector(architecture="mask_rcnn", backbone=init["backbone"], num_classes=3,
+                               detector_kwargs=SMALL_HEADS, norm="bn", trainable_stages=5)
+    heads = {k: v for k, v in mask_rcnn.state_dict().items() if k.startswith(("model.roi_heads.mask_head",
+                                                                               "model.roi_heads.mask_predictor"))}
+    heads["model.roi_heads.mask_predictor.mask_fcn_logits.weight"].zero_()
+    heads["model.roi_heads.mask_predictor.mask_fcn_logits.bias"].fill_(10.0)
+    checkpoint["state_dict"].update(heads)
+    checkpoint["hyper_parameters"]["architecture"] = "mask_rcnn"
+    path = tmp_path_factory.mktemp("masks") / "box_filling.ckpt"
+    torch.save(checkpoint, path)
+    return str(path)
+
+
+def test_mask_validate_and_predict_of_one_checkpoint_equal_raw_segm_cocoeval_of_the_written_masks(
+        box_filling_mask_checkpoint, large_object_coco, tmp_path):
+    """The logged val/segm_map*, and predictions.json's RLE masks as pycocotools reads them, agree."""
+    config = detection_config(tmp_path, large_object_coco, architecture="mask_rcnn")
+    validated = lightning_cli(["validate", "--config", config, "--ckpt_path", box_filling_mask_checkpoint])
+    logged = {k: float(validated.trainer.callback_metrics[f"val/{k}"])
+              for k in ("segm_map", "segm_map_50", "segm_map_75")}
+    lightning_cli(["predict", "--config", config, "--ckpt_path", box_filling_mask_checkpoint])
+    reference = raw_segm_cocoeval(large_object_coco["val_annotations"], str(tmp_path / "predictions.json"))
+    assert 0 < reference["segm_map"] < 0.95 and reference["segm_map_50"] > 0, reference
+    assert logged == pytest.approx(reference, abs=1e-6)
+    assert validated.datamodule.masks is None and validated.datamodule.wants_masks()  # followed the model
+
+
+def test_instance_segmentation_predicts_rle_masks_that_pycocotools_loads_on_images_without_annotations(
+        mask_fitted, large_object_coco, tmp_path):
+    _, _, ckpt = mask_fitted
+    args = instance_segmentation_args(tmp_path, large_object_coco)
+    lightning_cli(["predict", *args, "--ckpt_path", str(ckpt), "--data.init_args.predict_images",
+                   large_object_coco["val_images"], "--trainer.callbacks.init_args.output",
+                   str(tmp_path / "new.json")])
+    results = json.loads((tmp_path / "new.json").read_text())
+    assert results and all(r["segmentation"]["size"] == [96, 96] for r in results)
+    assert len(COCO(str(tmp_path / "new_images.json")).loadRes(str(tmp_path / "new.json")).getAnnIds()) == len(results)
+
+
+@pytest.mark.parametrize("config", ["configs/instance_segmentation.yaml", "configs/coco/mask_rcnn_X_101_32x8d_FPN.yaml",
+                                    "configs/coco/mask_rcnn_X_50_32x4d_FPN.yaml"])
+def test_the_mask_configs_keep_the_best_checkpoint_by_mask_ap_and_the_writer_last(config, capsys):
+    configs = ["--config", str(REPO / config)]
+    if "coco/" in config:
+        configs = ["--config", str(REPO / "configs/coco/base_1x.yaml")] + configs
+    with pytest.raises(SystemExit):
+        lightning_cli(["fit", *configs, "--print_config"])
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["model"]["init_args"]["architecture"] == "mask_rcnn"
+    callbacks = printed["trainer"]["callbacks"]
+    assert [c["init_args"]["monitor"] for c in callbacks if c["class_path"].endswith("ModelCheckpoint")] == \
+        ["val/segm_map"]
+    assert callbacks[-1]["class_path"] == "tasks.CocoResultsWriter"
+
+
+def test_ddp_on_two_processes_gives_the_single_process_segm_map(box_filling_mask_checkpoint, large_object_coco,
+                                                                 tmp_path):
+    """Masks travel between the processes (as RLE) and each image is evaluated once."""
+    config = detection_config(tmp_path, large_object_coco, architecture="mask_rcnn")
+    single, ddp = tmp_path / "single", tmp_path / "ddp"
+    run_cli("validate", "--config", config, "--ckpt_path", box_filling_mask_checkpoint,
+            "--trainer.logger.init_args.save_dir", str(single), cwd=tmp_path)
+    run_cli("validate", "--config", config, "--ckpt_path", box_filling_mask_checkpoint, "--trainer.devices", "2",
+            "--trainer.strategy", "ddp", "--trainer.logger.init_args.save_dir", str(ddp), cwd=tmp_path)
+    one, two = last_metrics(single), last_metrics(ddp)
+    assert one["val/segm_map"] > 0 and one["val/segm_map_50"] > 0, one
+    for key in ("val/segm_map", "val/segm_map_50", "val/segm_map_75", "val/map", "val/segm_ap/square"):
+        assert one[key] == pytest.approx(two[key], abs=1e-6), key

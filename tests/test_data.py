@@ -1,4 +1,5 @@
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -410,7 +411,7 @@ def test_unreadable_images_to_predict_on_are_reported_by_path_and_skipped(tmp_pa
 
 def training_targets(dm, seed):
     dm.setup("fit")
-    dataset = CocoDetection(dm.train_index, dm.train_images, dm.train_transforms())
+    dataset = CocoDetection(dm.train_index, dm.train_images, dm.train_transforms(), masks=dm.wants_masks())
     torch.manual_seed(seed)
     return [dataset[i] for i in range(len(dataset))]
 
@@ -487,3 +488,151 @@ def test_classification_transforms_from_the_config_are_applied_and_must_end_in_i
     with pytest.raises(ValueError, match=r"data.train_transforms gave an image of 20x20 pixels, but data.image_size "
                                          r"is 16: end the list with a transform that gives 16x16"):
         dm.train_transforms()(image)
+
+
+# -- instance masks
+
+
+@pytest.fixture
+def masks_coco(tmp_path):
+    """Two images: on the first, instances in each form of COCO ``segmentation`` (two polygons of one instance, a
+    compressed RLE with text counts, a crowd region as an uncompressed RLE); the second has no objects. Sizes differ
+    in height and width, so that a transposed mask would not fit."""
+    from conftest import uncompressed_rle
+    from pycocotools import mask as mask_utils
+
+    (tmp_path / "img").mkdir()
+    for i, size in [(1, (40, 50)), (2, (30, 20))]:
+        Image.fromarray(np.zeros((*size, 3), np.uint8)).save(tmp_path / "img" / f"{i}.png")
+    disk = np.zeros((40, 50), np.uint8)
+    yy, xx = np.mgrid[:40, :50]
+    disk[(yy - 25) ** 2 + (xx - 30) ** 2 <= 36] = 1
+    rle = mask_utils.encode(np.asfortranarray(disk))
+    crowd = np.zeros((40, 50), np.uint8)
+    crowd[2:12, 35:48] = 1
+    anns = [{"id": 1, "image_id": 1, "category_id": 7, "bbox": [2, 3, 20, 12], "area": 99, "iscrowd": 0,
+             "segmentation": [[2.5, 3, 12, 3, 12, 10.2, 2.5, 10.2], [14, 8, 22, 8, 18, 15]]},
+            {"id": 2, "image_id": 1, "category_id": 2, "bbox": [24, 19, 13, 13], "area": 113, "iscrowd": 0,
+             "segmentation": {"size": [40, 50], "counts": rle["counts"].decode("ascii")}},
+            {"id": 3, "image_id": 1, "category_id": 2, "bbox": [35, 2, 13, 10], "area": 130, "iscrowd": 1,
+             "segmentation": uncompressed_rle(crowd)}]
+    images = [{"id": 1, "file_name": "1.png", "height": 40, "width": 50},
+              {"id": 2, "file_name": "2.png", "height": 30, "width": 20}]
+    path = write_coco(tmp_path / "a.json", images, anns, [{"id": 7, "name": "b"}, {"id": 2, "name": "a"}])
+    return path, str(tmp_path / "img")
+
+
+def test_masks_decode_from_polygons_rle_and_crowd_rle_as_pycocotools_does(masks_coco):
+    from pycocotools.coco import COCO
+
+    index = CocoIndex.from_file(masks_coco[0], masks=True)
+    dataset = CocoDetection(index, masks_coco[1], keep_crowd=True, masks=True)
+    _, target = dataset[0]
+    reference = COCO(masks_coco[0])
+    expected = np.stack([reference.annToMask(a) for a in reference.loadAnns([1, 2, 3])])
+    assert target["masks"].dtype == torch.uint8 and type(target["masks"]).__name__ == "Mask"
+    assert target["masks"].shape == (3, 40, 50) and np.array_equal(target["masks"].numpy(), expected)
+    assert all(m.sum() > 20 for m in expected)  # every form gives a real mask
+    assert target["iscrowd"].tolist() == [0, 0, 1]
+    _, empty = dataset[1]
+    assert empty["masks"].shape == (0, 30, 20)
+    _, training = CocoDetection(index, masks_coco[1], masks=True)[0]  # the crowd region left out, with its mask
+    assert np.array_equal(training["masks"].numpy(), expected[:2])
+    # compact until loaded: flat numeric arrays, no Python object per instance
+    arrays = vars(index.segmentations)
+    assert all(isinstance(getattr(a, "values", a), np.ndarray) and getattr(a, "values", a).dtype != object
+               for a in arrays.values())
+
+
+def test_an_instance_without_a_usable_segmentation_fails_naming_it_only_where_masks_are_needed(tmp_path):
+    (tmp_path / "img").mkdir()
+    Image.fromarray(np.zeros((40, 50, 3), np.uint8)).save(tmp_path / "img" / "1.png")
+    path = one_image_coco(tmp_path, [{"bbox": [1, 1, 5, 5], "segmentation": [[1, 1, 6, 1, 6, 6]]},
+                                     {"id": 17, "bbox": [1, 1, 5, 5]}])
+    with pytest.raises(ValueError, match=r"a.json: annotation 17 has no segmentation \(polygons or an RLE\), which "
+                                         r"masks need; .*or set data.masks: false"):
+        CocoIndex.from_file(path, masks=True)
+    assert CocoIndex.from_file(path, masks=None).segmentations is None  # where present: not in every annotation
+    path = one_image_coco(tmp_path, [{"id": 5, "bbox": [1, 1, 5, 5], "segmentation": [[1, 1, 6, 1, 6]]}])
+    with pytest.raises(ValueError, match="annotation 5 has a polygon that is not a list of finite x, y pairs"):
+        CocoIndex.from_file(path, masks=True)
+    path = one_image_coco(tmp_path, [{"id": 5, "bbox": [1, 1, 5, 5], "segmentation": {"size": [20, 20],
+                                                                                        "counts": "PP<"}}])
+    dataset = CocoDetection(CocoIndex.from_file(path, masks=True), str(tmp_path / "img"), masks=True)
+    with pytest.raises(ValueError, match=r"1.png: an RLE segmentation of 20x20 pixels on an image of 40x50"):
+        dataset[0]
+
+
+class CropTopLeft:
+    """Keep the top-left ``size`` x ``size`` pixels of the image, its boxes and masks (a v2 kernel per kind)."""
+
+    def __init__(self, size):
+        self.size = size
+
+    def __call__(self, image, target):
+        from torchvision.transforms.v2 import functional as F
+
+        crop = lambda x: F.crop(x, 0, 0, self.size, self.size)  # noqa: E731
+        return crop(image), {**target, "boxes": crop(target["boxes"]), "masks": crop(target["masks"])}
+
+
+def test_augmentations_move_masks_with_boxes_and_drop_instances_whose_mask_is_left_empty(tmp_path):
+    """A triangle (apex up) whose box keeps its empty top-left corner after a crop is dropped with its box and
+    counted; the square beside it keeps its cropped mask. A flip flips the masks."""
+    from tasks.data.shapes import _shape_mask, segmentation
+
+    (tmp_path / "img").mkdir()
+    Image.fromarray(np.zeros((60, 60, 3), np.uint8)).save(tmp_path / "img" / "1.png")
+    triangle, square = _shape_mask("triangle", 60, 60, (10, 10, 50, 50)), _shape_mask("square", 60, 60, (2, 2, 8, 30))
+    path = one_image_coco(tmp_path, [{"bbox": [10, 10, 40, 40], "segmentation": segmentation("triangle", triangle)},
+                                     {"bbox": [2, 2, 6, 28], "segmentation": segmentation("square", square)}],
+                          [{"id": 1, "file_name": "1.png", "height": 60, "width": 60}])
+    images = str(tmp_path / "img")
+    dm = CocoDetectionDataModule(path, images, path, images, train_transforms=[CropTopLeft(20)], num_workers=0)
+    dm.trainer = SimpleNamespace(lightning_module=SimpleNamespace(predicts_masks=True))  # as Mask R-CNN's
+    (_, target), = training_targets(dm, seed=0)
+    assert triangle[:20, :20].sum() == 0 and (triangle[10:20, 10:20].shape == (10, 10))  # its box would keep area
+    assert target["boxes"].tolist() == [[2, 2, 8, 20]] and target["area"].tolist() == [6 * 28]
+    assert np.array_equal(target["masks"].numpy(), square[None, :20, :20])
+    assert dm.empty_masks.dropped == 1
+    dm = CocoDetectionDataModule(path, images, path, images, horizontal_flip=1.0, masks=True, num_workers=0)
+    (_, flipped), = training_targets(dm, seed=0)
+    assert np.array_equal(flipped["masks"].numpy(), np.stack([triangle, square])[:, :, ::-1])
+    assert dm.empty_masks.dropped == 0
+
+
+def test_the_data_module_gives_masks_when_the_model_predicts_them_or_when_told(tiny_coco):
+    def first_target(dm, model):
+        dm.trainer = SimpleNamespace(lightning_module=model)
+        dm.setup("fit")
+        return dm.train_dataloader().dataset.dataset[0][1], dm.val_dataloader().dataset.dataset[0][1]
+
+    mask_rcnn, faster_rcnn = SimpleNamespace(predicts_masks=True), SimpleNamespace(predicts_masks=False)
+    assert all("masks" in t for t in first_target(CocoDetectionDataModule(**tiny_coco, num_workers=0), mask_rcnn))
+    assert not any("masks" in t for t in first_target(CocoDetectionDataModule(**tiny_coco, num_workers=0),
+                                                      faster_rcnn))
+    assert all("masks" in t for t in first_target(CocoDetectionDataModule(**tiny_coco, num_workers=0, masks=True),
+                                                  faster_rcnn))
+    with pytest.raises(ValueError, match="the model predicts instance masks.*but data.masks is false"):
+        first_target(CocoDetectionDataModule(**tiny_coco, num_workers=0, masks=False), mask_rcnn)
+
+
+def test_the_shapes_set_writes_each_shapes_exact_pixels_as_polygons_and_rle(tmp_path):
+    """pycocotools rasterises what the generator writes (pixel-edge polygons for squares and triangles, RLE for disks
+    and shapes cut in two by a later one) to exactly the pixels that show each shape."""
+    from pycocotools import mask as mask_utils
+
+    from tasks.data.shapes import draw_instances, segmentation
+
+    rng, forms = np.random.default_rng(0), set()
+    for _ in range(40):
+        kinds = [str(k) for k in rng.choice(["square", "disk", "triangle"], 3)]
+        image, boxes, masks = draw_instances(rng, 96, 128, kinds, 20, 56)
+        for kind, box, mask in zip(kinds, boxes, masks, strict=True):
+            field = segmentation(kind, mask)
+            forms.add((kind, type(field).__name__))
+            rle = mask_utils.merge(mask_utils.frPyObjects(field, 96, 128)) if isinstance(field, list) else field
+            assert np.array_equal(mask_utils.decode(rle).astype(bool), mask), kind
+            x0, y0, x1, y1 = box
+            assert mask.any() and mask[:, :x0].sum() == mask[:y0].sum() == mask[:, x1:].sum() == mask[y1:].sum() == 0
+    assert {("square", "list"), ("triangle", "list"), ("disk", "dict")} <= forms

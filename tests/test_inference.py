@@ -21,7 +21,7 @@ IMAGES = [torch.rand(3, 64, 80, generator=torch.Generator().manual_seed(1)),
 
 
 def detector(architecture, **kwargs):
-    score = {"box_score_thresh": 0.0} if architecture == "faster_rcnn" else {"score_thresh": 0.0}
+    score = {"box_score_thresh": 0.0} if architecture.endswith("rcnn") else {"score_thresh": 0.0}
     model = ObjectDetector(architecture=architecture, backbone="resnet18", num_classes=3, min_size=64, max_size=80,
                            norm="bn", trainable_stages=5, detector_kwargs=score, detections_per_image=1000,
                            **kwargs)  # no cut-off at a count, where scores equal to 1e-7 could swap detections

@@ -154,3 +154,36 @@ def test_a_writer_refuses_the_other_tasks_model_naming_the_right_writer(tmp_path
                                         "model is ImageClassifier; .*tasks.ClassificationResultsWriter for"):
         CocoResultsWriter().setup(None, model, "predict")
     CocoResultsWriter().setup(None, model, "fit")  # the shipped configs carry it while training
+
+
+def test_mask_rcnn_results_carry_each_mask_as_rle_that_pycocotools_reads_back_on_unlabeled_images(tmp_path):
+    """The same writer, for a model that predicts masks: each detection's ``segmentation`` is a compressed RLE of its
+    mask in the original image's pixels; ``loadRes`` takes the file, and the masks it decodes are the model's."""
+    from pycocotools import mask as mask_utils
+
+    from tasks.data.images import read_rgb
+
+    write_images(tmp_path / "new", 3)
+    torch.manual_seed(0)
+    model = ObjectDetector(architecture="mask_rcnn", backbone="resnet18", num_classes=2, categories=PETS,
+                           min_size=32, max_size=32, detections_per_image=4,
+                           detector_kwargs={"box_score_thresh": 0.0}).eval()
+    dm = CocoDetectionDataModule(predict_images=str(tmp_path / "new"), batch_size=2, num_workers=0)
+    writer = CocoResultsWriter(output=str(tmp_path / "out" / "p.json"), draw_dir=str(tmp_path / "drawn"),
+                               draw_threshold=0.0)
+    predict(model, dm, writer, tmp_path)
+    results = json.loads((tmp_path / "out" / "p.json").read_text())
+    dataset = COCO(str(tmp_path / "out" / "p_images.json")).loadRes(str(tmp_path / "out" / "p.json"))
+    assert len(dataset.getAnnIds()) == len(results) == 12
+    for image_id in (1, 2, 3):
+        with torch.no_grad():
+            (expected,) = model([read_rgb(str(tmp_path / "new" / f"{image_id - 1}.png"))])
+        order = expected["scores"].argsort(descending=True, stable=True)
+        written = [r for r in results if r["image_id"] == image_id]
+        assert all(r["segmentation"]["size"] == [24, 32] and isinstance(r["segmentation"]["counts"], str)
+                   for r in written)
+        decoded = mask_utils.decode([r["segmentation"] for r in written]).transpose(2, 0, 1).astype(bool)
+        assert np.array_equal(decoded, expected["masks"][order].numpy())
+        assert [r["category_id"] for r in written] == expected["labels"][order].tolist()
+    assert 0 < np.mean([mask_utils.area(r["segmentation"]) for r in results]) < 24 * 32  # masks, not empty or full
+    assert sorted(p.name for p in (tmp_path / "drawn").iterdir()) == ["0.png.png", "1.png.png", "2.png.png"]

@@ -278,7 +278,7 @@ def test_every_shipped_config_names_registered_weights_or_none():
         weights = (yaml.safe_load(path.read_text()).get("model") or {}).get("init_args", {}).get("weights")
         if weights is not None:
             named[path.name] = weights
-    assert len(named) == 6 and all(name.endswith(".tv_in1k") for name in named.values()), named
+    assert len(named) == 8 and all(name.endswith(".tv_in1k") for name in named.values()), named
     for config, name in named.items():
         assert name in rb.list_weights(), (config, name)
 

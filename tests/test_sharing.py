@@ -44,13 +44,32 @@ def test_detector_starts_from_a_classifier_checkpoint_with_the_same_trunk(classi
     assert not torch.equal(classifier.trunk.conv1.weight, rb.resnext("resnet18").conv1.weight)  # it did train
 
 
-def test_classifier_starts_from_a_detector_checkpoint(tmp_path):
-    detector = ObjectDetector(backbone="resnet18", num_classes=3, norm="frozen_bn")
+@pytest.mark.parametrize("architecture", ["faster_rcnn", "mask_rcnn"])
+def test_the_trunk_of_a_detector_checkpoint_starts_the_classifier_and_exports_to_start_any_task(architecture,
+                                                                                                tmp_path):
+    """Directly from the checkpoint, and through ``python -m resnext_backbones export`` (Mask R-CNN's mask head is
+    left behind with the other heads)."""
+    detector = ObjectDetector(architecture=architecture, backbone="resnet18", num_classes=3, norm="frozen_bn")
     randomize_norm_stats(detector)
     torch.save({"state_dict": detector.state_dict(), "pytorch-lightning_version": "2.6.6"}, tmp_path / "det.ckpt")
+    trained = trunk_tensors(detector.model.backbone.body)
     classifier = ImageClassifier(backbone="resnet18", num_classes=5, weights=str(tmp_path / "det.ckpt"))
-    for key, value in trunk_tensors(detector.model.backbone.body).items():
+    for key, value in trained.items():
         torch.testing.assert_close(classifier.trunk.state_dict()[key], value)
+    result = subprocess.run([sys.executable, "-m", "resnext_backbones", "export", str(tmp_path / "det.ckpt"),
+                             str(tmp_path / "trunk.safetensors")], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    with safe_open(str(tmp_path / "trunk.safetensors"), framework="pt") as f:
+        assert not any(k.startswith(("fpn", "roi_heads", "mask")) for k in f.keys())
+    trunk = str(tmp_path / "trunk.safetensors")
+    started = [ImageClassifier(backbone="resnet18", num_classes=5, weights=trunk).trunk,
+               ObjectDetector(architecture="faster_rcnn", backbone="resnet18", num_classes=2, weights=trunk,
+                              norm="frozen_bn").model.backbone.body]
+    for trunk_module in started:
+        state = trunk_module.state_dict()
+        assert counted(state) == set(trained)
+        for key, value in trained.items():
+            torch.testing.assert_close(state[key], value, rtol=0, atol=0)
 
 
 def test_exported_safetensors_carries_spec_normalisation_and_hash_and_rebuilds_the_trunk(classifier_checkpoint,

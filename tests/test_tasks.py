@@ -8,8 +8,9 @@ from tasks import ImageClassifier, ObjectDetector
 from tasks.data import CocoDetectionDataModule, ImageFolderDataModule
 from tasks.detection import ARCHITECTURES
 
-LEVELS = {"faster_rcnn": ["0", "1", "2", "3", "pool"], "retinanet": ["0", "1", "2", "p6", "p7"],
-          "fcos": ["0", "1", "2", "p6", "p7"]}
+LEVELS = {"faster_rcnn": ["0", "1", "2", "3", "pool"], "mask_rcnn": ["0", "1", "2", "3", "pool"],
+          "retinanet": ["0", "1", "2", "p6", "p7"], "fcos": ["0", "1", "2", "p6", "p7"]}
+TWO_STAGE = ("faster_rcnn", "mask_rcnn")  # torchvision's RoI heads: class 0 is the background
 
 
 def detector(architecture, **kwargs):
@@ -24,12 +25,23 @@ def test_each_architecture_gets_its_pyramid_and_background_convention(architectu
     with torch.no_grad():
         levels = model.model.backbone(torch.rand(1, 3, 64, 64))
     assert list(levels) == LEVELS[architecture]
-    head = model.model.roi_heads.box_predictor.cls_score.out_features if architecture == "faster_rcnn" \
+    head = model.model.roi_heads.box_predictor.cls_score.out_features if architecture in TWO_STAGE \
         else model.model.head.classification_head.num_classes
-    assert head == (4 if architecture == "faster_rcnn" else 3)  # Faster R-CNN adds a background class
+    assert head == (4 if architecture in TWO_STAGE else 3)  # Faster/Mask R-CNN add a background class
+    if architecture == "mask_rcnn":
+        assert model.model.roi_heads.mask_predictor.mask_fcn_logits.out_channels == 4
 
 
-CLASSIFICATION_LOSS = {"faster_rcnn": "loss_classifier", "retinanet": "classification", "fcos": "classification"}
+CLASSIFICATION_LOSS = {"faster_rcnn": "loss_classifier", "mask_rcnn": "loss_classifier",
+                       "retinanet": "classification", "fcos": "classification"}
+
+
+def with_masks(target, height, width):
+    """``target`` with a mask filling each box (what Mask R-CNN trains on beside the boxes)."""
+    masks = torch.zeros(len(target["boxes"]), height, width, dtype=torch.uint8)
+    for mask, (x0, y0, x1, y1) in zip(masks, target["boxes"].round().long().tolist(), strict=True):
+        mask[y0:y1, x0:x1] = 1
+    return {**target, "masks": masks}
 
 
 def force_class(model, architecture, label):
@@ -37,7 +49,7 @@ def force_class(model, architecture, label):
     conventions: Faster R-CNN's class 0 is the background, scored as high, so that its negatives cost the same
     whatever the target; RetinaNet/FCOS logits are anchor-major, class-minor)."""
     with torch.no_grad():
-        if architecture == "faster_rcnn":
+        if architecture in TWO_STAGE:
             bias = model.model.roi_heads.box_predictor.cls_score.bias
             bias.fill_(-50.0)
             bias[0] = bias[label + 1] = 50.0
@@ -72,10 +84,57 @@ def test_a_training_target_of_label_k_is_the_class_the_head_scores_as_k(architec
     costs = []
     for label in range(3):
         torch.manual_seed(0)  # the same proposal sampling for every label
-        losses = model.model(model._inputs([image]),
-                             [{"boxes": box, "labels": model.label_map.to_model(torch.tensor([label]))}])
+        target = model._training_target(with_masks({"boxes": box, "labels": torch.tensor([label])}, 64, 64))
+        losses = model.model(model._inputs([image]), [target])
         costs.append(float(losses[CLASSIFICATION_LOSS[architecture]]))
     assert costs[1] + 0.1 < min(costs[0], costs[2]), costs
+
+
+def test_mask_rcnn_detects_as_torchvisions_own_with_masks_thresholded_at_a_half_in_category_ids():
+    """The task's Mask R-CNN is torchvision's MaskRCNN with its defaults (anchors 32-512, P2-P6 + pool), for any number
+    of categories: the same weights give the same boxes and scores, labels as the dataset's category ids, and the
+    soft masks as binary masks at 0.5."""
+    import resnext_backbones as rb
+
+    categories = {2: "cat", 7: "dog", 8: "owl", 40: "bee", 41: "ant"}
+    torch.manual_seed(0)
+    model = ObjectDetector(architecture="mask_rcnn", backbone="resnet18", num_classes=5, categories=categories,
+                           min_size=64, max_size=64, detector_kwargs={"box_score_thresh": 0.0}).eval()
+    randomize_norm_stats(model)
+    reference = torchvision.models.detection.MaskRCNN(
+        rb.resnext_fpn("resnet18", returned_features=("c2", "c3", "c4", "c5"), extra_blocks="pool"), num_classes=6,
+        min_size=64, max_size=64, box_score_thresh=0.0).eval()
+    reference.load_state_dict(model.model.state_dict())
+    images = [torch.rand(3, 64, 64), torch.rand(3, 48, 80)]
+    with torch.no_grad():
+        ours, theirs = model(images), reference([model._inputs([image])[0] for image in images])
+    for mine, truth, image in zip(ours, theirs, images, strict=True):
+        assert len(truth["boxes"]) > 0
+        torch.testing.assert_close(mine["boxes"], truth["boxes"])
+        torch.testing.assert_close(mine["scores"], truth["scores"])
+        assert mine["labels"].tolist() == [[2, 7, 8, 40, 41][c - 1] for c in truth["labels"].tolist()]
+        assert mine["masks"].dtype == torch.bool and mine["masks"].shape == (len(truth["boxes"]), *image.shape[1:])
+        assert torch.equal(mine["masks"], truth["masks"][:, 0] > 0.5)
+        assert 0 < mine["masks"].float().mean() < 1  # some pixels in, some out
+
+
+def test_the_mask_head_takes_the_layers_it_is_given_and_only_mask_rcnn_has_one():
+    from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
+
+    model = detector("mask_rcnn", mask_head_layers=[64, 32], detector_kwargs={"box_score_thresh": 0.0}).eval()
+    head, predictor = model.model.roi_heads.mask_head, model.model.roi_heads.mask_predictor
+    assert type(head) is MaskRCNNHeads and type(predictor) is MaskRCNNPredictor
+    convolutions = [m for m in head.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert [(c.in_channels, c.out_channels) for c in convolutions] == [(256, 64), (64, 32)]
+    assert predictor.mask_fcn_logits.in_channels == 32 and predictor.mask_fcn_logits.out_channels == 4
+    with torch.no_grad():
+        (det,) = model([torch.rand(3, 64, 64)])
+    assert det["masks"].shape == (len(det["boxes"]), 64, 64) and len(det["boxes"]) > 0
+    with pytest.raises(ValueError, match="model.mask_head_layers sizes Mask R-CNN's mask head, but "
+                                         "model.architecture='faster_rcnn' has none"):
+        detector("faster_rcnn", mask_head_layers=[64])
+    with pytest.raises(ValueError, match=r"model.mask_head_layers=\[\] must be a non-empty list"):
+        detector("mask_rcnn", mask_head_layers=[])
 
 
 def test_uint8_images_from_the_data_modules_detect_as_their_float_equivalent():
@@ -207,6 +266,34 @@ def test_validation_pictures_show_ground_truth_beside_predictions_labelled_with_
     assert predicted and all(c.startswith("disk 0.") or c == "disk 1.00" for c in predicted), predicted
 
 
+def test_validation_pictures_of_mask_rcnn_draw_true_and_predicted_masks(monkeypatch, drawn_captions):
+    """Ground truth masks beside the predicted ones (those scoring at least 0.3), enlarged with their image, under
+    labelled boxes."""
+    from types import SimpleNamespace
+
+    import torchvision.utils
+
+    drawn, draw = [], torchvision.utils.draw_segmentation_masks
+    monkeypatch.setattr(torchvision.utils, "draw_segmentation_masks",
+                        lambda image, masks, **kwargs: drawn.append(masks) or draw(image, masks, **kwargs))
+    experiment = RecordingExperiment()
+    monkeypatch.setattr(ObjectDetector, "loggers", property(lambda self: [SimpleNamespace(experiment=experiment)]))
+    model = detector("mask_rcnn", log_images=1, detector_kwargs={"box_score_thresh": 0.0}).eval()
+    force_class(model, "mask_rcnn", 2)  # every detection a triangle, scoring ~1
+    image = torch.rand(3, 40, 64)
+    target = with_masks({"boxes": torch.tensor([[4.0, 4.0, 30.0, 20.0]]), "labels": torch.tensor([0])}, 40, 64)
+    with torch.no_grad():
+        (detections,) = model([image])
+        model._log_pictures([image], [target], [detections])
+    assert list(experiment.images) == ["val/detections_0"]
+    truth, predicted = drawn
+    assert torch.equal(truth, target["masks"].bool().repeat_interleave(8, -2).repeat_interleave(8, -1))
+    kept = detections["scores"] >= 0.3
+    assert kept.any() and torch.equal(predicted, detections["masks"][kept].repeat_interleave(8, -2)
+                                      .repeat_interleave(8, -1))
+    assert drawn_captions[0] == ["square"] and all(c.startswith("triangle") for c in drawn_captions[1])
+
+
 @pytest.mark.parametrize("architecture", ARCHITECTURES)
 def test_batches_with_empty_images_and_mixed_sizes_train(architecture):
     model = detector(architecture).train()
@@ -214,6 +301,8 @@ def test_batches_with_empty_images_and_mixed_sizes_train(architecture):
     one = {"boxes": torch.tensor([[4.0, 4.0, 30.0, 40.0]]), "labels": torch.tensor([1]), "image_id": 2}
     for images, targets in [([torch.rand(3, 64, 64), torch.rand(3, 48, 80)], [empty, one]),  # empty first
                             ([torch.rand(3, 64, 64), torch.rand(3, 40, 56)], [empty, empty])]:  # only empty
+        if model.predicts_masks:
+            targets = [with_masks(t, *image.shape[-2:]) for image, t in zip(images, targets, strict=True)]
         loss = model.training_step((images, targets), 0)
         loss.backward()
         assert torch.isfinite(loss)

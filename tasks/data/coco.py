@@ -1,5 +1,5 @@
 """COCO detection data: the JSON read directly (no pycocotools index, no console noise), compact arrays for the
-samples, transforms v2 for the boxes."""
+samples (instance masks too), transforms v2 for the boxes and masks."""
 
 from __future__ import annotations
 
@@ -19,7 +19,8 @@ from .base import BaseDataModule
 from .image_files import ImageFiles, ImageList, list_images
 from .images import CorruptImageError, image_size, read_rgb
 from .labels import LabelMap
-from .transforms import chosen, detection_pipeline
+from .masks import Segmentations
+from .transforms import DropEmptyMasks, chosen, detection_pipeline
 
 log = logging.getLogger("tasks")
 
@@ -33,7 +34,8 @@ class CocoIndex:
     """A COCO annotation file as flat arrays (no per-image Python dicts: data-loader workers share the pages).
 
     Boxes of image ``i`` are rows ``offsets[i]:offsets[i + 1]``; ``labels`` are contiguous (0..N-1), translated by
-    ``label_map`` from the file's category ids.
+    ``label_map`` from the file's category ids. ``segmentations`` holds each box's COCO ``segmentation`` (polygons or
+    RLE, decoded only when its image is loaded), where masks were asked for.
     """
 
     image_ids: np.ndarray
@@ -45,11 +47,15 @@ class CocoIndex:
     iscrowd: np.ndarray
     areas: np.ndarray
     label_map: LabelMap
+    segmentations: Optional[Segmentations] = None
 
     @classmethod
-    def from_file(cls, annotations: str) -> CocoIndex:
+    def from_file(cls, annotations: str, masks: Optional[bool] = False) -> CocoIndex:
         """Read and check a COCO file. Errors name the file and the ids at fault; boxes with no area are dropped
-        with a summary line. Boxes are fitted to their images by :func:`check_image_files`, which knows the sizes."""
+        with a summary line. Boxes are fitted to their images by :func:`check_image_files`, which knows the sizes.
+
+        ``masks``: read every annotation's ``segmentation`` (an annotation without one is an error naming it);
+        ``None``: read them if every annotation has one; ``False``: leave them."""
         path = Path(annotations)
         if not path.is_file():
             raise FileNotFoundError(f"annotation file {str(path)!r} does not exist")
@@ -97,13 +103,21 @@ class CocoIndex:
 
         order = np.argsort(row_image[keep], kind="stable")
         rows = np.flatnonzero(keep)[order]
+        segmentations = None
+        if masks is not False:
+            try:
+                segmentations = Segmentations.from_coco([anns[r].get("segmentation") for r in rows],
+                                                        ann_ids[rows].tolist(), str(path))
+            except ValueError:
+                if masks:
+                    raise
         return cls(image_ids=image_ids, file_names=[img["file_name"] for img in images], sizes=sizes,
                    offsets=_offsets(np.bincount(row_image[rows], minlength=len(images))),
                    boxes=boxes[rows].astype(np.float32),
                    labels=label_map.labels([anns[r]["category_id"] for r in rows]),
                    iscrowd=np.asarray([anns[r].get("iscrowd", 0) for r in rows], dtype=np.uint8),
                    areas=np.asarray([anns[r].get("area", xywh[r, 2] * xywh[r, 3]) for r in rows], dtype=np.float32),
-                   label_map=label_map)
+                   label_map=label_map, segmentations=segmentations)
 
     def __len__(self) -> int:
         return len(self.image_ids)
@@ -112,8 +126,9 @@ class CocoIndex:
                    **images) -> CocoIndex:
         """A copy keeping the box rows where ``rows`` is true (``boxes`` replaces the box coordinates first)."""
         boxes = self.boxes if boxes is None else boxes
+        segmentations = None if self.segmentations is None else self.segmentations.take(rows)
         return replace(self, offsets=_offsets(boxes_per_image), boxes=boxes[rows], labels=self.labels[rows],
-                       iscrowd=self.iscrowd[rows], areas=self.areas[rows], **images)
+                       iscrowd=self.iscrowd[rows], areas=self.areas[rows], segmentations=segmentations, **images)
 
     def subset(self, keep: np.ndarray) -> CocoIndex:
         """Only the images where ``keep`` is true, with their boxes."""
@@ -180,11 +195,17 @@ def check_image_files(index: CocoIndex, images: str, key: str, skip_missing: boo
 
 class CocoDetection(Dataset):
     """``(image, target)`` pairs; ``target`` has ``boxes`` (xyxy ``BoundingBoxes``), ``labels`` (contiguous),
-    ``image_id``, ``iscrowd`` and ``area``. Crowd boxes are dropped unless ``keep_crowd`` (evaluation needs them)."""
+    ``image_id``, ``iscrowd`` and ``area``, and with ``masks`` the instance ``masks`` (a ``tv_tensors.Mask``, N x H x
+    W uint8, which v2 transforms move with the image and boxes). Crowd boxes are dropped unless ``keep_crowd``
+    (evaluation needs them)."""
 
     def __init__(self, index: CocoIndex, images: str, transforms: Optional[v2.Transform] = None,
-                 keep_crowd: bool = False) -> None:
+                 keep_crowd: bool = False, masks: bool = False) -> None:
+        if masks and index.segmentations is None:
+            raise ValueError("masks were asked for, but the index was read without segmentations; read it with "
+                             "CocoIndex.from_file(path, masks=True)")
         self.index, self.root, self.transforms, self.keep_crowd = index, Path(images), transforms, keep_crowd
+        self.masks = masks
 
     def __len__(self) -> int:
         return len(self.index)
@@ -203,6 +224,13 @@ class CocoDetection(Dataset):
             "area": torch.from_numpy(idx.areas[rows][keep]),
             "image_id": int(idx.image_ids[i]),
         }
+        if self.masks:
+            instances = np.arange(idx.offsets[i], idx.offsets[i + 1])[keep]
+            try:
+                masks = idx.segmentations.masks(instances, h, w)
+            except ValueError as e:
+                raise ValueError(f"{self.root / idx.file_names[i]}: {e}") from None
+            target["masks"] = tv_tensors.Mask(torch.from_numpy(masks))
         if self.transforms is not None:
             image, target = self.transforms(image, target)
         return image, target
@@ -238,6 +266,10 @@ class CocoDetectionDataModule(BaseDataModule):
         skip_corrupt_images: drop images that cannot be decoded (a header that cannot be read: at startup; a
             truncated or corrupt body: from their batch, when loaded), each with a warning and counted, instead of
             failing with an error that names the file.
+        masks: give each instance its mask (COCO ``segmentation``: polygons, RLE or crowd RLE, decoded by pycocotools
+            when its image is loaded), for Mask R-CNN. Unset: whenever the model predicts masks
+            (``ObjectDetector(architecture=mask_rcnn)``); ``true`` or ``false`` to decide here. After augmentation,
+            an instance whose mask is empty is dropped with its box, and counted.
     """
 
     ANNOTATION_KEYS = ("train_annotations", "train_images", "val_annotations", "val_images")
@@ -247,7 +279,8 @@ class CocoDetectionDataModule(BaseDataModule):
                  predict_images: Optional[str] = None, batch_size: int = 2, num_workers: int = 2,
                  train_transforms: Optional[List[v2.Transform]] = None,
                  val_transforms: Optional[List[v2.Transform]] = None, horizontal_flip: Optional[float] = None,
-                 skip_missing_images: bool = False, skip_corrupt_images: bool = False) -> None:
+                 skip_missing_images: bool = False, skip_corrupt_images: bool = False,
+                 masks: Optional[bool] = None) -> None:
         super().__init__(batch_size=batch_size, num_workers=num_workers, skip_corrupt_images=skip_corrupt_images)
         if train_transforms is not None and horizontal_flip is not None:
             raise ValueError("data.horizontal_flip sets the default augmentation, which data.train_transforms "
@@ -256,6 +289,7 @@ class CocoDetectionDataModule(BaseDataModule):
         self.train_transform_list, self.val_transform_list = train_transforms, val_transforms
         self.horizontal_flip = 0.5 if horizontal_flip is None else horizontal_flip
         self.skip_missing_images = skip_missing_images
+        self.masks, self.empty_masks = masks, DropEmptyMasks()
         self.train_index: Optional[CocoIndex] = None
         self.val_index: Optional[CocoIndex] = None
         paths = [train_annotations, train_images, val_annotations, val_images]
@@ -273,9 +307,20 @@ class CocoDetectionDataModule(BaseDataModule):
             if not Path(p).exists():
                 raise FileNotFoundError(f"data.{key}: {str(p)!r} does not exist")
         self.train_annotations, self.train_images, self.val_annotations, self.val_images = map(str, paths)
-        self.val_index = check_image_files(CocoIndex.from_file(self.val_annotations), self.val_images, "val_images",
-                                           skip_missing_images, skip_corrupt_images)
+        # unset masks: the segmentations are read where the file has them; setup knows whether the model needs them
+        self.val_index = self._index(self.val_annotations, self.val_images, "val_images", masks)
         self.label_map = self.val_index.label_map
+
+    def _index(self, annotations: str, images: str, key: str, masks: Optional[bool]) -> CocoIndex:
+        return check_image_files(CocoIndex.from_file(annotations, masks=masks), images, key,
+                                 self.skip_missing_images, self.skip_corrupt_images)
+
+    def wants_masks(self) -> bool:
+        """Whether targets carry instance masks: ``masks`` if set, else whether the model (of the trainer this module
+        is attached to) predicts masks."""
+        if self.masks is not None:
+            return self.masks
+        return _predicts_masks(self.trainer)
 
     @property
     def label_source(self) -> str:
@@ -294,11 +339,16 @@ class CocoDetectionDataModule(BaseDataModule):
                              f"{', '.join(self.ANNOTATION_KEYS)}")
 
     def setup(self, stage: str) -> None:
+        if self.masks is False and _predicts_masks(self.trainer):
+            raise ValueError("the model predicts instance masks, and learns and is evaluated on them, but data.masks "
+                             "is false; set it true, or leave it unset to follow the model")
+        masks = self.wants_masks()
+        if masks and self.val_index is not None and self.val_index.segmentations is None:
+            # read again, to fail naming the annotation without a usable segmentation
+            self.val_index = self._index(self.val_annotations, self.val_images, "val_images", True)
         if stage == "fit" and self.train_index is None:
             self._labelled("fit")
-            self.train_index = check_image_files(CocoIndex.from_file(self.train_annotations), self.train_images,
-                                                 "train_images", self.skip_missing_images,
-                                                 self.skip_corrupt_images)
+            self.train_index = self._index(self.train_annotations, self.train_images, "train_images", masks)
             train_ids, val_ids = self.train_index.label_map.category_ids, self.label_map.category_ids
             if train_ids != val_ids:
                 raise ValueError(f"{self.train_annotations} and {self.val_annotations} list different categories "
@@ -310,19 +360,22 @@ class CocoDetectionDataModule(BaseDataModule):
         """The training augmentation, then the project's box clean-up: every box the model sees lies inside its
         image and has an area."""
         return detection_pipeline(chosen(self.train_transform_list,
-                                         lambda: [v2.RandomHorizontalFlip(self.horizontal_flip)]))
+                                         lambda: [v2.RandomHorizontalFlip(self.horizontal_flip)]), self.empty_masks)
 
     def eval_transforms(self) -> Optional[v2.Transform]:
-        return None if self.val_transform_list is None else detection_pipeline(self.val_transform_list)
+        return None if self.val_transform_list is None else detection_pipeline(self.val_transform_list,
+                                                                                self.empty_masks)
 
     def train_dataloader(self):
         self._labelled("fit")
-        dataset = CocoDetection(self.train_index, self.train_images, self.train_transforms())
+        dataset = CocoDetection(self.train_index, self.train_images, self.train_transforms(),
+                                masks=self.wants_masks())
         return self.loader(dataset, train=True, collate_fn=collate)
 
     def val_dataloader(self):
         self._labelled("validation")
-        dataset = CocoDetection(self.val_index, self.val_images, self.eval_transforms(), keep_crowd=True)
+        dataset = CocoDetection(self.val_index, self.val_images, self.eval_transforms(), keep_crowd=True,
+                                masks=self.wants_masks())
         return self.loader(dataset, train=False, collate_fn=collate)
 
     test_dataloader = val_dataloader
@@ -337,3 +390,15 @@ class CocoDetectionDataModule(BaseDataModule):
             dataset = ImageFiles(ImageList(Path(self.val_images), list(self.val_index.file_names)),
                                  image_ids=self.val_index.image_ids.tolist())
         return self.loader(dataset, train=False, collate_fn=collate, skip_corrupt=True)
+
+    def teardown(self, stage: str) -> None:
+        super().teardown(stage)
+        if self.empty_masks.dropped:
+            log.warning("dropped %d instances whose mask was empty after augmentation (with their boxes) in all",
+                        self.empty_masks.dropped)
+
+
+def _predicts_masks(trainer) -> bool:
+    """Whether the model of ``trainer`` (if any) predicts instance masks."""
+    model = getattr(trainer, "lightning_module", None) if trainer is not None else None
+    return bool(getattr(model, "predicts_masks", False))

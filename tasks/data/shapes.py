@@ -3,7 +3,10 @@ COCO (detection) and image-folder (classification) formats, so the shipped confi
 with no download.
 
 The cache folder is ``$RESNEXT_BACKBONES_DATA`` or ``~/.cache/resnext_backbones``. Category ids are sparse on
-purpose (3, 5, 9): the loaders must map them to contiguous labels and back.
+purpose (3, 5, 9): the loaders must map them to contiguous labels and back. Each detection annotation also has
+the shape's exact mask as its ``segmentation`` (the pixels that show the shape): a polygon along the pixel edges
+for squares and triangles, which pycocotools rasterises to exactly those pixels, and a compressed RLE for disks
+(and for any shape that a later one cuts in two), so that Mask R-CNN trains on both forms COCO uses.
 """
 
 from __future__ import annotations
@@ -16,10 +19,11 @@ from pathlib import Path
 from typing import List, Tuple
 
 import numpy as np
+import pycocotools.mask as mask_utils
 import torch
 from torchvision.io import encode_jpeg, encode_png, write_file
 
-VERSION = "v1"
+VERSION = "v2"  # v2: segmentations added (images and boxes as in v1)
 CATEGORIES = {3: "square", 5: "disk", 9: "triangle"}
 
 
@@ -49,8 +53,16 @@ def _iou(a, b) -> float:
 
 def draw(rng: np.random.Generator, h: int, w: int, kinds: List[str], min_size: int, max_size: int):
     """An HxWx3 uint8 image with the given shapes, and their tight xyxy boxes."""
+    image, boxes, _ = draw_instances(rng, h, w, kinds, min_size, max_size)
+    return image, boxes
+
+
+def draw_instances(rng: np.random.Generator, h: int, w: int, kinds: List[str], min_size: int, max_size: int):
+    """An HxWx3 uint8 image with the given shapes, their tight xyxy boxes (of the whole shape) and their masks (HxW
+    bool: the pixels that show the shape, less what later shapes cover)."""
     image = rng.integers(0, 256, 3) * 0.5 + rng.normal(0, 12, (h, w, 3))
     boxes: List[Tuple[int, int, int, int]] = []
+    masks: List[np.ndarray] = []
     for kind in kinds:
         for _ in range(20):  # a few tries at a place that does not hide an earlier shape
             bw, bh = (int(v) for v in rng.integers(min_size, max_size + 1, 2))
@@ -63,7 +75,41 @@ def draw(rng: np.random.Generator, h: int, w: int, kinds: List[str], min_size: i
         image[mask] = rng.integers(128, 256, 3) * rng.permutation([1.0, 0.6, 0.2])
         ys, xs = np.nonzero(mask)
         boxes.append((int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1))
-    return np.clip(image, 0, 255).astype(np.uint8), boxes
+        masks = [m & ~mask for m in masks] + [mask]
+    return np.clip(image, 0, 255).astype(np.uint8), boxes, masks
+
+
+def pixel_outline(mask: np.ndarray):
+    """The polygon along the pixel edges of ``mask`` (x, y, x, y, ...), if each of its rows is one run and the rows are
+    consecutive (squares, triangles, disks); else ``None``. pycocotools rasterises it to exactly ``mask``."""
+    rows = np.flatnonzero(mask.any(1))
+    if len(rows) == 0 or rows[-1] - rows[0] + 1 != len(rows):
+        return None
+    right, left = [], []
+    for y in rows:
+        xs = np.flatnonzero(mask[y])
+        if xs[-1] - xs[0] + 1 != len(xs):
+            return None
+        right += [(xs[-1] + 1, y), (xs[-1] + 1, y + 1)]
+        left = [(xs[0], y + 1), (xs[0], y)] + left
+    points = right + left
+    # drop the corners that lie on a straight edge (a square keeps its 4)
+    corners = [p for i, p in enumerate(points) if not _on_a_line(points[i - 1], p, points[(i + 1) % len(points)])]
+    return [float(v) for p in corners for v in p]
+
+
+def _on_a_line(a, b, c) -> bool:
+    return (a[0] == b[0] == c[0]) or (a[1] == b[1] == c[1])
+
+
+def segmentation(kind: str, mask: np.ndarray):
+    """The COCO ``segmentation`` of ``mask``: a polygon (squares, triangles) or a compressed RLE (disks, and shapes
+    that are no longer one run per row)."""
+    outline = pixel_outline(mask) if kind != "disk" else None
+    if outline is not None:
+        return [outline]
+    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+    return {"size": rle["size"], "counts": rle["counts"].decode("ascii")}
 
 
 def _write(image: np.ndarray, path: Path) -> None:
@@ -81,13 +127,15 @@ def _generate_detection(out: Path, split: str, count: int, seed: int) -> None:
         h, w = int(rng.choice([112, 128, 144])), int(rng.choice([112, 128, 144]))
         n = 0 if i % 20 == 7 else int(rng.integers(1, 4))  # every 20th image has no object
         kinds = [names[k] for k in rng.integers(0, len(names), n)]
-        image, boxes = draw(rng, h, w, kinds, min_size=20, max_size=56)
+        image, boxes, masks = draw_instances(rng, h, w, kinds, min_size=20, max_size=56)
         file_name = f"{i:05d}.jpg"
         _write(image, out / split / file_name)
         images.append({"id": i + 1, "file_name": file_name, "height": h, "width": w})
-        for kind, (x0, y0, x1, y1) in zip(kinds, boxes, strict=True):
+        for kind, (x0, y0, x1, y1), mask in zip(kinds, boxes, masks, strict=True):
+            # area stays the box's, as in v1: the box mAP of the detection quick start is unchanged
             annotations.append({"id": len(annotations) + 1, "image_id": i + 1, "category_id": ids[kind],
-                                "bbox": [x0, y0, x1 - x0, y1 - y0], "area": (x1 - x0) * (y1 - y0), "iscrowd": 0})
+                                "bbox": [x0, y0, x1 - x0, y1 - y0], "area": (x1 - x0) * (y1 - y0), "iscrowd": 0,
+                                "segmentation": segmentation(kind, mask)})
     categories = [{"id": k, "name": v} for k, v in CATEGORIES.items()]
     (out / f"{split}.json").write_text(json.dumps({"images": images, "annotations": annotations,
                                                    "categories": categories}))

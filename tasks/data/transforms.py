@@ -3,9 +3,11 @@ adds after them so that what reaches the model is always valid."""
 
 from __future__ import annotations
 
+import multiprocessing
 from typing import Callable, List, Optional, Sequence
 
 import torch
+from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 BOX_FIELDS = ("labels", "iscrowd", "area")  # per-box tensors of a detection target, kept in step with its boxes
@@ -25,9 +27,40 @@ def clean_boxes() -> List[v2.Transform]:
             v2.SanitizeBoundingBoxes(min_size=1, labels_getter=per_box_fields)]
 
 
-def detection_pipeline(transforms: Sequence[Callable]) -> v2.Compose:
-    """``transforms`` (box-aware v2 transforms on a uint8 image and its target), then :func:`clean_boxes`."""
-    return v2.Compose([*transforms, *clean_boxes()])
+class DropEmptyMasks:
+    """The step after :func:`clean_boxes` where targets have instance ``masks``: an instance whose mask has no pixel
+    left (a crop can keep part of a box but none of its shape) is dropped with its box, label, crowd flag and area,
+    and counted in :attr:`dropped` (shared with the data-loader workers)."""
+
+    def __init__(self) -> None:
+        self._dropped = multiprocessing.Value("l", 0)
+
+    @property
+    def dropped(self) -> int:
+        return self._dropped.value
+
+    def __call__(self, image, target):
+        masks = target.get("masks")
+        if masks is None:
+            return image, target
+        keep = masks.flatten(1).bool().any(1)
+        if bool(keep.all()):
+            return image, target
+        target = dict(target)
+        for key in ("boxes", "masks", *BOX_FIELDS):
+            if key in target:
+                value = target[key]
+                target[key] = tv_tensors.wrap(value[keep], like=value) if isinstance(value, tv_tensors.TVTensor) \
+                    else value[keep]
+        with self._dropped.get_lock():
+            self._dropped.value += int((~keep).sum())
+        return image, target
+
+
+def detection_pipeline(transforms: Sequence[Callable], empty_masks: Optional[DropEmptyMasks] = None) -> v2.Compose:
+    """``transforms`` (box-aware v2 transforms on a uint8 image and its target: masks move with the boxes), then
+    :func:`clean_boxes`, then ``empty_masks`` (a :class:`DropEmptyMasks`, which counts what it drops)."""
+    return v2.Compose([*transforms, *clean_boxes(), empty_masks or DropEmptyMasks()])
 
 
 class RequireSize:
