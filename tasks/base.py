@@ -123,8 +123,8 @@ class BackboneTask(LightningModule):
         raise NotImplementedError
 
     def head_slots(self) -> List[Tuple[nn.Module, str]]:
-        """``(parent, attribute)`` of each head network that may run in low precision at inference (its outputs come
-        back as float32 for decoding)."""
+        """``(parent, attribute)`` of each part of the heads with an inference form: networks, which may run in low
+        precision (their outputs come back as float32 for decoding), and RoI poolers."""
         return []
 
     def on_train_epoch_start(self) -> None:

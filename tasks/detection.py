@@ -36,7 +36,7 @@ class Architecture:
     anchor_keyword: str  # the detector's keyword for the anchor generator
     default_anchor_size: int  # torchvision's
     detections_keyword: str  # the detector's keyword for detections per image
-    heads: tuple  # the head networks (dotted paths in the detector) that may run in low precision at inference
+    heads: tuple  # dotted paths of the heads' parts with an inference form: networks, RoI poolers (tasks.inference)
     masks: bool = False  # predicts instance masks: trained on them, evaluated, written and drawn with them
 
     def build(self, backbone: nn.Module, num_classes: int, anchor_size: Optional[int], detections_per_image: int,
@@ -50,7 +50,7 @@ def _rpn_anchors(size: int) -> AnchorGenerator:
     return AnchorGenerator(tuple((size * 2**i,) for i in range(5)), ((0.5, 1.0, 2.0),) * 5)
 
 
-_RCNN_HEADS = ("rpn.head", "roi_heads.box_head", "roi_heads.box_predictor")
+_RCNN_HEADS = ("rpn.head", "roi_heads.box_roi_pool", "roi_heads.box_head", "roi_heads.box_predictor")
 
 
 ARCHITECTURES: Dict[str, Architecture] = {
@@ -62,7 +62,7 @@ ARCHITECTURES: Dict[str, Architecture] = {
     "mask_rcnn": Architecture(
         MaskRCNN, ("c2", "c3", "c4", "c5"), "pool", background_classes=1, anchors=_rpn_anchors,
         anchor_keyword="rpn_anchor_generator", default_anchor_size=32, detections_keyword="box_detections_per_img",
-        heads=_RCNN_HEADS + ("roi_heads.mask_head", "roi_heads.mask_predictor"), masks=True),
+        heads=_RCNN_HEADS + ("roi_heads.mask_roi_pool", "roi_heads.mask_head", "roi_heads.mask_predictor"), masks=True),
     "retinanet": Architecture(
         RetinaNet, ("c3", "c4", "c5"), "p6p7", background_classes=0,
         anchors=lambda s: AnchorGenerator(tuple((x, int(x * 2 ** (1 / 3)), int(x * 2 ** (2 / 3)))

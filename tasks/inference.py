@@ -4,7 +4,8 @@ Training runs the model as it is (BatchNorm, autograd, ``trainer.precision``). T
 swap in, for the duration of one forward, the model's inference form: the trunk as a fused copy (norms folded, oneDNN
 kernels on the CPU: :meth:`resnext_backbones.ResNeXt.fused`), and copies of the FPN and of the heads' networks
 (convolutions, linear layers) whose convolutions run on weights packed once
-(:func:`resnext_backbones.fused.pack_convolutions`). In low precision the copies hold their weights in that dtype and
+(:func:`resnext_backbones.fused.pack_convolutions`), and RoI poolers as one sparse matrix product on the CPU
+(:mod:`tasks.roi_align`). In low precision the copies hold their weights in that dtype and
 run natively (no autocast: it would cast every weight at every call). Each hands back float32, so box decoding, NMS
 and the rest of postprocessing stay float32 whatever the precision (bf16 has 8 bits of mantissa: a box corner at
 x=800 would move in steps of 4 pixels). The copies live outside the module tree: checkpoints, ``state_dict`` and the
@@ -24,8 +25,10 @@ from typing import Dict, Iterator, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
+from torchvision.ops import MultiScaleRoIAlign
 
 from resnext_backbones.fused import pack_convolutions
+from tasks.roi_align import SparseRoIAlign
 
 INFERENCE_PRECISIONS: Dict[str, torch.dtype] = {"32": torch.float32, "bf16": torch.bfloat16, "16": torch.float16}
 
@@ -141,8 +144,14 @@ class InferenceRunner:
                                 for name, child in backbone._modules.items()}
             if not self.fused and dtype != torch.float32:
                 network = copy.deepcopy(network).to(dtype)
-        heads = [inference_copy(head, dtype) if self.fused else copy.deepcopy(head).to(dtype) for head in heads]
-        return [Native(network, dtype, channels_last=True)] + [Native(head, dtype) for head in heads]
+        return [Native(network, dtype, channels_last=True)] + [self.head(head, dtype) for head in heads]
+
+    def head(self, head: nn.Module, dtype: torch.dtype) -> nn.Module:
+        """A head's inference form: a RoI pooler as one sparse matrix product (float32, it has no weights), a network
+        in ``dtype``."""
+        if isinstance(head, MultiScaleRoIAlign):
+            return SparseRoIAlign(head) if self.fused else head
+        return Native(inference_copy(head, dtype) if self.fused else copy.deepcopy(head).to(dtype), dtype)
 
     def modules(self, model: nn.Module, backbone: nn.Module, trunk: nn.Module, trunk_name: Optional[str],
                 heads: Sequence[nn.Module]) -> list:
