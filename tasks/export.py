@@ -2,8 +2,10 @@
 
 The detector goes out from preprocessing to postprocessing: one RGB image ``(3, H, W)``, float in [0, 1] (the model
 normalises and resizes it), in; ``boxes`` (xyxy, in the input's pixels), ``scores`` and ``labels`` (the dataset's
-category ids) out. The classifier: images ``(N, 3, H, W)`` in [0, 1] in, class ``probabilities`` (in the order of
-the checkpoint's classes) out. Class names travel beside the file as ``FILE.classes.json``.
+category ids) out, and for Mask R-CNN ``masks`` ``(N, 1, H, W)``: each detection's mask probabilities in the input's
+pixels, as torchvision's Mask R-CNN gives them (the task thresholds them at 0.5). The classifier: images
+``(N, 3, H, W)`` in [0, 1] in, class ``probabilities`` (in the order of the checkpoint's classes) out. Class names
+travel beside the file as ``FILE.classes.json``.
 
 Both formats come from one ``torch.export`` program: ``torch_export`` saves it (``.pt2``, ``torch.export.load``),
 ``onnx`` translates it (torch.onnx's ``dynamo=True`` exporter; onnxruntime runs it). The classifier takes any batch
@@ -24,6 +26,8 @@ from typing import Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
+from torchvision.models.detection import roi_heads
+from torchvision.models.detection import transform as detection_transform
 from torchvision.ops import boxes as box_ops
 from torchvision.ops import poolers, roi_align
 
@@ -37,17 +41,19 @@ TASKS = {"tasks.ObjectDetector": ObjectDetector, "tasks.detection.ObjectDetector
 
 
 class ExportedDetector(nn.Module):
-    """One image ``(3, H, W)`` in [0, 1] -> ``(boxes, scores, labels)``, labels as the dataset's category ids."""
+    """One image ``(3, H, W)`` in [0, 1] -> ``(boxes, scores, labels)``, labels as the dataset's category ids, and
+    ``masks`` after them where the detector predicts masks."""
 
     def __init__(self, task: ObjectDetector) -> None:
         super().__init__()
-        self.detector = task.model
+        self.detector, self.masks = task.model, task.predicts_masks
         ids = [0] * task.label_map.offset + list(task.label_map.category_ids)  # model class -> category id
         self.register_buffer("category_ids", torch.tensor(ids, dtype=torch.int64))
 
-    def forward(self, image: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    def forward(self, image: Tensor) -> Tuple[Tensor, ...]:
         (detections,) = self.detector([image])
-        return detections["boxes"], detections["scores"], self.category_ids[detections["labels"]]
+        outputs = detections["boxes"], detections["scores"], self.category_ids[detections["labels"]]
+        return outputs + (detections["masks"],) if self.masks else outputs
 
 
 class ExportedClassifier(nn.Module):
@@ -107,15 +113,44 @@ def _multiscale_roi_align(features: List[Tensor], boxes: List[Tensor], output_si
     return result
 
 
+def _paste_masks_in_image(masks: Tensor, boxes: Tensor, img_shape: Tuple[int, int], padding: int = 1) -> Tensor:
+    """Each detection's mask resized into its box in the image (torchvision's values: the mask padded, the box grown
+    to match and truncated to integers, a bilinear resize without corner alignment), for all detections at once as
+    ``rows @ mask @ columns^T`` with per-box interpolation matrices, where torchvision loops over detections."""
+    masks, scale = roi_heads.expand_masks(masks, padding)
+    boxes = roi_heads.expand_boxes(boxes, scale).to(torch.int64)
+    rows = _resize_weights(boxes[:, 1], boxes[:, 3], img_shape[0], masks.shape[-2])
+    columns = _resize_weights(boxes[:, 0], boxes[:, 2], img_shape[1], masks.shape[-1])
+    return (rows @ masks[:, 0] @ columns.transpose(1, 2))[:, None]
+
+
+def _resize_weights(start: Tensor, end: Tensor, pixels: int, size: int) -> Tensor:
+    """``(boxes, pixels, size)``: the weights by which each image pixel along one axis takes the ``size`` mask cells,
+    for a mask resized to ``end - start + 1`` pixels at ``start`` (zero outside it), as ``F.interpolate`` would."""
+    length = (end - start + 1).clamp(min=1)
+    inside = torch.arange(pixels, device=start.device) - start[:, None]  # the pixel's index in the resized mask
+    source = ((inside + 0.5) * (size / length)[:, None] - 0.5).clamp(min=0)
+    low = source.long().clamp(max=size - 1)
+    high = (low + 1).clamp(max=size - 1)
+    frac, keep = source - low, (inside >= 0) & (inside < length[:, None])
+    weights = source.new_zeros((*source.shape, size))
+    weights.scatter_add_(2, low[..., None], ((1 - frac) * keep)[..., None])
+    return weights.scatter_add_(2, high[..., None], (frac * keep)[..., None])
+
+
 @contextlib.contextmanager
 def traceable_torchvision() -> Iterator[None]:
     """torchvision's detection functions replaced by their branch-free twins, for the duration of a trace."""
-    saved = box_ops.batched_nms, poolers._multiscale_roi_align
-    box_ops.batched_nms, poolers._multiscale_roi_align = _batched_nms, _multiscale_roi_align
+    places = [(box_ops, "batched_nms", _batched_nms), (poolers, "_multiscale_roi_align", _multiscale_roi_align),
+              (detection_transform, "paste_masks_in_image", _paste_masks_in_image)]
+    saved = [getattr(module, name) for module, name, _ in places]
+    for module, name, twin in places:
+        setattr(module, name, twin)
     try:
         yield
     finally:
-        box_ops.batched_nms, poolers._multiscale_roi_align = saved
+        for (module, name, _), original in zip(places, saved, strict=True):
+            setattr(module, name, original)
 
 
 def program(task: BackboneTask, image_size: Optional[Sequence[int]]) -> torch.export.ExportedProgram:
@@ -152,7 +187,8 @@ def export(checkpoint: str, fmt: str, output: str, image_size: Optional[Sequence
     if fmt == "torch_export":
         torch.export.save(exported, str(out))
     else:
-        outputs = ["boxes", "scores", "labels"] if detector else ["probabilities"]
+        outputs = ["boxes", "scores", "labels", "masks"][:4 if task.predicts_masks else 3] if detector else \
+            ["probabilities"]
         onnx = torch.onnx.export(exported, dynamo=True, input_names=["image" if detector else "images"],
                                  output_names=outputs, verbose=False)
         onnx.save(str(out))

@@ -72,7 +72,7 @@ def detector_checkpoint(architecture, path):
     from tasks import ObjectDetector
 
     torch.manual_seed(0)
-    score = {"box_score_thresh": 0.0} if architecture == "faster_rcnn" else {"score_thresh": 0.0}
+    score = {"box_score_thresh": 0.0} if architecture.endswith("rcnn") else {"score_thresh": 0.0}
     task = ObjectDetector(architecture=architecture, backbone="resnet18", num_classes=3, min_size=128, max_size=144,
                           categories={3: "square", 5: "disk", 9: "triangle"}, norm="bn", trainable_stages=5,
                           detector_kwargs=score, detections_per_image=50)  # random weights: score every box
@@ -91,7 +91,7 @@ def quick_start_images(tiny_coco, size, count=3):
             for f in files]
 
 
-@pytest.mark.parametrize("architecture", ["faster_rcnn", "retinanet", "fcos"])
+@pytest.mark.parametrize("architecture", ["faster_rcnn", "retinanet", "fcos", "mask_rcnn"])
 def test_a_detector_exports_whole_to_onnx_and_onnxruntime_gives_its_detections(architecture, tiny_coco, tmp_path):
     ort = pytest.importorskip("onnxruntime")
     from tasks.export import export, load_task
@@ -99,15 +99,33 @@ def test_a_detector_exports_whole_to_onnx_and_onnxruntime_gives_its_detections(a
     checkpoint = detector_checkpoint(architecture, tmp_path / "detector.ckpt")
     path = export(checkpoint, "onnx", str(tmp_path / "detector.onnx"), image_size=(128, 128))
     session = ort.InferenceSession(str(path))
-    assert [o.name for o in session.get_outputs()] == ["boxes", "scores", "labels"]
+    names = ["boxes", "scores", "labels"] + (["masks"] if architecture == "mask_rcnn" else [])
+    assert [o.name for o in session.get_outputs()] == names
     task = load_task(checkpoint)
     for image in quick_start_images(tiny_coco, (128, 128)):
         with torch.no_grad():
             (want,) = task([image])  # the model itself, labels as category ids
-        boxes, scores, labels = (torch.from_numpy(v) for v in session.run(None, {"image": image.numpy()}))
+            if architecture == "mask_rcnn":  # soft masks, as torchvision's Mask R-CNN gives them (the task's: >= 0.5)
+                want["masks"] = task.model([image])[0]["masks"]
+        got = dict(zip(names, (torch.from_numpy(v) for v in session.run(None, {"image": image.numpy()})), strict=True))
         assert len(want["boxes"]) > 10 and set(want["labels"].tolist()) <= {3, 5, 9}
-        assert_same_detections({"boxes": boxes, "scores": scores, "labels": labels}, want, box_tolerance=1e-3,
-                               score_tolerance=1e-4)
+        assert_same_detections(got, want, box_tolerance=1e-3, score_tolerance=1e-4)  # masks too, where predicted
+
+
+def test_the_exports_mask_pasting_equals_torchvisions():
+    from torchvision.models.detection.roi_heads import paste_masks_in_image
+
+    from tasks.export import _paste_masks_in_image
+
+    g = torch.Generator().manual_seed(0)
+    masks = torch.rand(30, 1, 28, 28, generator=g)
+    corners = torch.rand(30, 2, generator=g) * 100
+    boxes = torch.cat([corners, corners + torch.rand(30, 2, generator=g) ** 2 * 90 + 0.3], 1).clamp(max=119)
+    boxes[0] = torch.tensor([0.0, 0.0, 119.0, 119.0])  # one reaching the image's edges
+    want = paste_masks_in_image(masks, boxes, (128, 120))
+    assert want.shape == (30, 1, 128, 120) and (want > 0).sum() > 20000
+    torch.testing.assert_close(_paste_masks_in_image(masks, boxes, (128, 120)), want, atol=1e-5, rtol=0)
+    assert _paste_masks_in_image(masks[:0], boxes[:0], (128, 120)).shape == (0, 1, 128, 120)
 
 
 def test_a_detector_exports_to_a_torch_export_program_with_the_same_detections(tiny_coco, tmp_path):
