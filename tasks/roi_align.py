@@ -38,29 +38,34 @@ class SparseRoIAlign(nn.Module):
                                                            p.canonical_level)
         rois = poolers._convert_to_roi_format(boxes)
         levels = p.map_levels(boxes) if len(features) > 1 else rois.new_zeros(len(rois), dtype=torch.int64)
-        channels = features[0].shape[1]
-        weights = roi_align_weights(rois, levels, [f.shape for f in features], p.scales, p.output_size,
-                                    p.sampling_ratio).to(features[0].dtype)
-        pixels = torch.cat([f.permute(0, 2, 3, 1).reshape(-1, channels) for f in features])
-        pooled = (weights @ pixels).view(len(rois), *p.output_size, channels)
-        return pooled.permute(0, 3, 1, 2).contiguous()
+        order = levels.argsort(stable=True)  # the boxes level by level: each level's products fill one slice
+        bins = p.output_size[0] * p.output_size[1]
+        pooled = features[0].new_empty(len(rois) * bins, features[0].shape[1])
+        start = 0
+        for feature, scale, count in zip(features, p.scales, torch.bincount(levels, minlength=len(features)).tolist(),
+                                         strict=True):
+            if count:
+                weights = roi_align_weights(rois[order[start:start + count]], feature.shape, scale, p.output_size,
+                                            p.sampling_ratio).to(feature.dtype)
+                pixels = feature.permute(0, 2, 3, 1).reshape(-1, feature.shape[1])  # a view of channels_last maps
+                torch.mm(weights, pixels, out=pooled[start * bins:(start + count) * bins])
+                start += count
+        result = pooled.new_empty(len(rois), pooled.shape[1], *p.output_size)
+        result[order] = pooled.view(len(rois), *p.output_size, -1).permute(0, 3, 1, 2)
+        return result
 
 
-def roi_align_weights(rois: Tensor, levels: Tensor, shapes: List[torch.Size], scales: List[float],
-                      output_size: Tuple[int, int], sampling_ratio: int) -> Tensor:
-    """The ``(boxes * bins, pixels of all levels)`` CSR matrix of RoIAlign: row ``(box, bin_y, bin_x)`` holds the
-    bilinear weights of the bin's samples, averaged; columns index the levels' ``(image, y, x)`` pixels, in order.
-    ``rois``: ``(image index, x1, y1, x2, y2)`` in image pixels; ``levels``: each box's level in ``shapes``."""
-    heights, widths = (torch.tensor([s[i] for s in shapes], device=rois.device) for i in (2, 3))
-    sizes = torch.tensor([s[0] * s[2] * s[3] for s in shapes], device=rois.device)
-    first_pixel = (sizes.cumsum(0) - sizes)[levels]
-    height, width = heights[levels], widths[levels]
-    box = rois[:, 1:] * torch.tensor(scales, dtype=rois.dtype, device=rois.device)[levels, None]
+def roi_align_weights(rois: Tensor, shape: torch.Size, scale: float, output_size: Tuple[int, int],
+                      sampling_ratio: int) -> Tensor:
+    """The ``(boxes * bins, pixels)`` CSR matrix of RoIAlign on a feature map of ``shape`` (``N, C, H, W``): row
+    ``(box, bin_y, bin_x)`` holds the bilinear weights of the bin's samples, averaged; columns index the map's
+    ``(image, y, x)`` pixels. ``rois``: ``(image index, x1, y1, x2, y2)`` in image pixels, ``scale`` of the map."""
+    _, _, height, width = shape
+    box = rois[:, 1:] * scale
     y, wy = _axis_weights(box[:, 1], box[:, 3], height, output_size[0], sampling_ratio)  # (boxes, bins_y, taps)
     x, wx = _axis_weights(box[:, 0], box[:, 2], width, output_size[1], sampling_ratio)
-    image = rois[:, 0].long()
-    columns = (first_pixel[:, None, None, None, None] + (image * height)[:, None, None, None, None]
-               * width[:, None, None, None, None] + y[:, :, None, :, None] * width[:, None, None, None, None]
+    first_row = rois[:, 0].long() * height
+    columns = ((first_row[:, None, None, None, None] + y[:, :, None, :, None]) * width
                + x[:, None, :, None, :])  # (boxes, bins_y, bins_x, taps_y, taps_x)
     values = wy[:, :, None, :, None] * wx[:, None, :, None, :]
     rows, taps = len(rois) * output_size[0] * output_size[1], values.shape[-1] * values.shape[-2]
@@ -68,17 +73,16 @@ def roi_align_weights(rois: Tensor, levels: Tensor, shapes: List[torch.Size], sc
     with warnings.catch_warnings():  # "Sparse CSR tensor support is in beta state": a matrix product is all we need
         warnings.simplefilter("ignore", UserWarning)
         return torch.sparse_csr_tensor(row_starts, columns.reshape(-1), values.reshape(-1),
-                                       (rows, int(sizes.sum())), check_invariants=False)
+                                       (rows, shape[0] * height * width), check_invariants=False)
 
 
-def _axis_weights(start: Tensor, end: Tensor, size: Tensor, bins: int, sampling_ratio: int) -> Tuple[Tensor, Tensor]:
+def _axis_weights(start: Tensor, end: Tensor, size: int, bins: int, sampling_ratio: int) -> Tuple[Tensor, Tensor]:
     """Along one axis, for each box and bin: the pixel of each of its ``2 * sampling_ratio`` taps (each sample's
     two neighbours) and the tap's weight, 1/sampling_ratio of the sample's bilinear weight (0 outside the map)."""
     bin_size = (end - start).clamp(min=1.0) / bins
     grid = torch.arange(sampling_ratio, dtype=start.dtype, device=start.device)
     offsets = torch.arange(bins, dtype=start.dtype, device=start.device)[:, None] * bin_size[:, None, None]
     p = start[:, None, None] + offsets + (grid + 0.5) * bin_size[:, None, None] / sampling_ratio  # (boxes, bins, sr)
-    size = size[:, None, None]
     inside = (p >= -1.0) & (p <= size)
     p = p.clamp(min=0.0)
     low = p.long().clamp(max=size - 1)
