@@ -236,10 +236,13 @@ def main(argv=None) -> str:
         bodies.append(publish("inference_detector", (
             "## Inference, detector `predict`: the quick start's (configs/detection.yaml) on its validation images"
             f"\n\n`python -m benchmarks.inference --sections detector --detector-batches {args.detector_batches} "
-            f"--repeats {args.repeats} --threads {args.threads}`: {args.detector_batches} batches of the config's "
-            f"batch size per round, alternating, median of {args.repeats}; ours through `predict_step` at "
-            "inference_precision 32 and bf16; torchvision: its FasterRCNN on its own ResNeXt + BackboneWithFPN, same "
-            f"weights, eager fp32 NCHW. {header}\n\n" + "\n".join(rows)), args))
+            f"--repeats {args.repeats} --threads {args.threads}"
+            f"{' --detection-checkpoint DET' if args.detection_checkpoint else ''}`: {args.detector_batches} batches "
+            f"of the config's batch size per round, alternating, median of {args.repeats}; weights: "
+            f"{'the quick start trained (DET)' if args.detection_checkpoint else 'random (seed 0)'}; ours through "
+            "`predict_step` at inference_precision 32 and bf16 (fused trunk, packed FPN and heads, sparse RoIAlign); "
+            "torchvision: its FasterRCNN on its own ResNeXt + BackboneWithFPN, same weights, eager fp32 NCHW. "
+            f"{header}\n\n" + "\n".join(rows)), args))
     if "quality" in args.sections:
         rows = quality_rows(args, bf16)
         if rows:
