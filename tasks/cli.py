@@ -18,6 +18,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from .checkpoint_io import AtomicCheckpointIO
 from .classes import ClassesError, classes_for_model
+from .inference import training_precision_advice
 
 # Model arguments that say how a run uses the model, not what the model is: with --ckpt_path, the run's values stand
 RUN_ARGUMENTS = ("inference_precision", "fused_inference", "log_images")
@@ -62,6 +63,13 @@ class TaskCLI(LightningCLI):
             if isinstance(e.__cause__, ClassesError):
                 raise e.__cause__ from None
             raise
+
+    def before_fit(self) -> None:
+        # the fastest precision depends on the hardware (bf16 is 1.4x faster on AMX CPUs, ~20x slower on AVX2-only
+        # ones): say which one runs, and what would be faster here
+        if self.trainer.is_global_zero:
+            logging.getLogger("tasks").log(*training_precision_advice(self.trainer.precision,
+                                                                       self.trainer.strategy.root_device))
 
     def before_instantiate_classes(self) -> None:
         # Predictions reach the files through writer callbacks as batches finish; Lightning would otherwise also

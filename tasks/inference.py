@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import logging
 import warnings
 from itertools import chain
 from pathlib import Path
@@ -67,6 +68,22 @@ def native_support(precision: str, device: torch.device) -> bool:
         return bool(set(wanted) & cpu_flags()) or any(getattr(torch.cpu, f"_is_{flag}_supported", bool)()
                                                       for flag in wanted)
     return False
+
+
+def training_precision_advice(precision: str, device: torch.device) -> Tuple[int, str]:
+    """What ``fit`` logs as it starts: the training precision on ``device`` and, where the device makes another choice
+    faster, that choice. Returns a logging level and the message."""
+    where = f"{device.type} ({describe_device(device)})"
+    low = str(precision).split("-")[0]  # "bf16-mixed" -> "bf16", "32-true" -> "32"
+    if low in ("bf16", "16") and not native_support(low, device):
+        return logging.WARNING, (f"trainer.precision={precision} on {where}, which has no native {low}: autocast "
+                                 "emulates it, much slower than float32 (bf16 ran ~20x slower on AVX2-only AMD EPYC); "
+                                 "use --trainer.precision 32-true here")
+    if low == "32" and native_support("bf16", device):
+        return logging.INFO, (f"trainer.precision={precision} on {where}, which computes bf16 natively: "
+                              "--trainer.precision bf16-mixed trains faster (the quick starts 1.36-1.37x on a 2-core "
+                              "AMX Xeon; README, 'Training precision')")
+    return logging.INFO, f"trainer.precision={precision} on {where}"
 
 
 def state_fingerprint(module: nn.Module) -> tuple:

@@ -2,6 +2,7 @@
 
 import csv
 import json
+import logging
 import math
 import subprocess
 import sys
@@ -15,10 +16,12 @@ from conftest import classification_args
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
+import resnext_backbones as rb
 from tasks import ImageClassifier, ObjectDetector
 from tasks.classes import ClassesError
 from tasks.cli import cli as lightning_cli
 from tasks.data import LabelMap
+from tasks.inference import native_support
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL_HEADS = {"box_batch_size_per_image": 32, "rpn_pre_nms_top_n_train": 200, "rpn_post_nms_top_n_train": 100,
@@ -478,14 +481,19 @@ def tiny_fit_args(tmp_path, data, precision):
 
 
 def fit_recording_trunk_dtypes(args) -> tuple:
-    """Run ``fit`` through the CLI with a forward hook on the trunk: the CLI and the dtypes of every feature map the
-    trunk gave, in training and validation."""
-    cli = lightning_cli(args[1:], run=False)
+    """Run ``fit`` through the CLI as the command line does: the CLI, and the dtypes of every feature map a trunk
+    gave in training."""
     dtypes = set()
-    cli.model.trunk_module().register_forward_hook(lambda module, args, out: dtypes.update(v.dtype for v in
-                                                                                          out.values()))
-    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
-    return cli, dtypes
+
+    def hook(module, inputs, out):
+        if isinstance(module, rb.ResNeXt) and module.training:
+            dtypes.update(v.dtype for v in out.values())
+
+    handle = torch.nn.modules.module.register_module_forward_hook(hook)
+    try:
+        return lightning_cli(args), dtypes
+    finally:
+        handle.remove()
 
 
 def test_detection_trains_in_bf16_mixed_on_cpu(tmp_path, tiny_coco):
@@ -494,12 +502,29 @@ def test_detection_trains_in_bf16_mixed_on_cpu(tmp_path, tiny_coco):
     assert math.isfinite(float(cli.trainer.callback_metrics["train/loss"]))
 
 
-def test_classification_trains_in_bf16_mixed_on_cpu(tmp_path, tiny_folder):
+def test_classification_trains_in_bf16_mixed_on_cpu(tmp_path, tiny_folder, caplog):
     args = classification_args(tmp_path, tiny_folder, "--trainer.max_steps", "2", "--trainer.accelerator", "cpu",
                                "--trainer.precision", "bf16-mixed", "--trainer.limit_val_batches", "1")
-    cli, dtypes = fit_recording_trunk_dtypes(args)
+    with caplog.at_level(logging.INFO, logger="tasks"):
+        cli, dtypes = fit_recording_trunk_dtypes(args)  # the command line's fit: its start logs the precision
     assert dtypes == {torch.bfloat16}
     assert math.isfinite(float(cli.trainer.callback_metrics["train/loss"]))
+    # fit says which precision trains, on which CPU (its flags), and warns where bf16 is emulated
+    (line,) = [r for r in caplog.records if r.message.startswith("trainer.precision=bf16-mixed on cpu (CPU flags: ")]
+    assert (line.levelno == logging.WARNING) == (not native_support("bf16", torch.device("cpu")))
+
+
+@pytest.mark.parametrize("precision, native, level, advice", [
+    ("32-true", True, logging.INFO, "--trainer.precision bf16-mixed trains faster"),
+    ("bf16-mixed", False, logging.WARNING, "use --trainer.precision 32-true here"),
+    ("32-true", False, logging.INFO, None), ("bf16-mixed", True, logging.INFO, None)])
+def test_fit_advises_the_precision_this_cpu_trains_fastest_in(precision, native, level, advice, monkeypatch):
+    from tasks import inference
+
+    monkeypatch.setattr(inference, "native_support", lambda p, device: p == "32" or native)
+    got_level, message = inference.training_precision_advice(precision, torch.device("cpu"))
+    assert got_level == level and message.startswith(f"trainer.precision={precision} on cpu")
+    assert (advice in message) if advice else ("--trainer.precision" not in message)
 
 
 @pytest.mark.gpu
