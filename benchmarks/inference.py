@@ -136,7 +136,7 @@ def detector(checkpoint: Optional[str], precision: str) -> ObjectDetector:
         return ObjectDetector.load_from_checkpoint(checkpoint, map_location="cpu", inference_precision=precision).eval()
     init = {k: v for k, v in quick_start_config("detection.yaml")["model"]["init_args"].items() if k != "optimizer"}
     torch.manual_seed(0)
-    return ObjectDetector(**init, num_classes=3, inference_precision=precision).eval()
+    return ObjectDetector(**{**init, "num_classes": 3, "inference_precision": precision}).eval()
 
 
 def predict_all(predict, batches) -> None:
