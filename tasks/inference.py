@@ -4,7 +4,7 @@ Training runs the model as it is (BatchNorm, autograd, ``trainer.precision``). T
 swap in, for the duration of one forward, the model's inference form: the trunk as a fused copy (norms folded, oneDNN
 kernels on the CPU: :meth:`resnext_backbones.ResNeXt.fused`), and copies of the FPN and of the heads' networks
 (convolutions, linear layers) whose convolutions run on weights packed once
-(:func:`resnext_backbones.fused.pack_convolutions`), and RoI poolers as one sparse matrix product on the CPU
+(:func:`resnext_backbones.fused.pack_convolutions`), and RoI poolers as sparse matrix products on the CPU
 (:mod:`tasks.roi_align`). In low precision the copies hold their weights in that dtype and
 run natively (no autocast: it would cast every weight at every call). Each hands back float32, so box decoding, NMS
 and the rest of postprocessing stay float32 whatever the precision (bf16 has 8 bits of mantissa: a box corner at
@@ -164,7 +164,7 @@ class InferenceRunner:
         return [Native(network, dtype, channels_last=True)] + [self.head(head, dtype) for head in heads]
 
     def head(self, head: nn.Module, dtype: torch.dtype) -> nn.Module:
-        """A head's inference form: a RoI pooler as one sparse matrix product (float32, it has no weights), a network
+        """A head's inference form: a RoI pooler as sparse matrix products (float32, it has no weights), a network
         in ``dtype``."""
         if isinstance(head, MultiScaleRoIAlign):
             return SparseRoIAlign(head) if self.fused else head

@@ -1,11 +1,12 @@
-"""torchvision's ``MultiScaleRoIAlign`` on the CPU as one sparse matrix product: the same values, about 2x faster.
+"""torchvision's ``MultiScaleRoIAlign`` on the CPU as sparse matrix products: the same values, 2-7x faster.
 
 RoIAlign is linear in the features: each output value is a weighted sum of feature pixels (per bin,
-``sampling_ratio`` x ``sampling_ratio`` bilinear samples of 4 pixels each). So the pooled features of every box, on
-every pyramid level at once, are ``weights @ pixels``: ``pixels`` the levels' features as one ``(pixels, channels)``
-table (channels last), ``weights`` a sparse CSR matrix with ``4 * sampling_ratio**2`` entries per output bin. MKL
-runs that product on all threads and vectorised over channels, where torchvision's CPU kernel loops over boxes,
-bins and channels on one thread; in the quick-start detector it took a fifth of predict's time.
+``sampling_ratio`` x ``sampling_ratio`` bilinear samples of 4 pixels each). So the pooled features of the boxes
+assigned to a pyramid level are ``weights @ pixels``: ``pixels`` the level's features as a ``(pixels, channels)``
+table (a view of a channels_last map), ``weights`` a sparse CSR matrix with ``4 * sampling_ratio**2`` entries per
+output bin. MKL runs that product on all threads and vectorised over channels, where torchvision's CPU kernel loops
+over boxes, bins and channels on one thread: it was a fifth of the quick-start detector's predict time; on 2 cores
+this took 0.03 s against 0.07 s for 600 boxes on 128-px images, 0.14 s against 0.96 s for 2,000 on 800x1333.
 
 The weights follow torchvision's kernel (``aligned=False``, as ``MultiScaleRoIAlign`` calls it): sample points at
 ``start + bin * (i + (j + 0.5) / sampling_ratio)``, none beyond one pixel outside the map, clamped to its edge.
@@ -21,7 +22,7 @@ from torchvision.ops import poolers
 
 
 class SparseRoIAlign(nn.Module):
-    """``pooler`` (a torchvision ``MultiScaleRoIAlign``), computed as one sparse matrix product on the CPU."""
+    """``pooler`` (a torchvision ``MultiScaleRoIAlign``), computed as a sparse matrix product per level on the CPU."""
 
     def __init__(self, pooler: poolers.MultiScaleRoIAlign) -> None:
         super().__init__()
