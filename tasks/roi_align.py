@@ -10,7 +10,7 @@ this took 0.03 s against 0.07 s for 600 boxes on 128-px images, 0.14 s against 0
 
 The weights follow torchvision's kernel (``aligned=False``, as ``MultiScaleRoIAlign`` calls it): sample points at
 ``start + bin * (i + (j + 0.5) / sampling_ratio)``, none beyond one pixel outside the map, clamped to its edge.
-Elsewhere (CUDA, autograd, adaptive ``sampling_ratio <= 0``, tracing) torchvision's module runs itself.
+Elsewhere (CUDA, autograd, half precision, adaptive ``sampling_ratio <= 0``, tracing) torchvision's module runs itself.
 """
 
 import warnings
@@ -19,6 +19,8 @@ from typing import Dict, List, Tuple
 import torch
 from torch import Tensor, nn
 from torchvision.ops import poolers
+
+_DTYPES = (torch.float32, torch.float64)  # those of MKL's sparse products
 
 
 class SparseRoIAlign(nn.Module):
@@ -31,7 +33,7 @@ class SparseRoIAlign(nn.Module):
     def forward(self, x: Dict[str, Tensor], boxes: List[Tensor], image_shapes: List[Tuple[int, int]]) -> Tensor:
         p = self.pooler
         features = poolers._filter_input(x, p.featmap_names)
-        if (features[0].device.type != "cpu" or p.sampling_ratio <= 0 or not features[0].is_floating_point()
+        if (features[0].device.type != "cpu" or p.sampling_ratio <= 0 or features[0].dtype not in _DTYPES
                 or torch.is_grad_enabled() or torch.jit.is_scripting() or torch.compiler.is_compiling()):
             return p(x, boxes, image_shapes)
         if p.scales is None or p.map_levels is None:  # as torchvision sets them up, on the first call

@@ -53,11 +53,15 @@ def test_no_boxes_give_an_empty_result():
     assert got.shape == (0, 8, 7, 7)
 
 
-def test_with_autograd_or_an_adaptive_sampling_ratio_torchvision_runs(monkeypatch):
+def test_with_autograd_an_adaptive_sampling_ratio_or_bf16_torchvision_runs(monkeypatch):
     features, boxes, shapes = pyramid(), boxes_of_every_kind(), [(256, 320)] * 3
     calls = torchvisions_kernel_calls(monkeypatch)
     SparseRoIAlign(MultiScaleRoIAlign(list(LEVELS), 7, 2))(features, boxes, shapes)
     assert len(calls) == 4  # one call per level
     with torch.no_grad():
         SparseRoIAlign(MultiScaleRoIAlign(list(LEVELS), 7, 0))(features, boxes, shapes)
-    assert len(calls) == 8
+        assert len(calls) == 8
+        half = {k: v.bfloat16() for k, v in features.items()}  # MKL has no bf16 sparse product: torchvision decides
+        with pytest.raises(RuntimeError, match="roi_align.*BFloat16"):  # ... that its CPU kernel has none either
+            SparseRoIAlign(MultiScaleRoIAlign(list(LEVELS), 7, 2))(half, [b.bfloat16() for b in boxes], shapes)
+    assert len(calls) == 9  # its kernel was called, and raised
