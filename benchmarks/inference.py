@@ -31,17 +31,12 @@ from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 import resnext_backbones as rb
 from tasks import ImageClassifier, ObjectDetector
-from tasks.inference import cpu_flags, native_support
+from tasks.inference import isa_flags, native_support
 
 from .backbone import build_pair
 from .common import benchmark_parser, machine, median_seconds_alternating, pin_malloc, publish
 
 REPOSITORY = Path(__file__).resolve().parents[1]
-ISA = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_fp16")
-
-
-def isa_flags() -> str:
-    return ", ".join(f for f in ISA if f in cpu_flags()) or "none of " + "/".join(ISA)
 
 
 def forward_gflops(model: torch.nn.Module, x: torch.Tensor) -> float:

@@ -19,10 +19,11 @@ import torch
 from lightning.pytorch import Trainer
 
 from tasks import ImageClassifier, ObjectDetector
+from tasks.inference import isa_flags
 
 from .common import benchmark_parser, machine, publish
 from .detector import Repeat, StepTimer, make_batch
-from .inference import isa_flags, quick_start_config
+from .inference import quick_start_config
 
 PRECISIONS = ("32-true", "bf16-mixed")
 

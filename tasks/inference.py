@@ -148,19 +148,16 @@ class InferenceRunner:
     def build(self, backbone: nn.Module, trunk: nn.Module, trunk_name: Optional[str],
               heads: Sequence[nn.Module], dtype: torch.dtype) -> list:
         """``[backbone, *heads]`` in inference form, for ``dtype``."""
-        if not self.fused:  # the trunk as trained (in low precision, a copy in that dtype)
-            fast_trunk = trunk if dtype == torch.float32 else copy.deepcopy(trunk).to(dtype)
+        if not self.fused:  # as trained, in low precision (unfused float32 runs the model itself: modules())
+            network = copy.deepcopy(backbone).to(dtype)
         else:
             fast_trunk = trunk.fused(dtype) if getattr(trunk, "norm", None) != "gn" else inference_copy(trunk, dtype)
-        if trunk_name is None:
-            network = fast_trunk
-        else:  # a shallow copy with children of its own: the fast trunk, and the rest (the FPN) copied for inference
-            network = copy.copy(backbone)
-            network._modules = {name: fast_trunk if name == trunk_name else
-                                child if not self.fused else inference_copy(child, dtype)
-                                for name, child in backbone._modules.items()}
-            if not self.fused and dtype != torch.float32:
-                network = copy.deepcopy(network).to(dtype)
+            if trunk_name is None:
+                network = fast_trunk
+            else:  # a shallow copy with children of its own: the fused trunk, the rest (the FPN) copied for inference
+                network = copy.copy(backbone)
+                network._modules = {name: fast_trunk if name == trunk_name else inference_copy(child, dtype)
+                                    for name, child in backbone._modules.items()}
         return [Native(network, dtype, channels_last=True)] + [self.head(head, dtype) for head in heads]
 
     def head(self, head: nn.Module, dtype: torch.dtype) -> nn.Module:
@@ -207,8 +204,13 @@ class InferenceRunner:
                 owner._modules[attribute] = original
 
 
+ISA_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_fp16")  # what decides the fast path
+
+
+def isa_flags() -> str:
+    """Which of :data:`ISA_FLAGS` this CPU has, as text."""
+    return ", ".join(f for f in ISA_FLAGS if f in cpu_flags()) or "none of " + "/".join(ISA_FLAGS)
+
+
 def describe_device(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    wanted = ("amx_bf16", "amx_fp16", "avx512_bf16", "avx512_fp16", "avx512f", "avx2")
-    return "CPU flags: " + (", ".join(f for f in wanted if f in cpu_flags()) or "none of " + "/".join(wanted))
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU flags: {isa_flags()}"
