@@ -290,20 +290,22 @@ class ObjectDetector(BackboneTask):
         if not preds:
             return
         result = coco_map(self.metrics[stage], preds, targets)
-        # torchmetrics names a single evaluation's results plainly, and prefixes each of several with its iou_type
-        kinds = {"": "bbox_", "segm_": "segm_"} if self.predicts_masks else {"": ""}
-        self.log_dict({f"{stage}/{name}{key}": result[f"{prefix}{key}"] for name, prefix in kinds.items()
+        self.log_dict({f"{stage}/{name}{key}": result[f"{prefix}{key}"] for name, prefix in self._result_kinds().items()
                        for key in ("map", "map_50", "map_75")}, prog_bar=True, rank_zero_only=False)
         self._log_per_category(stage, result, len(preds))
+
+    def _result_kinds(self) -> Dict[str, str]:
+        """Our metric-name prefix -> torchmetrics' key prefix, per evaluation: torchmetrics names a single
+        evaluation's results plainly, and prefixes each of several with its iou_type."""
+        return {"": "bbox_", "segm_": "segm_"} if self.predicts_masks else {"": ""}
 
     def _log_per_category(self, stage: str, result: Dict[str, Tensor], images: int) -> None:
         """``<stage>/ap/<name>`` and ``<stage>/ap50/<name>`` (Mask R-CNN: also ``<stage>/segm_ap/<name>`` and
         ``<stage>/segm_ap50/<name>``) for each category with ground truth, and the table of them, worst first (not
         for the sanity check)."""
         names = unique_names(self.categories)
-        kinds = {"": "bbox_", "segm_": "segm_"} if self.predicts_masks else {"": ""}
         columns, rows = [], {names[c]: [] for c in self.categories}
-        for name, prefix in kinds.items():
+        for name, prefix in self._result_kinds().items():
             values = per_category_ap(result, self.metrics[stage].iou_thresholds, prefix)
             self.log_dict({f"{stage}/{name}{kind}/{names[c]}": ap[i] for c, ap in values.items()
                            for i, kind in enumerate(("ap", "ap50"))}, rank_zero_only=False)
