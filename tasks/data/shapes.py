@@ -23,6 +23,8 @@ import pycocotools.mask as mask_utils
 import torch
 from torchvision.io import encode_jpeg, encode_png, write_file
 
+from .masks import coco_segmentation
+
 VERSION = "v2"  # v2: segmentations added (images and boxes as in v1)
 CATEGORIES = {3: "square", 5: "disk", 9: "triangle"}
 
@@ -108,8 +110,7 @@ def segmentation(kind: str, mask: np.ndarray):
     outline = pixel_outline(mask) if kind != "disk" else None
     if outline is not None:
         return [outline]
-    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
-    return {"size": rle["size"], "counts": rle["counts"].decode("ascii")}
+    return coco_segmentation(mask_utils.encode(np.asfortranarray(mask.astype(np.uint8))))
 
 
 def _write(image: np.ndarray, path: Path) -> None:
