@@ -27,23 +27,36 @@ def randomize_norm_stats(model: nn.Module, seed: int = 0) -> nn.Module:
 
 def assert_same_detections(got, want, box_tolerance: float, score_tolerance: float):
     """The same detections (dicts of ``boxes``, ``scores``, ``labels``, maybe ``masks``), in any order (scores equal
-    to 1e-7 may swap places): each expected one has a detection of its label whose box is within ``box_tolerance`` of
-    each coordinate, relative to the coordinate beyond 1 pixel (float32 rounding amplified through the heads), and
-    whose score and mask probabilities are within ``score_tolerance``."""
+    to 1e-7 may swap places): the detections pair up one to one, each pair of one label, boxes within
+    ``box_tolerance`` in each coordinate (relative to the coordinate beyond 1 pixel: float32 rounding amplified
+    through the heads), scores and mask probabilities within ``score_tolerance``. Pairs are taken closest first
+    over all detections, so near-duplicates (boxes clipped to the same image corner) cannot steal each other's
+    partner, as a first-come search did."""
     assert len(got["boxes"]) == len(want["boxes"])
+    box_scale = box_tolerance * want["boxes"].abs().amax(1).clamp(min=1.0)
+    cost = torch.maximum((got["boxes"][None] - want["boxes"][:, None]).abs().amax(-1) / box_scale[:, None],
+                         (got["scores"][None] - want["scores"][:, None]).abs() / score_tolerance)
+    cost[want["labels"][:, None] != got["labels"][None]] = float("inf")
+    matched = torch.full((len(want["boxes"]),), -1)
     free = torch.ones(len(got["boxes"]), dtype=torch.bool)
-    for box, score, label in zip(want["boxes"], want["scores"], want["labels"], strict=True):
-        distance = (got["boxes"] - box).abs().amax(1)
-        distance[(got["labels"] != label) | ~free] = float("inf")
-        i = int(distance.argmin())
-        assert distance[i] <= box_tolerance * max(1.0, float(box.abs().max())), (box, got["boxes"][i])
-        assert abs(float(got["scores"][i] - score)) <= score_tolerance
-        free[i] = False
+    rows, columns = (cost <= 1).nonzero(as_tuple=True)
+    for k in cost[rows, columns].argsort(stable=True).tolist():
+        i, j = int(rows[k]), int(columns[k])
+        if matched[i] < 0 and free[j]:
+            matched[i], free[j] = j, False
+    for i in (matched < 0).nonzero().flatten().tolist():
+        j = int(cost[i].argmin())
+        raise AssertionError(f"expected detection {i} (label {int(want['labels'][i])}, box {want['boxes'][i].tolist()}, "
+                             f"score {float(want['scores'][i]):.6f}) has no partner within tolerance; nearest: box "
+                             f"{got['boxes'][j].tolist()}, score {float(got['scores'][j]):.6f}, cost {float(cost[i, j]):.3g}")
     if "masks" in want:
         assert len(want["masks"]) == len(want["boxes"]) and want["masks"].amax() > 0.5  # masks with pixels to compare
-        matched = [int(((got["boxes"] - box).abs().amax(1) + 1e9 * (got["labels"] != label)).argmin())
-                   for box, label in zip(want["boxes"], want["labels"], strict=True)]
-        torch.testing.assert_close(got["masks"][matched], want["masks"], atol=score_tolerance, rtol=0)
+        # a pixel on a pasted mask's edge is inside one box and outside (exactly 0) the other when a coordinate
+        # moves across a pixel boundary by float rounding: allowed there, and for at most 1 in 10^5 pixels
+        got_masks, want_masks = got["masks"][matched].float(), want["masks"].float()
+        off = (got_masks - want_masks).abs() > score_tolerance
+        assert int(off.sum()) <= want_masks.numel() // 100_000, f"{int(off.sum())} mask pixels differ"
+        assert bool((torch.minimum(got_masks, want_masks)[off] == 0).all()), "mask probabilities differ"
 
 
 @pytest.fixture

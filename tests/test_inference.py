@@ -21,6 +21,9 @@ IMAGES = [torch.rand(3, 64, 80, generator=torch.Generator().manual_seed(1)),
 
 
 def detector(architecture, **kwargs):
+    # seeded: with random weights a few of a thousand detections sit at a proposal cut-off or NMS near-tie, where
+    # float32 rounding decides (2 of 48 seeds x detectors on an AMX Xeon); this seed has none on it
+    torch.manual_seed(0)
     score = {"box_score_thresh": 0.0} if architecture.endswith("rcnn") else {"score_thresh": 0.0}
     model = ObjectDetector(architecture=architecture, backbone="resnet18", num_classes=3, min_size=64, max_size=80,
                            norm="bn", trainable_stages=5, detector_kwargs=score, detections_per_image=1000,
