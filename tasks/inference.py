@@ -19,6 +19,7 @@ import contextlib
 import copy
 import functools
 import logging
+import os
 import warnings
 from itertools import chain
 from pathlib import Path
@@ -55,15 +56,35 @@ def cpu_flags() -> frozenset:
     return frozenset()
 
 
+# oneDNN's instruction sets in its order (ONEDNN_MAX_CPU_ISA; the AVX512_CORE_* spellings name the same as AVX10_1_*)
+ONEDNN_ISAS = ("SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI",
+               "AVX512_CORE_BF16", "AVX10_1_512", "AVX10_1_512_AMX", "AVX10_1_512_AMX_FP16", "ALL")
+_ONEDNN_ISA_ALIASES = {"AVX512_CORE_FP16": "AVX10_1_512", "AVX512_CORE_AMX": "AVX10_1_512_AMX",
+                       "AVX512_CORE_AMX_FP16": "AVX10_1_512_AMX_FP16", "DEFAULT": "ALL"}
+_LOWEST_NATIVE_ISA = {"bf16": "AVX512_CORE_BF16", "16": "AVX10_1_512"}  # the first with bf16 / fp16 arithmetic
+
+
+def onednn_isa_limit() -> Optional[str]:
+    """The instruction set oneDNN is limited to by ``ONEDNN_MAX_CPU_ISA`` (or its old name ``DNNL_MAX_CPU_ISA``), as
+    named in :data:`ONEDNN_ISAS`; ``None`` where unset (or unknown to this list: oneDNN then ignores it too)."""
+    value = (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "").upper()
+    value = _ONEDNN_ISA_ALIASES.get(value, value)
+    return value if value in ONEDNN_ISAS and value != "ALL" else None
+
+
 def native_support(precision: str, device: torch.device) -> bool:
     """Whether ``device`` computes ``precision`` natively: CUDA (bf16 where the GPU has it), CPUs with AMX or
-    AVX-512 BF16 for bf16, AMX-FP16 or AVX-512 FP16 for 16. Elsewhere low precision is emulated and slower than
-    float32 (bf16 autocast ran ~20x slower on AVX2-only AMD EPYC)."""
+    AVX-512 BF16 for bf16, AMX-FP16 or AVX-512 FP16 for 16, unless ``ONEDNN_MAX_CPU_ISA`` keeps oneDNN below them.
+    Elsewhere low precision is emulated and slower than float32 (bf16 autocast ran ~20x slower on AVX2-only AMD
+    EPYC)."""
     if precision == "32":
         return True
     if device.type == "cuda":
         return precision == "16" or torch.cuda.is_bf16_supported(including_emulation=False)
     if device.type == "cpu" and torch.backends.mkldnn.is_available():
+        limit = onednn_isa_limit()
+        if limit is not None and ONEDNN_ISAS.index(limit) < ONEDNN_ISAS.index(_LOWEST_NATIVE_ISA[precision]):
+            return False
         wanted = ("amx_bf16", "avx512_bf16") if precision == "bf16" else ("amx_fp16", "avx512_fp16")
         return bool(set(wanted) & cpu_flags()) or any(getattr(torch.cpu, f"_is_{flag}_supported", bool)()
                                                       for flag in wanted)
@@ -208,8 +229,12 @@ ISA_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_f
 
 
 def isa_flags() -> str:
-    """Which of :data:`ISA_FLAGS` this CPU has, as text."""
-    return ", ".join(f for f in ISA_FLAGS if f in cpu_flags()) or "none of " + "/".join(ISA_FLAGS)
+    """Which of :data:`ISA_FLAGS` this CPU has, as text, and any limit set on what oneDNN and ATen use of them."""
+    text = ", ".join(f for f in ISA_FLAGS if f in cpu_flags()) or "none of " + "/".join(ISA_FLAGS)
+    limits = [f"oneDNN limited to {onednn_isa_limit()} (ONEDNN_MAX_CPU_ISA)"] if onednn_isa_limit() else []
+    if os.environ.get("ATEN_CPU_CAPABILITY"):
+        limits.append(f"ATen kernels limited to {os.environ['ATEN_CPU_CAPABILITY']} (ATEN_CPU_CAPABILITY)")
+    return "; ".join([text, *limits])
 
 
 def describe_device(device: torch.device) -> str:
