@@ -126,3 +126,47 @@ def test_the_lightning_command_saves_atomically(tmp_path, tiny_coco):
 
     built = cli(["--config", detection_config(tmp_path, tiny_coco)], run=False)  # no subcommand without run
     assert isinstance(built.trainer.strategy.checkpoint_io, AtomicCheckpointIO)
+
+
+SHIPPED_CONFIGS = sorted(p for p in (Path(__file__).parents[1] / "configs").rglob("*.yaml")
+                         if "ModelCheckpoint" in p.read_text())
+
+
+@pytest.mark.parametrize("config", SHIPPED_CONFIGS, ids=lambda p: p.name)
+def test_the_shipped_checkpoint_callbacks_keep_the_last_epoch_in_last_ckpt_and_the_best_beside_it(config, tmp_path):
+    """last.ckpt is what --ckpt_path last resumes from: the weights after the latest epoch, also when the monitored
+    metric got worse (Lightning 2.6's save_last writes it only when a top-k checkpoint is saved at the same step,
+    which made it a copy of the best and lost the epochs after it)."""
+    from lightning.pytorch import LightningModule, Trainer
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    callbacks = [ModelCheckpoint(**{**c.get("init_args", {}), "dirpath": tmp_path})
+                 for c in yaml.safe_load(config.read_text())["trainer"]["callbacks"]
+                 if c["class_path"].endswith("ModelCheckpoint")]
+    monitors = {c.monitor for c in callbacks if c.monitor}
+    assert monitors, "a callback keeps the best checkpoint by a validation metric"
+    curve = [0.2, 0.9, 0.5]  # the best after epoch 1 of 0..2 (mode max)
+
+    class Model(LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+
+        def training_step(self, batch, batch_idx):
+            return (self.w - 1).pow(2).sum()
+
+        def validation_step(self, batch, batch_idx):
+            for name in monitors:
+                self.log(name, curve[self.current_epoch])
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    data = torch.utils.data.DataLoader(torch.zeros(2, 1), batch_size=1)
+    Trainer(max_epochs=3, callbacks=callbacks, logger=False, enable_progress_bar=False, enable_model_summary=False,
+            accelerator="cpu").fit(Model(), data, data)
+    last = torch.load(tmp_path / "last.ckpt", map_location="cpu", weights_only=False)
+    assert (last["epoch"], last["global_step"]) == (2, 6)  # after the third epoch of 2 steps
+    (best,) = [c.best_model_path for c in callbacks if c.monitor]
+    assert torch.load(best, map_location="cpu", weights_only=False)["global_step"] == 4  # the best epoch's, kept
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["last.ckpt", Path(best).name])
