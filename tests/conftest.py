@@ -46,9 +46,10 @@ def assert_same_detections(got, want, box_tolerance: float, score_tolerance: flo
             matched[i], free[j] = j, False
     for i in (matched < 0).nonzero().flatten().tolist():
         j = int(cost[i].argmin())
-        raise AssertionError(f"expected detection {i} (label {int(want['labels'][i])}, box {want['boxes'][i].tolist()}, "
-                             f"score {float(want['scores'][i]):.6f}) has no partner within tolerance; nearest: box "
-                             f"{got['boxes'][j].tolist()}, score {float(got['scores'][j]):.6f}, cost {float(cost[i, j]):.3g}")
+        raise AssertionError(f"expected detection {i} (label {int(want['labels'][i])}, box "
+                             f"{want['boxes'][i].tolist()}, score {float(want['scores'][i]):.6f}) has no partner "
+                             f"within tolerance; nearest: box {got['boxes'][j].tolist()}, score "
+                             f"{float(got['scores'][j]):.6f}, cost {float(cost[i, j]):.3g}")
     if "masks" in want:
         assert len(want["masks"]) == len(want["boxes"]) and want["masks"].amax() > 0.5  # masks with pixels to compare
         # a pixel on a pasted mask's edge is inside one box and outside (exactly 0) the other when a coordinate
