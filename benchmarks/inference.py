@@ -18,6 +18,7 @@ alternating rounds.
 from __future__ import annotations
 
 import copy
+import os
 from functools import partial
 from pathlib import Path
 from typing import List, Optional
@@ -31,7 +32,7 @@ from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 import resnext_backbones as rb
 from tasks import ImageClassifier, ObjectDetector
-from tasks.inference import isa_flags, native_support
+from tasks.inference import isa_flags, native_support, onednn_isa_limit
 
 from .backbone import build_pair
 from .common import benchmark_parser, machine, median_seconds_alternating, pin_malloc, publish
@@ -214,23 +215,29 @@ def main(argv=None) -> str:
     torch.manual_seed(0)
     allocator = pin_malloc()  # freed activations stay mapped: no page faults that depend on what ran before
     bf16 = native_support("bf16", torch.device("cpu"))
-    note = "" if bf16 else " bf16 rows: none, this CPU has no native bf16 (AMX or AVX-512 BF16)."
+    note = "" if bf16 else " bf16 rows: none, bf16 is not native here (AMX or AVX-512 BF16, open to oneDNN)."
     header = f"Machine: {machine()}; ISA: {isa_flags()}; {allocator}.{note}"
+    # ONEDNN_MAX_CPU_ISA=AVX2 (with ATEN_CPU_CAPABILITY=avx2) runs this CPU as one without AVX-512 and bf16: its own
+    # tables, beside the unrestricted ones
+    limit = onednn_isa_limit()
+    section, limited = ("", "") if limit is None else (f"_{limit.lower()}", f", oneDNN limited to {limit}")
+    env = "".join(f"{k}={os.environ[k]} " for k in ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY") if os.environ.get(k))
     bodies = []
     if "trunk" in args.sections:
         peak = conv_peak_gflops(args.repeats)
         rows = trunk_rows(args, bf16)
-        bodies.append(publish("inference_trunk", (
+        bodies.append(publish(f"inference_trunk{section}", (
             f"## Inference, trunk: `{args.model}` at {args.size}x{args.size}, fused fp32 and native bf16 vs "
-            f"torchvision, same weights\n\n`python -m benchmarks.inference --sections trunk --batches "
+            f"torchvision, same weights{limited}\n\n`{env}python -m benchmarks.inference --sections trunk --batches "
             f"{' '.join(map(str, args.batches))} --size {args.size} --repeats {args.repeats} --threads {args.threads}`"
             f"; alternating, median of {args.repeats}. {header}\n\nThis CPU's fp32 convolution peak (dense 3x3, 256 "
             f"channels, 56x56, batch 8, channels_last): {peak:.0f} GFLOP/s.\n\n" + "\n".join(rows)), args))
     if "detector" in args.sections:
         rows = detector_rows(args, bf16)
-        bodies.append(publish("inference_detector", (
+        bodies.append(publish(f"inference_detector{section}", (
             "## Inference, detector `predict`: the quick start's (configs/detection.yaml) on its validation images"
-            f"\n\n`python -m benchmarks.inference --sections detector --detector-batches {args.detector_batches} "
+            f"{limited}\n\n`{env}python -m benchmarks.inference --sections detector --detector-batches "
+            f"{args.detector_batches} "
             f"--repeats {args.repeats} --threads {args.threads}"
             f"{' --detection-checkpoint DET' if args.detection_checkpoint else ''}`: {args.detector_batches} batches "
             f"of the config's batch size per round, alternating, median of {args.repeats}; weights: "

@@ -78,6 +78,21 @@ def test_inference_benchmark_gives_fp32_and_native_bf16_rows_on_tiny_shapes():
     assert "fp32 convolution peak" in body and "ISA: " in body
 
 
+def test_inference_benchmark_under_a_onednn_isa_limit_has_its_own_sections_and_says_so(monkeypatch):
+    """ONEDNN_MAX_CPU_ISA=AVX2 measures this CPU as one without bf16 units: no bf16 rows, the limit in the header
+    and the command, and README sections of their own (the unrestricted tables stay)."""
+    from benchmarks import inference
+
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    published = []
+    monkeypatch.setattr(inference, "publish", lambda name, body, args: published.append(name) or body)
+    body = inference.main(["--sections", "trunk", "detector", "--model", "resnet18", "--batches", "2", "--size", "64",
+                           "--repeats", "1", "--detector-batches", "1", "--no-write"])
+    assert published == ["inference_trunk_avx2", "inference_detector_avx2"]
+    assert [line.split(" | ")[1] for line in body.splitlines() if line.startswith("| 2 |")] == ["fused fp32"]
+    assert "oneDNN limited to AVX2 (ONEDNN_MAX_CPU_ISA)" in body and "`ONEDNN_MAX_CPU_ISA=AVX2 python -m" in body
+
+
 def test_precision_benchmark_times_both_precisions_on_a_tiny_batch():
     from benchmarks import precision
 
