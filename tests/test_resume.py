@@ -132,6 +132,14 @@ SHIPPED_CONFIGS = sorted(p for p in (Path(__file__).parents[1] / "configs").rglo
                          if "ModelCheckpoint" in p.read_text())
 
 
+def test_every_trainer_config_keeps_checkpoints():
+    """Every shipped training config is among those the test below checks (it finds them by their checkpoint
+    callbacks: a config that lost its callbacks would drop out of it silently)."""
+    names = {p.name for p in SHIPPED_CONFIGS}
+    assert {"detection.yaml", "classification.yaml", "instance_segmentation.yaml", "base_1x.yaml",
+            "resnext50_32x4d.yaml", "mask_rcnn_X_50_32x4d_FPN.yaml", "mask_rcnn_X_101_32x8d_FPN.yaml"} <= names
+
+
 @pytest.mark.parametrize("config", SHIPPED_CONFIGS, ids=lambda p: p.name)
 def test_the_shipped_checkpoint_callbacks_keep_the_last_epoch_in_last_ckpt_and_the_best_beside_it(config, tmp_path):
     """last.ckpt is what --ckpt_path last resumes from: the weights after the latest epoch, also when the monitored
@@ -163,10 +171,13 @@ def test_the_shipped_checkpoint_callbacks_keep_the_last_epoch_in_last_ckpt_and_t
             return torch.optim.SGD(self.parameters(), lr=0.1)
 
     data = torch.utils.data.DataLoader(torch.zeros(2, 1), batch_size=1)
-    Trainer(max_epochs=3, callbacks=callbacks, logger=False, enable_progress_bar=False, enable_model_summary=False,
-            accelerator="cpu").fit(Model(), data, data)
+    trainer = Trainer(max_epochs=3, callbacks=callbacks, logger=False, enable_progress_bar=False,
+                      enable_model_summary=False, accelerator="cpu")
+    trainer.fit(Model(), data, data)
     last = torch.load(tmp_path / "last.ckpt", map_location="cpu", weights_only=False)
     assert (last["epoch"], last["global_step"]) == (2, 6)  # after the third epoch of 2 steps
-    (best,) = [c.best_model_path for c in callbacks if c.monitor]
+    # --ckpt_path best (and trainer.checkpoint_callback) take the first ModelCheckpoint: the monitored one
+    best = trainer.checkpoint_callback.best_model_path
+    assert trainer.checkpoint_callback.monitor in monitors
     assert torch.load(best, map_location="cpu", weights_only=False)["global_step"] == 4  # the best epoch's, kept
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["last.ckpt", Path(best).name])
