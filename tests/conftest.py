@@ -29,27 +29,35 @@ def assert_same_detections(got, want, box_tolerance: float, score_tolerance: flo
     """The same detections (dicts of ``boxes``, ``scores``, ``labels``, maybe ``masks``), in any order (scores equal
     to 1e-7 may swap places): the detections pair up one to one, each pair of one label, boxes within
     ``box_tolerance`` in each coordinate (relative to the coordinate beyond 1 pixel: float32 rounding amplified
-    through the heads), scores and mask probabilities within ``score_tolerance``. Pairs are taken closest first
-    over all detections, so near-duplicates (boxes clipped to the same image corner) cannot steal each other's
-    partner, as a first-come search did."""
+    through the heads), scores and mask probabilities within ``score_tolerance``. The pairing is a maximum matching
+    (augmenting paths, closest partners tried first), so near-duplicates (boxes clipped to the same image corner)
+    cannot leave one another without a partner, as a first-come search did."""
     assert len(got["boxes"]) == len(want["boxes"])
     box_scale = box_tolerance * want["boxes"].abs().amax(1).clamp(min=1.0)
     cost = torch.maximum((got["boxes"][None] - want["boxes"][:, None]).abs().amax(-1) / box_scale[:, None],
                          (got["scores"][None] - want["scores"][:, None]).abs() / score_tolerance)
     cost[want["labels"][:, None] != got["labels"][None]] = float("inf")
-    matched = torch.full((len(want["boxes"]),), -1)
-    free = torch.ones(len(got["boxes"]), dtype=torch.bool)
-    rows, columns = (cost <= 1).nonzero(as_tuple=True)
-    for k in cost[rows, columns].argsort(stable=True).tolist():
-        i, j = int(rows[k]), int(columns[k])
-        if matched[i] < 0 and free[j]:
-            matched[i], free[j] = j, False
-    for i in (matched < 0).nonzero().flatten().tolist():
-        j = int(cost[i].argmin())
-        raise AssertionError(f"expected detection {i} (label {int(want['labels'][i])}, box "
-                             f"{want['boxes'][i].tolist()}, score {float(want['scores'][i]):.6f}) has no partner "
-                             f"within tolerance; nearest: box {got['boxes'][j].tolist()}, score "
-                             f"{float(got['scores'][j]):.6f}, cost {float(cost[i, j]):.3g}")
+    candidates = [[j for j in row.argsort(stable=True).tolist() if row[j] <= 1] for row in cost]
+    partner = [-1] * len(got["boxes"])  # got detection -> its expected one
+
+    def pair(i: int, tried: set) -> bool:  # Kuhn's augmenting path from expected detection i
+        for j in candidates[i]:
+            if j not in tried:
+                tried.add(j)
+                if partner[j] < 0 or pair(partner[j], tried):
+                    partner[j] = i
+                    return True
+        return False
+
+    for i in range(len(want["boxes"])):
+        if not pair(i, set()):
+            j = int(cost[i].argmin())
+            raise AssertionError(f"expected detection {i} (label {int(want['labels'][i])}, box "
+                                 f"{want['boxes'][i].tolist()}, score {float(want['scores'][i]):.6f}) has no partner "
+                                 f"within tolerance; nearest: box {got['boxes'][j].tolist()}, score "
+                                 f"{float(got['scores'][j]):.6f}, cost {float(cost[i, j]):.3g}")
+    matched = torch.empty(len(partner), dtype=torch.int64)
+    matched[torch.tensor(partner)] = torch.arange(len(partner))  # expected detection -> its got one
     if "masks" in want:
         assert len(want["masks"]) == len(want["boxes"]) and want["masks"].amax() > 0.5  # masks with pixels to compare
         # a pixel on a pasted mask's edge is inside one box and outside (exactly 0) the other when a coordinate
