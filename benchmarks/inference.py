@@ -32,7 +32,7 @@ from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 import resnext_backbones as rb
 from tasks import ImageClassifier, ObjectDetector
-from tasks.inference import isa_flags, native_support, onednn_isa_limit
+from tasks.inference import ONEDNN_ISA_VARIABLES, isa_flags, native_support, onednn_isa_limit
 
 from .backbone import build_pair
 from .common import benchmark_parser, machine, median_seconds_alternating, pin_malloc, publish
@@ -220,8 +220,8 @@ def main(argv=None) -> str:
     # ONEDNN_MAX_CPU_ISA=AVX2 (with ATEN_CPU_CAPABILITY=avx2) runs this CPU as one without AVX-512 and bf16: its own
     # tables, beside the unrestricted ones
     limit = onednn_isa_limit()
-    section, limited = ("", "") if limit is None else (f"_{limit.lower()}", f", oneDNN limited to {limit}")
-    env = "".join(f"{k}={os.environ[k]} " for k in ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY") if os.environ.get(k))
+    section, limited = ("", "") if limit is None else (f"_{limit[1].lower()}", f", oneDNN limited to {limit[1]}")
+    env = "".join(f"{k}={os.environ[k]} " for k in (*ONEDNN_ISA_VARIABLES, "ATEN_CPU_CAPABILITY") if os.environ.get(k))
     bodies = []
     if "trunk" in args.sections:
         peak = conv_peak_gflops(args.repeats)
