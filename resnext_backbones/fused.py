@@ -117,8 +117,10 @@ class FusedBlock(nn.Module):
     """A residual block in inference form: its convolutions with ReLU, the last one adding the shortcut first.
 
     Keeps the block's attribute names (``conv1``.., ``downsample.0``) so state dict keys stay those of the
-    block less its norms. ``reuse_input``: the shortcut sum may overwrite the block's input (the trunk sets it,
-    as it never reads a block's input again; a caller of the block itself keeps its tensor by default).
+    block less its norms. The shortcut convolution is called itself, with the block's one check of its input
+    (:meth:`FusedConv2d.runs_onednn`): hooks on ``downsample``, the ``Sequential`` that keeps its name, do not run.
+    ``reuse_input``: the shortcut sum may overwrite the block's input (the trunk sets it, as it never reads a
+    block's input again; a caller of the block itself keeps its tensor by default).
     """
 
     def __init__(self, block: nn.Module, reuse_input: bool = False) -> None:
