@@ -710,8 +710,9 @@ def test_the_mask_configs_keep_the_best_checkpoint_by_mask_ap_and_the_writer_las
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["model"]["init_args"]["architecture"] == "mask_rcnn"
     callbacks = printed["trainer"]["callbacks"]
-    assert [c["init_args"]["monitor"] for c in callbacks if c["class_path"].endswith("ModelCheckpoint")] == \
-        ["val/segm_map"]
+    checkpoints = [c["init_args"] for c in callbacks if c["class_path"].endswith("ModelCheckpoint")]
+    assert checkpoints[0]["monitor"] == "val/segm_map"  # the first: --ckpt_path best
+    assert [c["monitor"] for c in checkpoints[1:]] == [None]  # last.ckpt's own
     assert callbacks[-1]["class_path"] == "tasks.CocoResultsWriter"
 
 
