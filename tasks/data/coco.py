@@ -19,14 +19,10 @@ from .base import BaseDataModule
 from .image_files import ImageFiles, ImageList, list_images
 from .images import CorruptImageError, image_size, read_rgb
 from .labels import LabelMap
-from .masks import Segmentations
+from .masks import Segmentations, row_offsets
 from .transforms import DropEmptyMasks, chosen, detection_pipeline
 
 log = logging.getLogger("tasks")
-
-
-def _offsets(boxes_per_image: np.ndarray) -> np.ndarray:
-    return np.concatenate([[0], np.cumsum(boxes_per_image)]).astype(np.int64)
 
 
 @dataclass
@@ -112,7 +108,7 @@ class CocoIndex:
                 if masks:
                     raise
         return cls(image_ids=image_ids, file_names=[img["file_name"] for img in images], sizes=sizes,
-                   offsets=_offsets(np.bincount(row_image[rows], minlength=len(images))),
+                   offsets=row_offsets(np.bincount(row_image[rows], minlength=len(images))),
                    boxes=boxes[rows].astype(np.float32),
                    labels=label_map.labels([anns[r]["category_id"] for r in rows]),
                    iscrowd=np.asarray([anns[r].get("iscrowd", 0) for r in rows], dtype=np.uint8),
@@ -127,7 +123,7 @@ class CocoIndex:
         """A copy keeping the box rows where ``rows`` is true (``boxes`` replaces the box coordinates first)."""
         boxes = self.boxes if boxes is None else boxes
         segmentations = None if self.segmentations is None else self.segmentations.take(rows)
-        return replace(self, offsets=_offsets(boxes_per_image), boxes=boxes[rows], labels=self.labels[rows],
+        return replace(self, offsets=row_offsets(boxes_per_image), boxes=boxes[rows], labels=self.labels[rows],
                        iscrowd=self.iscrowd[rows], areas=self.areas[rows], segmentations=segmentations, **images)
 
     def subset(self, keep: np.ndarray) -> CocoIndex:

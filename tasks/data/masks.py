@@ -15,7 +15,8 @@ from torch import Tensor
 MASK_THRESHOLD = 0.5  # Mask R-CNN's soft masks -> binary, as torchvision's references and COCO evaluations do
 
 
-def _offsets(lengths) -> np.ndarray:
+def row_offsets(lengths) -> np.ndarray:
+    """Where each row of a flat array starts, and the end: ``[0, cumsum(lengths)...]`` (int64)."""
     return np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
 
 
@@ -30,7 +31,7 @@ class Ragged:
     @classmethod
     def of(cls, rows: Sequence[np.ndarray], dtype) -> Ragged:
         values = np.concatenate(rows).astype(dtype) if len(rows) else np.zeros(0, dtype)
-        return cls(values, _offsets([len(r) for r in rows]))
+        return cls(values, row_offsets([len(r) for r in rows]))
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
@@ -42,7 +43,7 @@ class Ragged:
         """The rows ``rows`` (indices, or a boolean mask), in that order."""
         rows = np.flatnonzero(rows) if rows.dtype == bool else rows
         starts, lengths = self.offsets[:-1][rows], np.diff(self.offsets)[rows]
-        offsets = _offsets(lengths)
+        offsets = row_offsets(lengths)
         return Ragged(self.values[np.repeat(starts - offsets[:-1], lengths) + np.arange(offsets[-1])], offsets)
 
 
@@ -96,7 +97,7 @@ class Segmentations:
                                  f"image of {height}x{width}; fix the annotation's 'size' (masks are in the image's "
                                  "pixels)")
             return {"size": [height, width], "counts": self.rle_counts[i].tobytes()}
-        coordinates, bounds = self.coordinates[i], _offsets(self.polygon_lengths[i])
+        coordinates, bounds = self.coordinates[i], row_offsets(self.polygon_lengths[i])
         polygons = [coordinates[a:b].tolist() for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
         return mask_utils.merge(mask_utils.frPyObjects(polygons, height, width))
 
