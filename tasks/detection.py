@@ -229,13 +229,17 @@ class ObjectDetector(BackboneTask):
         model_target = {"boxes": target["boxes"].as_subclass(Tensor),
                         "labels": self.label_map.to_model(target["labels"])}
         if self.predicts_masks:
-            if "masks" not in target:
-                raise ValueError(f"model.architecture={self.hparams.architecture} learns instance masks, but a "
-                                 f"training target (image {target.get('image_id')}) has none; give data with masks "
-                                 "(tasks.data.CocoDetectionDataModule reads COCO segmentations where data.masks is "
-                                 "true or unset)")
-            model_target["masks"] = target["masks"].as_subclass(Tensor)
+            model_target["masks"] = self._target_masks(target, "learns")
         return model_target
+
+    def _target_masks(self, target: Dict, use: str) -> Tensor:
+        """The instance masks of a target, which Mask R-CNN ``use``s (learns, is evaluated on); an error without."""
+        if "masks" not in target:
+            raise ValueError(f"model.architecture={self.hparams.architecture} {use} instance masks, but the target of "
+                             f"image {target.get('image_id')} has none; give data with masks "
+                             "(tasks.data.CocoDetectionDataModule reads COCO segmentations where data.masks is true "
+                             "or unset)")
+        return target["masks"].as_subclass(Tensor)
 
     def describe_batch(self, batch, batch_idx: int) -> str:
         return f"image ids {[int(t['image_id']) for t in batch[1]]}"
@@ -261,10 +265,7 @@ class ObjectDetector(BackboneTask):
                 "labels": self.label_map.category_ids_of(target["labels"]).cpu(),
                 "iscrowd": target["iscrowd"].cpu(), "area": target["area"].cpu()}
         if self.predicts_masks:
-            if "masks" not in target:
-                raise ValueError(f"model.architecture={self.hparams.architecture} is evaluated on instance masks, but "
-                                 f"the target of image {target.get('image_id')} has none; give data with masks")
-            kept["masks"] = EncodedMasks.of(target["masks"])
+            kept["masks"] = EncodedMasks.of(self._target_masks(target, "is evaluated on"))
         return kept
 
     def on_validation_epoch_start(self) -> None:

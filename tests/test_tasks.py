@@ -137,6 +137,22 @@ def test_the_mask_head_takes_the_layers_it_is_given_and_only_mask_rcnn_has_one()
         detector("mask_rcnn", mask_head_layers=[])
 
 
+def test_mask_rcnn_without_masks_in_its_targets_fails_naming_the_image():
+    """Trained or evaluated on targets without masks (data read with data.masks: false), Mask R-CNN says which image
+    and what to do, instead of torchvision's KeyError deep in its heads."""
+    model = detector("mask_rcnn", mask_head_layers=[16])
+    target = {"boxes": torch.tensor([[2.0, 2, 20, 20]]), "labels": torch.tensor([0]), "image_id": 41,
+              "iscrowd": torch.tensor([0]), "area": torch.tensor([324.0])}
+    with pytest.raises(ValueError, match=r"mask_rcnn learns instance masks, but the target of image 41 has none; "
+                                         r"give data with masks \(tasks.data.CocoDetectionDataModule reads"):
+        model.training_loss(([torch.rand(3, 32, 32)], [target]), 0)
+    with pytest.raises(ValueError, match="mask_rcnn is evaluated on instance masks, but the target of image 41 has "
+                                         "none"):
+        model._metric_target(target)
+    with_masks = {**target, "masks": torch.zeros(1, 32, 32, dtype=torch.uint8)}
+    assert model._metric_target(with_masks)["masks"].decode().shape == (1, 32, 32)
+
+
 def test_uint8_images_from_the_data_modules_detect_as_their_float_equivalent():
     model = detector("faster_rcnn", detector_kwargs={"box_score_thresh": 0.0}).eval()
     image = torch.randint(0, 256, (3, 64, 64), dtype=torch.uint8)
