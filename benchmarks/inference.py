@@ -237,8 +237,7 @@ def main(argv=None) -> str:
         bodies.append(publish(f"inference_detector{section}", (
             "## Inference, detector `predict`: the quick start's (configs/detection.yaml) on its validation images"
             f"{limited}\n\n`{env}python -m benchmarks.inference --sections detector --detector-batches "
-            f"{args.detector_batches} "
-            f"--repeats {args.repeats} --threads {args.threads}"
+            f"{args.detector_batches} --repeats {args.repeats} --threads {args.threads}"
             f"{' --detection-checkpoint DET' if args.detection_checkpoint else ''}`: {args.detector_batches} batches "
             f"of the config's batch size per round, alternating, median of {args.repeats}; weights: "
             f"{'the quick start trained (DET)' if args.detection_checkpoint else 'random (seed 0)'}; ours through "

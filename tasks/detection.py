@@ -321,8 +321,8 @@ class ObjectDetector(BackboneTask):
     def predict_batch(self, batch) -> List[Dict[str, Tensor]]:
         """Detections per image of the batch, on the CPU: ``boxes`` (xyxy, in the pixels of the image as read: the
         predict loaders do not transform), ``labels`` (dataset category ids), ``scores``, and Mask R-CNN's ``masks``
-        (N x H x W bool, in those pixels too). The writer callbacks
-        (:class:`~tasks.CocoResultsWriter`) pair them with the batch's image ids and file names."""
+        (N x H x W bool, in those pixels too). The writer callbacks (:class:`~tasks.CocoResultsWriter`) pair them
+        with the batch's image ids and file names."""
         images, _ = batch
         with self.inference():
             return [{k: v.cpu() for k, v in d.items()} for d in self(images)]

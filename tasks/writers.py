@@ -110,9 +110,9 @@ class CocoResultsWriter(StreamingWriter):
     """On ``predict``, write the detector's results as a COCO results JSON (dataset category ids, xywh boxes in the
     original image's pixels; for a model that predicts masks, each mask as a compressed RLE ``segmentation``, which
     pycocotools' ``loadRes`` and segm evaluation read), whose entries also carry the image's ``file_name``; beside it,
-    the images (``id``,
-    ``file_name``, ``width``, ``height``) and the categories, so that ``COCO(images).loadRes(predictions)`` turns the
-    two into a COCO dataset. Both are written as batches finish (parts per process, merged at the end).
+    the images (``id``, ``file_name``, ``width``, ``height``) and the categories, so that
+    ``COCO(images).loadRes(predictions)`` turns the two into a COCO dataset. Both are written as batches finish
+    (parts per process, merged at the end).
 
     Args:
         output: the results file; default ``<log_dir>/predictions.json``.
