@@ -22,7 +22,11 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 __all__ = ["FusedConv2d", "FusedBlock", "pack_convolutions"]
 
 _ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
-_ONEDNN_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# The low-precision kernels need CPU support (bf16: AVX-512 BW/VL/DQ or AVX-NE-CONVERT; fp16: AVX-512 FP16 or
+# AVX-NE-CONVERT): elsewhere oneDNN refuses them ("bf16 path needs the cpu support ...") and F.conv2d runs them.
+_LOW_PRECISION_CHECKS = {torch.bfloat16: "_is_mkldnn_bf16_supported", torch.float16: "_is_mkldnn_fp16_supported"}
+_ONEDNN_DTYPES = (torch.float32,) + tuple(
+    dtype for dtype, check in _LOW_PRECISION_CHECKS.items() if _ONEDNN and getattr(torch.ops.mkldnn, check)())
 
 
 class FusedConv2d(nn.Module):

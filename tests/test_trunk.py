@@ -12,6 +12,7 @@ from torchvision.models.resnet import ResNet as TvResNet
 from torchvision.ops import FrozenBatchNorm2d
 
 import resnext_backbones as rb
+import resnext_backbones.fused as fused_module
 from resnext_backbones.fused import _ONEDNN as ONEDNN
 from resnext_backbones.fused import FusedBlock, FusedConv2d, pack_convolutions
 from resnext_backbones.trunk import STAGE_BLOCKS
@@ -335,6 +336,17 @@ def test_low_precision_fused_copy_runs_natively_close_to_float32(dtype, images):
     native = {torch.bfloat16: torch.ops.mkldnn._is_mkldnn_bf16_supported,
               torch.float16: torch.ops.mkldnn._is_mkldnn_fp16_supported}[dtype]()
     assert all(packed_convs(fused)) == (ONEDNN and native)  # oneDNN's kernels on weights packed in that dtype
+
+
+def test_low_precision_without_cpu_kernels_runs_the_plain_ops(monkeypatch, images):
+    monkeypatch.setattr(fused_module, "_ONEDNN_DTYPES", (torch.float32,))  # a CPU without AVX-512 BF16/FP16
+    trunk = randomize_norm_stats(rb.resnext("resnext26_32x4d")).eval()
+    fused = trunk.fused(torch.bfloat16)
+    with torch.no_grad():
+        ref = trunk(images)["c5"]
+        out = fused(images.to(torch.bfloat16, memory_format=torch.channels_last))["c5"]
+    assert ((out.float() - ref).norm() / ref.norm()).item() < 2e-2
+    assert not any(packed_convs(fused))  # F.conv2d, not oneDNN's kernels, which would refuse bf16 there
 
 
 def test_fused_copy_refuses_group_norm():
