@@ -3,6 +3,7 @@ import pickle
 
 import pytest
 import torch
+import torch.nn.functional as F
 import torchvision
 from conftest import randomize_norm_stats
 from torch import nn
@@ -14,7 +15,7 @@ from torchvision.ops import FrozenBatchNorm2d
 import resnext_backbones as rb
 import resnext_backbones.fused as fused_module
 from resnext_backbones.fused import _ONEDNN as ONEDNN
-from resnext_backbones.fused import FusedBlock, FusedConv2d, pack_convolutions
+from resnext_backbones.fused import FusedBlock, FusedConv2d, merge_groups, min_merge, pack_convolutions
 from resnext_backbones.trunk import STAGE_BLOCKS
 
 
@@ -347,6 +348,35 @@ def test_low_precision_without_cpu_kernels_runs_the_plain_ops(monkeypatch, image
         out = fused(images.to(torch.bfloat16, memory_format=torch.channels_last))["c5"]
     assert ((out.float() - ref).norm() / ref.norm()).item() < 2e-2
     assert not any(packed_convs(fused))  # F.conv2d, not oneDNN's kernels, which would refuse bf16 there
+
+
+def test_merged_groups_are_the_same_convolution():
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randn(16, 4, 3, 3, generator=g, dtype=torch.float64)  # 8 groups of 4 input, 2 output channels
+    x = torch.randn(1, 32, 6, 6, generator=g, dtype=torch.float64)
+    ref = F.conv2d(x, weight, groups=8)
+    for merge in (2, 4, 8):
+        merged = merge_groups(weight, 8, merge)
+        assert merged.shape == (16, 4 * merge, 3, 3)
+        assert torch.count_nonzero(merged) == weight.numel()  # the weights, and zeros between the joined groups
+        torch.testing.assert_close(F.conv2d(x, merged, groups=8 // merge), ref)
+    # 32x4d's first stage to groups of 32 channels; wide groups stay; as close as the groups allow
+    assert [min_merge(32, 4, 32), min_merge(32, 64, 32), min_merge(2, 4, 32), min_merge(6, 4, 32)] == [8, 1, 2, 2]
+
+
+@pytest.mark.skipif(torch.bfloat16 not in fused_module._ONEDNN_DTYPES, reason="oneDNN has no bf16 kernels here")
+def test_bf16_kernels_on_merged_groups_give_the_features_of_the_grouped_convolutions(monkeypatch, images):
+    trunk = randomize_norm_stats(rb.resnext("resnext26_32x4d")).eval()
+    x = images.to(torch.bfloat16, memory_format=torch.channels_last)
+    out, groups = [], []
+    for widths in ({}, {torch.bfloat16: 32}):  # as on CPUs without AMX, and as on those with it
+        monkeypatch.setattr(fused_module, "_MIN_GROUP_WIDTH", widths)
+        fused = trunk.fused(torch.bfloat16)
+        with torch.no_grad():
+            out.append(fused(x)["c5"].float())
+        groups.append([next(iter(b.conv2._packed.values()))[1] for b in (fused.layer1[0], fused.layer4[0])])
+    assert groups == [[32, 32], [4, 32]]  # 4-channel groups joined 8 by 8; 32-channel ones left as they are
+    assert ((out[1] - out[0]).norm() / out[0].norm()).item() < 1e-2  # bf16 rounding apart
 
 
 def test_fused_copy_refuses_group_norm():
