@@ -31,8 +31,9 @@ _ONEDNN_DTYPES = (torch.float32,) + tuple(
 # one. Groups joined into block-diagonal groups of 32 channels do 8x the multiply-adds there, yet ran 2.5x faster
 # (ResNeXt-50's first 3x3, batch 8) and a whole bf16 forward 4-10% faster at batch 1 and 8 (AMX Xeon, 2 threads).
 # Float32 gained nothing measurable (AVX-512; AVX2) and keeps its groups.
-_AMX = bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
-_MIN_GROUP_WIDTH = {torch.bfloat16: 32, torch.float16: 32} if _AMX else {}
+# fp16 without AMX-FP16 (AVX-512 FP16 alone) measured the same either way: it keeps its groups.
+_AMX_CHECKS = {torch.bfloat16: "_is_amx_tile_supported", torch.float16: "_is_amx_fp16_supported"}
+_MIN_GROUP_WIDTH = {dtype: 32 for dtype, check in _AMX_CHECKS.items() if getattr(torch.cpu, check, lambda: False)()}
 
 
 class FusedConv2d(nn.Module):
