@@ -339,13 +339,14 @@ def test_low_precision_fused_copy_runs_natively_close_to_float32(dtype, images):
     assert all(packed_convs(fused)) == (ONEDNN and native)  # oneDNN's kernels on weights packed in that dtype
 
 
-def test_low_precision_without_cpu_kernels_runs_the_plain_ops(monkeypatch, images):
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_without_cpu_kernels_runs_the_plain_ops(dtype, monkeypatch, images):
     monkeypatch.setattr(fused_module, "_ONEDNN_DTYPES", (torch.float32,))  # a CPU without AVX-512 BF16/FP16
     trunk = randomize_norm_stats(rb.resnext("resnext26_32x4d")).eval()
-    fused = trunk.fused(torch.bfloat16)
+    fused = trunk.fused(dtype)
     with torch.no_grad():
         ref = trunk(images)["c5"]
-        out = fused(images.to(torch.bfloat16, memory_format=torch.channels_last))["c5"]
+        out = fused(images.to(dtype, memory_format=torch.channels_last))["c5"]
     assert ((out.float() - ref).norm() / ref.norm()).item() < 2e-2
     assert not any(packed_convs(fused))  # F.conv2d, not oneDNN's kernels, which would refuse bf16 there
 
