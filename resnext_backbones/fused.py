@@ -5,9 +5,11 @@ On the CPU, for channels_last inputs, every convolution then runs as one oneDNN 
 weight on every call (100 MB for ResNeXt-50, per forward) and runs bias, add and ReLU as separate passes.
 That holds for float32 and, with the module cast to it (``.to(torch.bfloat16)``), for bfloat16 and float16
 inputs of the same dtype: on CPUs with AMX or AVX-512 BF16, oneDNN's low-precision kernels without autocast's
-per-call weight casts. Everywhere else (NCHW inputs, CUDA, autograd on the input, an input dtype other than the
-weights', autocast to another dtype, ``torch.compile``/``torch.export``) the same modules run the plain aten ops:
-the same values, and the output keeps the input's memory format.
+per-call weight casts (with AMX, on grouped weights whose narrow groups are joined into block-diagonal groups of
+32 channels, the depth of its tiles). Everywhere else (NCHW inputs, CUDA, autograd on the input, an input dtype
+other than the weights' or one this CPU's oneDNN lacks, autocast to another dtype, ``torch.compile``/
+``torch.export``) the same modules run the plain aten ops: the same values, and the output keeps the input's
+memory format.
 """
 
 from __future__ import annotations
