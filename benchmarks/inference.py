@@ -31,8 +31,9 @@ from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 import resnext_backbones as rb
+from resnext_backbones.onednn import ONEDNN_ISA_VARIABLES, onednn_isa_limit
 from tasks import ImageClassifier, ObjectDetector
-from tasks.inference import ONEDNN_ISA_VARIABLES, isa_flags, native_support, onednn_isa_limit
+from tasks.inference import isa_flags, native_support
 
 from .backbone import build_pair
 from .common import benchmark_parser, machine, median_seconds_alternating, pin_malloc, publish

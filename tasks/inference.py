@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from torchvision.ops import MultiScaleRoIAlign
 
 from resnext_backbones.fused import pack_convolutions
+from resnext_backbones.onednn import onednn_isa_limit, onednn_reaches
 from tasks.roi_align import SparseRoIAlign
 
 INFERENCE_PRECISIONS: Dict[str, torch.dtype] = {"32": torch.float32, "bf16": torch.bfloat16, "16": torch.float16}
@@ -56,26 +57,7 @@ def cpu_flags() -> frozenset:
     return frozenset()
 
 
-# oneDNN's instruction sets, in its order, up to the first with bf16 and fp16 arithmetic and on to AMX (the values of
-# ONEDNN_MAX_CPU_ISA; AVX512_CORE_FP16 and AVX512_CORE_AMX* are its older names of AVX10_1_512*)
-ONEDNN_ISAS = ("SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI",
-               "AVX512_CORE_BF16", "AVX10_1_512", "AVX10_1_512_AMX", "AVX10_1_512_AMX_FP16")
-_ONEDNN_ISA_ALIASES = {"AVX512_CORE_FP16": "AVX10_1_512", "AVX512_CORE_AMX": "AVX10_1_512_AMX",
-                       "AVX512_CORE_AMX_FP16": "AVX10_1_512_AMX_FP16"}
-_LOWEST_NATIVE_ISA = {"bf16": "AVX512_CORE_BF16", "16": "AVX10_1_512"}  # the first with bf16 / fp16 arithmetic
-ONEDNN_ISA_VARIABLES = ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA")  # oneDNN reads the first set, once, at first use
-
-
-def onednn_isa_limit() -> Optional[Tuple[str, str]]:
-    """``(variable, ISA)``: the instruction set oneDNN is limited to by ``ONEDNN_MAX_CPU_ISA`` (or its old name
-    ``DNNL_MAX_CPU_ISA``), as named in :data:`ONEDNN_ISAS`. ``None`` where unset, ``DEFAULT``/``ALL``, or a newer
-    instruction set than these (AVX10.2): no limit that keeps bf16 or fp16 from oneDNN."""
-    for variable in ONEDNN_ISA_VARIABLES:
-        if os.environ.get(variable):
-            value = os.environ[variable].upper()
-            value = _ONEDNN_ISA_ALIASES.get(value, value)
-            return (variable, value) if value in ONEDNN_ISAS else None
-    return None
+_LOWEST_NATIVE_ISA = {"bf16": "AVX512_CORE_BF16", "16": "AVX10_1_512"}  # oneDNN's first with bf16 / fp16 arithmetic
 
 
 def native_support(precision: str, device: torch.device) -> bool:
@@ -88,8 +70,7 @@ def native_support(precision: str, device: torch.device) -> bool:
     if device.type == "cuda":
         return precision == "16" or torch.cuda.is_bf16_supported(including_emulation=False)
     if device.type == "cpu" and torch.backends.mkldnn.is_available():
-        limit = onednn_isa_limit()
-        if limit is not None and ONEDNN_ISAS.index(limit[1]) < ONEDNN_ISAS.index(_LOWEST_NATIVE_ISA[precision]):
+        if not onednn_reaches(_LOWEST_NATIVE_ISA[precision]):
             return False
         wanted = ("amx_bf16", "avx512_bf16") if precision == "bf16" else ("amx_fp16", "avx512_fp16")
         return bool(set(wanted) & cpu_flags()) or any(getattr(torch.cpu, f"_is_{flag}_supported", bool)()
