@@ -4,9 +4,9 @@ On the CPU, for channels_last inputs, every convolution then runs as one oneDNN 
 [+ shortcut] [+ ReLU]) on a weight reordered once into oneDNN's blocked layout. ``F.conv2d`` reorders every
 weight on every call (100 MB for ResNeXt-50, per forward) and runs bias, add and ReLU as separate passes.
 That holds for float32 and, with the module cast to it (``.to(torch.bfloat16)``), for bfloat16 and float16
-inputs of the same dtype: on CPUs with AMX or AVX-512 BF16, oneDNN's low-precision kernels without autocast's
-per-call weight casts (with AMX, on grouped weights whose narrow groups are joined into block-diagonal groups of
-32 channels, the depth of its tiles). Everywhere else (NCHW inputs, CUDA, autograd on the input, an input dtype
+inputs of the same dtype: oneDNN's low-precision kernels without autocast's per-call weight casts, fast on CPUs
+with AMX or AVX-512 BF16 (with AMX, narrow groups of a grouped weight are joined into block-diagonal groups of at
+least 32 channels, the depth of its tiles). Everywhere else (NCHW inputs, CUDA, autograd on the input, an input dtype
 other than the weights' or one this CPU's oneDNN lacks, autocast to another dtype, ``torch.compile``/
 ``torch.export``) the same modules run the plain aten ops: the same values, and the output keeps the input's
 memory format.
@@ -21,7 +21,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-__all__ = ["FusedConv2d", "FusedBlock", "merge_groups", "pack_convolutions"]
+from .onednn import onednn_reaches
+
+__all__ = ["FusedConv2d", "FusedBlock", "merge_groups", "min_merge", "pack_convolutions"]
 
 _ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
 # The low-precision kernels need CPU support (bf16: AVX-512 BW/VL/DQ or AVX-NE-CONVERT; fp16: AVX-512 FP16 or
@@ -32,10 +34,21 @@ _ONEDNN_DTYPES = (torch.float32,) + tuple(
 # AMX multiplies tiles 32 bf16/fp16 deep: a group of 4 input channels (the first stage of 32x4d) fills an eighth of
 # one. Groups joined into block-diagonal groups of 32 channels do 8x the multiply-adds there, yet ran 2.5x faster
 # (ResNeXt-50's first 3x3, batch 8) and a whole bf16 forward 4-10% faster at batch 1 and 8 (AMX Xeon, 2 threads).
-# Float32 gained nothing measurable (AVX-512; AVX2) and keeps its groups.
-# fp16 without AMX-FP16 (AVX-512 FP16 alone) measured the same either way: it keeps its groups.
-_AMX_CHECKS = {torch.bfloat16: "_is_amx_tile_supported", torch.float16: "_is_amx_fp16_supported"}
-_MIN_GROUP_WIDTH = {dtype: 32 for dtype, check in _AMX_CHECKS.items() if getattr(torch.cpu, check, lambda: False)()}
+# Not without AMX: float32 gained nothing measurable (AVX-512; AVX2), fp16 on AVX-512 FP16 measured the same, and
+# bf16 with oneDNN kept below AMX (ONEDNN_MAX_CPU_ISA) ran the joined first-stage 3x3 2x slower. Not for depthwise
+# weights either (one channel per group: 0.67-0.87x joined, on AMX).
+_AMX = {torch.bfloat16: ("_is_amx_tile_supported", "AVX10_1_512_AMX"),
+        torch.float16: ("_is_amx_fp16_supported", "AVX10_1_512_AMX_FP16")}  # the CPU's check, oneDNN's ISA
+
+
+def amx_group_widths() -> Dict[torch.dtype, int]:
+    """The least group width the packed weights get per dtype: 32 for the dtypes this CPU's AMX computes and
+    oneDNN may use it for; none (groups as they are) for the others."""
+    return {dtype: 32 for dtype, (check, isa) in _AMX.items()
+            if getattr(torch.cpu, check, lambda: False)() and onednn_reaches(isa)}
+
+
+_MIN_GROUP_WIDTH = amx_group_widths()  # oneDNN reads its limit once, at first use: so does this, at import
 
 
 class FusedConv2d(nn.Module):
@@ -56,7 +69,7 @@ class FusedConv2d(nn.Module):
         self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
         self.stride, self.padding = list(conv.stride), list(conv.padding)
         self.dilation, self.groups, self.relu = list(conv.dilation), conv.groups, relu
-        self._packed: Dict[tuple, Tuple[Tensor, int]] = {}  # (shape, weight storage, version) -> (weight, groups)
+        self._packed: Dict[tuple, Tuple[Tensor, int]] = {}  # (shape, dtype, weight, version) -> (weight, groups)
 
     def extra_repr(self) -> str:
         o, i, kh, kw = self.weight.shape
@@ -96,7 +109,7 @@ class FusedConv2d(nn.Module):
         # shape runs up to 4x slower. So a copy is kept per recent shape (an FPN level, a batch of another size),
         # and made again when the weight changes (load_state_dict bumps the version; .to() moves the storage).
         # Returns the packed weight and the groups it is packed for (fewer on AMX: _MIN_GROUP_WIDTH).
-        key = (tuple(x.shape), self.weight.data_ptr(), self.weight._version)
+        key = (tuple(x.shape), x.dtype, self.weight.data_ptr(), self.weight._version)
         packed = self._packed.pop(key, None)  # re-inserted last: the dict keeps the most recently used at its end
         if packed is None:
             merge = min_merge(self.groups, self.weight.shape[1], _MIN_GROUP_WIDTH.get(x.dtype, 1))
@@ -118,10 +131,11 @@ class FusedConv2d(nn.Module):
 
 
 def min_merge(groups: int, width: int, min_width: int) -> int:
-    """How many neighbouring groups of ``width`` input channels to merge (a power of two dividing ``groups``) for
-    merged groups of at least ``min_width`` channels, or as close as ``groups`` allows."""
+    """How many neighbouring groups of ``width`` input channels to merge, a power of two dividing ``groups``: the
+    least for merged groups of at least ``min_width`` channels, else the most ``groups`` allows. Depthwise weights
+    (``width`` 1) stay as they are."""
     merge = 1
-    while width * merge < min_width and groups % (2 * merge) == 0:
+    while width > 1 and width * merge < min_width and groups % (2 * merge) == 0:
         merge *= 2
     return merge
 

@@ -363,6 +363,24 @@ def test_merged_groups_are_the_same_convolution():
         torch.testing.assert_close(F.conv2d(x, merged, groups=8 // merge), ref)
     # 32x4d's first stage to groups of 32 channels; wide groups stay; as close as the groups allow
     assert [min_merge(32, 4, 32), min_merge(32, 64, 32), min_merge(2, 4, 32), min_merge(6, 4, 32)] == [8, 1, 2, 2]
+    assert min_merge(32, 1, 32) == 1  # depthwise stays depthwise (slower joined)
+
+
+def test_groups_are_joined_only_where_onednn_may_use_amx(monkeypatch):
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    monkeypatch.setattr(torch.cpu, "_is_amx_fp16_supported", lambda: False)
+    expected = {"AVX512_CORE_BF16": {}, "AVX512_CORE_AMX": {torch.bfloat16: 32},
+                "AVX10_1_512_AMX_FP16": {torch.bfloat16: 32}}
+    for limit, widths in expected.items():
+        monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", limit)
+        assert fused_module.amx_group_widths() == widths, limit
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA")
+    monkeypatch.setattr(torch.cpu, "_is_amx_fp16_supported", lambda: True)
+    assert fused_module.amx_group_widths() == {torch.bfloat16: 32, torch.float16: 32}
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_fp16_supported", lambda: False)
+    assert fused_module.amx_group_widths() == {}
 
 
 @pytest.mark.skipif(torch.bfloat16 not in fused_module._ONEDNN_DTYPES, reason="oneDNN has no bf16 kernels here")
