@@ -85,7 +85,9 @@ def test_model_code_imports_no_weights_code():
     graph = import_graph()
     for module in ("trunk", "fpn", "fused"):
         inside = {t for t in graph[f"resnext_backbones.{module}"] if t.startswith("resnext_backbones")}
-        assert inside <= {"resnext_backbones.trunk", "resnext_backbones.fused"}, (module, inside)
+        assert inside <= {"resnext_backbones.trunk", "resnext_backbones.fused", "resnext_backbones.onednn"}, \
+            (module, inside)
+    assert {t for t in graph["resnext_backbones.onednn"] if t.startswith("resnext_backbones")} == set()
 
 
 def test_nothing_in_the_library_imports_lightning_or_the_tasks():
