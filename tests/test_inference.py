@@ -295,10 +295,9 @@ def test_the_detection_equality_helper_pairs_near_duplicates_and_rejects_any_mov
         moved[key][index] += change
         with pytest.raises(AssertionError):
             assert_same_detections(moved, want, 1e-4, 1e-4)
-    # a box 0.003 px apart (within 1e-4 of its coordinates) is pasted that much apart: its mask may differ by 0.002
-    # then, not by 0.01; masks without their channel dimension too
+    # a box 0.003 px apart (within 1e-4 of its coordinates) is pasted that much apart: its own mask may differ by
+    # 0.002 then, not by 0.01, and another detection's mask not by 0.002; masks without their channel dimension too
     want["masks"] = want["masks"][:, 0]
-    # (and only its own: another detection's mask may not)
     index = int(want["boxes"].amax(1).argmax())
     for masked, change, passes in [(index, 0.002, True), (index, 0.01, False), (index - 1, 0.002, False)]:
         moved = {k: v.clone() for k, v in want.items()}
