@@ -250,6 +250,33 @@ def no_tf32():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("relu, shortcut", [(True, False), (True, True), (False, True)])
+def test_fused_convolution_on_cuda_runs_cudnns_fused_kernel_with_the_values_of_conv_norm_add_relu(
+        relu, shortcut, no_tf32, monkeypatch):
+    conv, norm = torch.nn.Conv2d(32, 64, 3, padding=1, groups=8, bias=False), torch.nn.BatchNorm2d(64)
+    randomize_norm_stats(norm)
+    conv, norm = conv.cuda().eval(), norm.cuda().eval()
+    fused = FusedConv2d(conv, norm, relu=relu)
+    g = torch.Generator().manual_seed(5)
+    x, z = (torch.randn(2, c, 20, 20, generator=g).cuda().to(memory_format=torch.channels_last) for c in (32, 64))
+    calls = []
+
+    def counted(name):
+        op = getattr(torch, name)
+        return lambda *args: calls.append(name) or op(*args)
+
+    for name in ["cudnn_convolution_relu", "cudnn_convolution_add_relu"]:
+        monkeypatch.setattr(torch, name, counted(name))
+    with torch.no_grad():
+        expected = norm(conv(x)) + (z if shortcut else 0)
+        expected = expected.relu() if relu else expected
+        got = fused(x, z if shortcut else None)
+    assert calls == ([f"cudnn_convolution_{'add_' if shortcut else ''}relu"] if relu else [])
+    assert expected.abs().max() > 1
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("precision, dtype", [("32", torch.float32), ("bf16", torch.bfloat16), ("16", torch.float16)])
 def test_inference_on_cuda_runs_the_fused_trunk_in_the_precision_asked(precision, dtype, no_tf32):
     model = classifier(inference_precision=precision).cuda()
