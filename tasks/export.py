@@ -8,12 +8,23 @@ pixels, as torchvision's Mask R-CNN gives them (the task thresholds them at 0.5)
 travel beside the file as ``FILE.classes.json``.
 
 Both formats come from one ``torch.export`` program: ``torch_export`` saves it (``.pt2``, ``torch.export.load``),
-``onnx`` translates it (torch.onnx's ``dynamo=True`` exporter; onnxruntime runs it). The classifier takes any batch
-and image size. A detector takes one image size, ``--image-size H W``: torchvision's detectors pick their resize
-scale, padding and anchor strides with Python arithmetic on the image size, which ``torch.export`` can only fix to
-the size it traced. (torch.onnx's older TorchScript exporter, which takes any size, gave other detections than the
-model for some image sizes when tried with torch 2.14 / torchvision 0.29, also on torchvision's own backbone.)
-Resize or pad images to that size first, or export once per size.
+``onnx`` translates it (torch.onnx's ``dynamo=True`` exporter; onnxruntime runs it). Both take any image height and
+width from 64 to 4096 px (the classifier any batch too); ``--image-size H W`` only sets the size traced (default: a
+detector's ``min_size`` by 5/4 of it, a classifier 224 x 224).
+
+torchvision's detectors compute their resize scale, padding and box rescaling with Python arithmetic on the image
+size, which ``torch.export`` would fix to the traced size; while tracing, :func:`traceable_torchvision` puts twins in
+their place that do the same arithmetic on symbolic sizes (and twins of the functions that branch on the number of
+boxes). Two limits remain. torch.export treats a size of 1 apart, so the coarsest feature map, traced at 2 cells or
+more a side, must stay so: the resized image (shorter side ``min_size`` unless the longer would pass ``max_size``)
+needs sides above 64 px for Faster / Mask R-CNN (P6, stride 64), above 128 px for RetinaNet and FCOS (P7, stride
+128). A RetinaNet or FCOS with ``min_size`` 128 or less therefore exports for its traced size's shape only; otherwise
+only images of an aspect ratio beyond ``max_size`` / 65 (R-CNN) or / 129 are refused (the torch_export program
+raises ``Guard failed``; the ONNX file checks nothing). And torchvision's MultiScaleRoIAlign takes its levels' scales
+from the first image it sees and keeps them; the export takes them from the traced image, as the eager model would
+from an image of that size (the same scales for any resized height above 67 px).
+(torch.onnx's older TorchScript exporter gave other detections than the model for some image sizes when tried with
+torch 2.14 / torchvision 0.29, also on torchvision's own backbone.)
 """
 
 from __future__ import annotations
@@ -26,6 +37,8 @@ from typing import Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
+from torchvision.models.detection import _utils as detection_utils
 from torchvision.models.detection import roi_heads
 from torchvision.models.detection import transform as detection_transform
 from torchvision.ops import boxes as box_ops
@@ -36,6 +49,7 @@ from .classification import ImageClassifier
 from .detection import ObjectDetector
 
 FORMATS = ("onnx", "torch_export")
+MIN_SIDE, MAX_SIDE = 64, 4096  # the image sides an exported model takes
 TASKS = {"tasks.ObjectDetector": ObjectDetector, "tasks.detection.ObjectDetector": ObjectDetector,
          "tasks.ImageClassifier": ImageClassifier, "tasks.classification.ImageClassifier": ImageClassifier}
 
@@ -138,11 +152,59 @@ def _resize_weights(start: Tensor, end: Tensor, pixels: int, size: int) -> Tenso
     return weights.scatter_add_(2, high[..., None], (frac * keep)[..., None])
 
 
+# -- dynamic image size: torchvision computes the resize, the padding and the box rescaling from the image size with
+# Python arithmetic that torch.export would fix to the traced size (a comparison picks the side that limits the
+# resize; torch.tensor(size) makes a constant). The twins do the same arithmetic on symbolic sizes, so the program
+# computes it from each input's size, with torchvision's values.
+def _resize_image_and_masks(image: Tensor, self_min_size: int, self_max_size: int, target=None, fixed_size=None):
+    """torchvision's inference resize: the scale that brings the shorter side to ``self_min_size`` unless the longer
+    would pass ``self_max_size``, each side ``trunc(side * scale)`` in double precision (``interpolate`` with
+    ``recompute_scale_factor=True``), bilinear. ``torch.sym_min`` picks the scale where torchvision's Python ``min``
+    would branch; the interpolation then gets the size, which is what ``recompute_scale_factor`` gives it."""
+    if target is not None or fixed_size is not None:
+        raise NotImplementedError("the export resizes images without targets or a fixed size")
+    height, width = image.shape[-2:]
+    scale = torch.sym_min(self_min_size / torch.sym_float(torch.sym_min(height, width)),
+                          self_max_size / torch.sym_float(torch.sym_max(height, width)))
+    size = [torch.sym_int(torch.sym_float(height) * scale), torch.sym_int(torch.sym_float(width) * scale)]
+    return F.interpolate(image[None], size=size, mode="bilinear", align_corners=False)[0], None
+
+
+def _resize_boxes(boxes: Tensor, original_size: List[int], new_size: List[int]) -> Tensor:
+    """Boxes scaled from one image size to another by the ratio of the sizes, in float32 as torchvision's, with the
+    sizes made tensors by ``torch.scalar_tensor`` (``torch.tensor`` of a symbolic size fixes it)."""
+    ratio_height, ratio_width = (torch.scalar_tensor(new, dtype=torch.float32, device=boxes.device)
+                                 / torch.scalar_tensor(old, dtype=torch.float32, device=boxes.device)
+                                 for new, old in zip(new_size, original_size, strict=True))
+    return boxes * torch.stack([ratio_width, ratio_height, ratio_width, ratio_height])
+
+
+def _batch_images(self, images: List[Tensor], size_divisible: int = 32) -> Tensor:
+    """``GeneralizedRCNNTransform.batch_images`` for one image: zeros below and right of it up to the next multiple of
+    ``size_divisible``, as ``(side + divisible - 1) // divisible * divisible`` in integers, where torchvision goes
+    through ``float(side)`` (which fixes a symbolic size) and copies into a slice (whose bound export cannot prove)."""
+    if len(images) != 1:
+        raise NotImplementedError("the export batches one image")
+    (image,) = images
+    height, width = image.shape[-2:]
+    pad_height = (height + size_divisible - 1) // size_divisible * size_divisible - height
+    pad_width = (width + size_divisible - 1) // size_divisible * size_divisible - width
+    return F.pad(image, (0, pad_width, 0, pad_height))[None]
+
+
+def _topk_min(input: Tensor, orig_kval: int, axis: int):
+    """``min(k, size)`` as ``torch.sym_min``, where the number of anchors depends on the image size."""
+    return torch.sym_min(orig_kval, input.size(axis))
+
+
 @contextlib.contextmanager
 def traceable_torchvision() -> Iterator[None]:
     """torchvision's detection functions replaced by their branch-free twins, for the duration of a trace."""
     places = [(box_ops, "batched_nms", _batched_nms), (poolers, "_multiscale_roi_align", _multiscale_roi_align),
-              (detection_transform, "paste_masks_in_image", _paste_masks_in_image)]
+              (detection_transform, "paste_masks_in_image", _paste_masks_in_image),
+              (detection_transform, "_resize_image_and_masks", _resize_image_and_masks),
+              (detection_transform, "resize_boxes", _resize_boxes), (detection_utils, "_topk_min", _topk_min),
+              (detection_transform.GeneralizedRCNNTransform, "batch_images", _batch_images)]
     saved = [getattr(module, name) for module, name, _ in places]
     for module, name, twin in places:
         setattr(module, name, twin)
@@ -153,21 +215,52 @@ def traceable_torchvision() -> Iterator[None]:
             setattr(module, name, original)
 
 
-def program(task: BackboneTask, image_size: Optional[Sequence[int]]) -> torch.export.ExportedProgram:
-    """The ``torch.export`` program of ``task`` whole (:class:`ExportedDetector` or :class:`ExportedClassifier`)."""
+def program(task: BackboneTask, image_size: Optional[Sequence[int]] = None) -> torch.export.ExportedProgram:
+    """The ``torch.export`` program of ``task`` whole (:class:`ExportedDetector` or :class:`ExportedClassifier`), for
+    any image height and width (and, the classifier, any batch); ``image_size`` is the size it is traced at."""
     module = export_module(task)
+    if image_size is None and isinstance(task, ObjectDetector):  # a size the detector keeps: its own min_size
+        transform = task.model.transform
+        image_size = transform.min_size[-1], min(transform.max_size, transform.min_size[-1] * 5 // 4)
     height, width = image_size or (224, 224)
     image = torch.rand(3, height, width, generator=torch.Generator().manual_seed(0))
+    # sides from 64 px: at 32 or less a classifier's C5 is 1x1, a size torch.export would have to treat apart (a
+    # detector resizes the image first: its guards are on the resized size, see the module docstring)
+    dims = [torch.export.Dim(name, min=low, max=MAX_SIDE) for name, low in (("batch", 1), ("height", MIN_SIDE),
+                                                                             ("width", MIN_SIDE))]
     with torch.no_grad():
         if isinstance(task, ObjectDetector):
+            # torchvision's MultiScaleRoIAlign infers its levels' scales from the first image it sees, in Python
+            # floats, and keeps them: one eager call here fixes them as the task would, before the trace
+            module(image)
             with traceable_torchvision():
-                return torch.export.export(module, (image,), strict=False)
-        # sides from 64 px: at 32 or less, C5 is 1x1, a size torch.export would have to treat apart
-        dims = [torch.export.Dim(name, min=low, max=4096) for name, low in (("batch", 1), ("height", 64),
-                                                                           ("width", 64))]
+                return torch.export.export(module, (image,), dynamic_shapes=({1: dims[1], 2: dims[2]},),
+                                           strict=False)
         batch = torch.stack([image, image.flip(-1)])  # traced at batch 2: a size of 1 would be specialised
         return torch.export.export(module, (batch,), dynamic_shapes=({0: dims[0], 2: dims[1], 3: dims[2]},),
                                    strict=False)
+
+
+def onnx_program(exported: torch.export.ExportedProgram, inputs: List[str], outputs: Optional[List[str]]):
+    """``exported`` translated to ONNX by torch.onnx, with its arithmetic on symbolic sizes (the detector's resize
+    scale and resized size) in float64, as Python computes it in the program: torch.onnx's translations of
+    ``torch.sym_float`` and ``/`` cast to float32, which gives another resized size than torchvision's for about one
+    image size in ten."""
+    import operator
+
+    import onnxscript
+    from onnxscript import opset18 as op
+
+    double = onnxscript.DOUBLE.dtype
+
+    def sym_float(x):
+        return op.Cast(x, to=double)
+
+    def truediv(a, b):
+        return op.Div(op.Cast(a, to=double), op.Cast(b, to=double))
+
+    return torch.onnx.export(exported, dynamo=True, input_names=inputs, output_names=outputs, verbose=False,
+                             custom_translation_table={torch.sym_float: sym_float, operator.truediv: truediv})
 
 
 def export(checkpoint: str, fmt: str, output: str, image_size: Optional[Sequence[int]] = None) -> Path:
@@ -177,10 +270,6 @@ def export(checkpoint: str, fmt: str, output: str, image_size: Optional[Sequence
         raise ValueError(f"--format {fmt!r} is not supported; choose one of {list(FORMATS)}")
     task = load_task(checkpoint)
     detector = isinstance(task, ObjectDetector)
-    if detector and image_size is None:
-        raise ValueError("exporting a detector needs --image-size H W, the image size the exported model takes: "
-                         "torchvision's detectors compute their resize from the image size in Python, which "
-                         "torch.export fixes to the size it traces. Resize or pad images to it before inference")
     exported = program(task, image_size)
     out = Path(output)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -189,14 +278,11 @@ def export(checkpoint: str, fmt: str, output: str, image_size: Optional[Sequence
     else:
         outputs = ["boxes", "scores", "labels", "masks"][:4 if task.predicts_masks else 3] if detector else \
             ["probabilities"]
-        onnx = torch.onnx.export(exported, dynamo=True, input_names=["image" if detector else "images"],
-                                 output_names=outputs, verbose=False)
+        onnx = onnx_program(exported, ["image" if detector else "images"], outputs)
         onnx.save(str(out))
     classes = {"category_ids": list(task.label_map.category_ids), "names": list(task.label_map.names),
                "task": type(task).__name__, "input": "RGB float in [0, 1], " +
-               ("one image (3, H, W)" if detector else "images (N, 3, H, W)")}
-    if detector:
-        classes["image_size"] = list(image_size)
+               ("one image (3, H, W)" if detector else "images (N, 3, H, W)"), "sides": [MIN_SIDE, MAX_SIDE]}
     Path(f"{out}.classes.json").write_text(json.dumps(classes, indent=2))
     return out
 
@@ -208,7 +294,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--format", required=True, choices=FORMATS, help="onnx or torch_export (a .pt2 program)")
     parser.add_argument("--output", required=True, help="file to write (.onnx, .pt2)")
     parser.add_argument("--image-size", type=int, nargs=2, metavar=("H", "W"),
-                        help="detectors: the image size the exported model takes (classifiers take any size)")
+                        help="the image size to trace at (default: detectors their min_size, classifiers 224x224); "
+                             "the exported model takes any")
     args = parser.parse_args(argv)
     try:
         path = export(args.checkpoint, args.format, args.output, args.image_size)
