@@ -12,17 +12,17 @@ Both formats come from one ``torch.export`` program: ``torch_export`` saves it (
 width from 64 to 4096 px (the classifier any batch too); ``--image-size H W`` only sets the size traced (default: a
 detector's ``min_size`` by 5/4 of it, a classifier 224 x 224).
 
-torchvision's detectors compute their resize scale, padding and box rescaling with Python arithmetic on the image
-size, which ``torch.export`` would fix to the traced size; while tracing, :func:`traceable_torchvision` puts twins in
-their place that do the same arithmetic on symbolic sizes (and twins of the functions that branch on the number of
-boxes). Two limits remain. torch.export treats a size of 1 apart, so the coarsest feature map, traced at 2 cells or
-more a side, must stay so: the resized image (shorter side ``min_size`` unless the longer would pass ``max_size``)
-needs sides above 64 px for Faster / Mask R-CNN (P6, stride 64), above 128 px for RetinaNet and FCOS (P7, stride
-128). A RetinaNet or FCOS with ``min_size`` 128 or less therefore exports for its traced size's shape only; otherwise
-only images of an aspect ratio beyond ``max_size`` / 65 (R-CNN) or / 129 are refused (the torch_export program
-raises ``Guard failed``; the ONNX file checks nothing). And torchvision's MultiScaleRoIAlign takes its levels' scales
-from the first image it sees and keeps them; the export takes them from the traced image, as the eager model would
-from an image of that size (the same scales for any resized height above 67 px).
+torchvision's detectors compute their resize scale, padding and box rescaling with Python arithmetic on the image size,
+which ``torch.export`` would fix to the traced size; while tracing, :func:`traceable_torchvision` puts twins in their
+place that do the same arithmetic on symbolic sizes (and twins of the functions that branch on the number of boxes,
+which also let NMS keep fewer than 2). Two limits remain. torch.export treats a size of 1 apart, so the coarsest feature
+map, traced at 2 cells or more a side, must stay so: the resized image (shorter side ``min_size`` unless the longer
+would pass ``max_size``) needs sides above 64 px for Faster / Mask R-CNN (P6, stride 64), above 128 px for RetinaNet and
+FCOS (P7, stride 128). A RetinaNet or FCOS with ``min_size`` 128 or less therefore exports for its traced size's shape
+only; otherwise only images of an aspect ratio beyond ``max_size`` / 65 (R-CNN) or / 129 are refused (the torch_export
+program raises ``Guard failed``; the ONNX file checks nothing). And torchvision's MultiScaleRoIAlign takes its levels'
+scales from the first image it sees and keeps them; the export takes them from the traced image, as the eager model
+would from an image of that size (the same scales for any resized height above 67 px).
 (torch.onnx's older TorchScript exporter gave other detections than the model for some image sizes when tried with
 torch 2.14 / torchvision 0.29, also on torchvision's own backbone.)
 """
@@ -101,14 +101,28 @@ def export_module(task: BackboneTask) -> nn.Module:
     return (ExportedDetector(task) if isinstance(task, ObjectDetector) else ExportedClassifier(task)).eval()
 
 
-# -- torch.export: two torchvision functions branch in Python on data-dependent sizes (the number of boxes left
-# after a threshold); their twins below compute the same values without such branches, and stand in for them only
-# while a program is traced.
+# -- torch.export: torchvision's detection functions branch or loop in Python on data-dependent sizes (the number of
+# boxes left after a threshold or NMS); their twins below compute the same values without such branches, and stand in
+# for them only while a program is traced.
 def _batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: float) -> Tensor:
     """NMS per class in one call: each class's boxes moved apart by more than the largest coordinate (the same
-    result as torchvision's ``batched_nms``, which loops over classes above 4,000 boxes on the CPU)."""
+    result as torchvision's ``batched_nms``, which loops over classes above 4,000 boxes on the CPU). Two boxes apart
+    from all others, scored below them, go in and come out last, and are dropped: torchvision's fake ``nms`` tells
+    torch.export that it keeps at least 2 boxes, which the program asserts at run time (fewer would raise)."""
     extent = torch.cat([boxes.reshape(-1), boxes.new_zeros(1)]).max()  # defined on no boxes too
-    return torch.ops.torchvision.nms(boxes + (idxs.to(boxes) * (extent + 1))[:, None], scores, iou_threshold)
+    moved = boxes + (idxs.to(boxes) * (extent + 1))[:, None]
+    top = torch.cat([moved.reshape(-1), moved.new_zeros(1)]).max()
+    apart = top + torch.tensor([[1.0, 1.0, 2.0, 2.0], [3.0, 3.0, 4.0, 4.0]], dtype=boxes.dtype, device=boxes.device)
+    below = (torch.cat([scores, scores.new_zeros(1)]).min() - 1).expand(2)
+    return torch.ops.torchvision.nms(torch.cat([moved, apart]), torch.cat([scores, below]), iou_threshold)[:-2]
+
+
+def _decode(self, rel_codes: Tensor, boxes: List[Tensor]) -> Tensor:
+    """``BoxCoder.decode`` of ``(boxes, 4 * k)`` codes (what the RPN and the box head give it) into ``(boxes, k, 4)``
+    with the sizes spelled out, where torchvision reshapes by ``-1`` only when there are boxes (a ``-1`` is ambiguous
+    on none): a branch on the number of boxes NMS kept."""
+    concat_boxes = torch.cat(boxes, dim=0)
+    return self.decode_single(rel_codes, concat_boxes).reshape(concat_boxes.shape[0], rel_codes.shape[-1] // 4, 4)
 
 
 def _multiscale_roi_align(features: List[Tensor], boxes: List[Tensor], output_size: List[int], sampling_ratio: int,
@@ -192,7 +206,7 @@ def _batch_images(self, images: List[Tensor], size_divisible: int = 32) -> Tenso
     return F.pad(image, (0, pad_width, 0, pad_height))[None]
 
 
-def _topk_min(input: Tensor, orig_kval: int, axis: int):
+def _topk_min(input: Tensor, orig_kval: int, axis: int) -> int:
     """``min(k, size)`` as ``torch.sym_min``, where the number of anchors depends on the image size."""
     return torch.sym_min(orig_kval, input.size(axis))
 
@@ -204,7 +218,8 @@ def traceable_torchvision() -> Iterator[None]:
               (detection_transform, "paste_masks_in_image", _paste_masks_in_image),
               (detection_transform, "_resize_image_and_masks", _resize_image_and_masks),
               (detection_transform, "resize_boxes", _resize_boxes), (detection_utils, "_topk_min", _topk_min),
-              (detection_transform.GeneralizedRCNNTransform, "batch_images", _batch_images)]
+              (detection_transform.GeneralizedRCNNTransform, "batch_images", _batch_images),
+              (detection_utils.BoxCoder, "decode", _decode)]
     saved = [getattr(module, name) for module, name, _ in places]
     for module, name, twin in places:
         setattr(module, name, twin)

@@ -159,6 +159,24 @@ def test_a_detector_exports_to_a_torch_export_program_with_the_same_detections_a
     assert json.loads((tmp_path / "detector.pt2.classes.json").read_text())["names"] == ["square", "disk", "triangle"]
 
 
+@pytest.mark.parametrize("architecture", ["faster_rcnn", "retinanet", "fcos", "mask_rcnn"])
+def test_an_exported_detector_gives_no_detections_where_the_model_gives_none(architecture):
+    from tasks import ObjectDetector
+    from tasks.export import program
+
+    torch.manual_seed(0)
+    score = {"box_score_thresh": 0.99} if architecture.endswith("rcnn") else {"score_thresh": 0.99}
+    task = ObjectDetector(architecture=architecture, backbone="resnet18", num_classes=3, min_size=160, max_size=224,
+                          norm="bn", trainable_stages=5, detector_kwargs=score)  # random weights: no score passes
+    exported = program(randomize_norm_stats(task).eval()).module()
+    image = torch.rand(3, 120, 90, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert len(task([image])[0]["boxes"]) == 0
+        boxes, scores, labels, *masks = exported(image)
+    assert boxes.shape == (0, 4) and scores.shape == labels.shape == (0,)
+    assert [m.shape for m in masks] == ([(0, 1, 120, 90)] if architecture == "mask_rcnn" else [])
+
+
 @pytest.mark.parametrize("fmt", ["onnx", "torch_export"])
 def test_a_classifier_exports_with_any_batch_and_image_size(fmt, tmp_path):
     from tasks import ImageClassifier
