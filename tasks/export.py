@@ -18,11 +18,12 @@ place that do the same arithmetic on symbolic sizes (and twins of the functions 
 which also let NMS keep fewer than 2). Two limits remain. torch.export treats a size of 1 apart, so the coarsest feature
 map, traced at 2 cells or more a side, must stay so: the resized image (shorter side ``min_size`` unless the longer
 would pass ``max_size``) needs sides above 64 px for Faster / Mask R-CNN (P6, stride 64), above 128 px for RetinaNet and
-FCOS (P7, stride 128). A RetinaNet or FCOS with ``min_size`` 128 or less therefore exports for its traced size's shape
-only; otherwise only images of an aspect ratio beyond ``max_size`` / 65 (R-CNN) or / 129 are refused (the torch_export
-program raises ``Guard failed``; the ONNX file checks nothing). And torchvision's MultiScaleRoIAlign takes its levels'
-scales from the first image it sees and keeps them; the export takes them from the traced image, as the eager model
-would from an image of that size (the same scales for any resized height above 67 px).
+FCOS (P7, stride 128). A detector whose ``min_size`` is that stride or less takes only images resized on the same side
+of it as the traced image (:func:`warn_of_one_cell_levels`); otherwise only images of an aspect ratio beyond
+``max_size`` / 65 (R-CNN) or / 129 are refused (the torch_export program raises ``Guard failed``; the ONNX file checks
+nothing). And torchvision's MultiScaleRoIAlign takes its levels' scales from the first image it sees and keeps them;
+the export takes them from the traced image, as the eager model would from an image of that size (the same scales
+for any resized height above 67 px).
 (torch.onnx's older TorchScript exporter gave other detections than the model for some image sizes when tried with
 torch 2.14 / torchvision 0.29, also on torchvision's own backbone.)
 """
@@ -32,6 +33,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import warnings
 from pathlib import Path
 from typing import Iterator, List, Optional, Sequence, Tuple
 
@@ -46,10 +48,11 @@ from torchvision.ops import poolers, roi_align
 
 from .base import BackboneTask
 from .classification import ImageClassifier
-from .detection import ObjectDetector
+from .detection import ARCHITECTURES, ObjectDetector
 
 FORMATS = ("onnx", "torch_export")
 MIN_SIDE, MAX_SIDE = 64, 4096  # the image sides an exported model takes
+COARSEST_STRIDE = {"pool": 64, "p6p7": 128}  # a detector FPN's extra levels -> the stride of its coarsest level
 TASKS = {"tasks.ObjectDetector": ObjectDetector, "tasks.detection.ObjectDetector": ObjectDetector,
          "tasks.ImageClassifier": ImageClassifier, "tasks.classification.ImageClassifier": ImageClassifier}
 
@@ -239,6 +242,8 @@ def program(task: BackboneTask, image_size: Optional[Sequence[int]] = None) -> t
         image_size = transform.min_size[-1], min(transform.max_size, transform.min_size[-1] * 5 // 4)
     height, width = image_size or (224, 224)
     image = torch.rand(3, height, width, generator=torch.Generator().manual_seed(0))
+    if isinstance(task, ObjectDetector):
+        warn_of_one_cell_levels(task, image)
     # sides from 64 px: at 32 or less a classifier's C5 is 1x1, a size torch.export would have to treat apart (a
     # detector resizes the image first: its guards are on the resized size, see the module docstring)
     dims = [torch.export.Dim(name, min=low, max=MAX_SIDE) for name, low in (("batch", 1), ("height", MIN_SIDE),
@@ -254,6 +259,21 @@ def program(task: BackboneTask, image_size: Optional[Sequence[int]] = None) -> t
         batch = torch.stack([image, image.flip(-1)])  # traced at batch 2: a size of 1 would be specialised
         return torch.export.export(module, (batch,), dynamic_shapes=({0: dims[0], 2: dims[1], 3: dims[2]},),
                                    strict=False)
+
+
+def warn_of_one_cell_levels(task: ObjectDetector, image: Tensor) -> None:
+    """Warn where the detector's resize can leave its coarsest feature level one cell a side: torch.export treats a
+    size of 1 apart, so the program takes only images whose resized sides fall where the traced image's did."""
+    stride = COARSEST_STRIDE[ARCHITECTURES[task.hparams.architecture].extra_blocks]
+    transform = task.model.transform
+    if transform.min_size[-1] <= stride:
+        traced, resized = tuple(image.shape[-2:]), tuple(transform.resize(image, None)[0].shape[-2:])
+        warnings.warn(f"model.min_size={transform.min_size[-1]} resizes images to a shorter side of at most "
+                      f"{transform.min_size[-1]} px, where {task.hparams.architecture}'s coarsest feature level "
+                      f"(stride {stride}) can be one cell a side: the exported program takes only images whose resized "
+                      f"sides are on the same side of {stride} px as the traced image's ({traced} resized to "
+                      f"{resized}; others raise 'Guard failed'). A detector with min_size above {stride} exports for "
+                      "any image size", stacklevel=2)
 
 
 def onnx_program(exported: torch.export.ExportedProgram, inputs: List[str], outputs: Optional[List[str]]):

@@ -5,6 +5,7 @@ whole trained models (``python -m tasks export``).
 """
 
 import json
+import warnings
 
 import pytest
 import torch
@@ -220,3 +221,25 @@ def test_the_export_command_writes_a_detector_that_takes_any_image_size(tmp_path
     with pytest.raises(SystemExit, match="2"):
         main([str(tmp_path / "missing.ckpt"), "--format", "onnx", "--output", str(tmp_path / "x.onnx")])
     assert f"checkpoint {tmp_path / 'missing.ckpt'} does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("architecture, min_size, warns", [("retinanet", 128, True), ("faster_rcnn", 64, True),
+                                                          ("faster_rcnn", 96, False)])
+def test_exporting_a_detector_whose_coarsest_level_can_be_one_cell_warns_which_images_it_takes(architecture, min_size,
+                                                                                              warns):
+    """RetinaNet's P7 has stride 128, Faster R-CNN's P6 64: a shorter side resized to that or less can give it one
+    cell, a size torch.export treats apart."""
+    from tasks import ObjectDetector
+    from tasks.export import program
+
+    task = ObjectDetector(architecture=architecture, backbone="resnet18", num_classes=3, min_size=min_size,
+                          max_size=min_size * 2, norm="bn", trainable_stages=5).eval()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        exported = program(task).module()
+    messages = [str(w.message) for w in caught if "coarsest feature level" in str(w.message)]
+    assert len(messages) == warns
+    if warns:
+        assert f"model.min_size={min_size}" in messages[0] and "Guard failed" in messages[0]
+    else:  # and the program takes images of other shapes
+        assert len(exported(torch.rand(3, 150, 100))) == 3
