@@ -139,7 +139,7 @@ def test_the_exports_mask_pasting_equals_torchvisions():
     assert _paste_masks_in_image(masks[:0], boxes[:0], (128, 120)).shape == (0, 1, 128, 120)
 
 
-@pytest.mark.parametrize("architecture", ["faster_rcnn", "retinanet", "fcos", "mask_rcnn"])
+@pytest.mark.parametrize("architecture", ["faster_rcnn", "mask_rcnn"])  # the ONNX test runs all four's programs
 def test_a_detector_exports_to_a_torch_export_program_with_the_same_detections_at_any_size(architecture, tiny_coco,
                                                                                            tmp_path):
     from tasks.export import export, load_task
