@@ -45,15 +45,7 @@ _AMX = {torch.bfloat16: ("_is_amx_tile_supported", "AVX10_1_512_AMX"),
 # than the eval norm it replaces, then the add and the ReLU each pass over the output again; fused, ResNeXt-50 ran
 # 1.9-2.6x torchvision's eager/autocast inference (H200, batch 64; fp32 with TF32, bf16, fp16) instead of 0.94-1.11x.
 _CUDNN_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-
-def _cudnn_fuses(x: Tensor, weight: Tensor) -> bool:
-    """Whether cuDNN's fused kernel takes ``x``: CUDA (not ROCm), the weights' dtype, no autograd (the fused ops
-    have no backward), no other autocast dtype, no compile (Inductor fuses the plain ops itself)."""
-    return (x.is_cuda and torch.version.hip is None and torch.backends.cudnn.enabled and x.dtype == weight.dtype
-            and x.dtype in _CUDNN_DTYPES and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
-            and (not torch.is_autocast_enabled("cuda") or torch.get_autocast_dtype("cuda") == x.dtype)
-            and not torch.compiler.is_compiling())
+ONEDNN, CUDNN = "onednn", "cudnn"  # the fused kernels FusedConv2d.kernel picks
 
 
 def amx_group_widths() -> Dict[torch.dtype, int]:
@@ -92,12 +84,13 @@ class FusedConv2d(nn.Module):
                 f"groups={self.groups}, relu={self.relu}")
 
     def forward(self, x: Tensor, shortcut: Optional[Tensor] = None, inplace: bool = False,
-                onednn: Optional[bool] = None) -> Tensor:
+                kernel: Optional[str] = "ask") -> Tensor:
         """One kernel where it can: oneDNN's on the CPU, cuDNN's convolution-bias-add-ReLU on CUDA (with a ReLU);
         else ``F.conv2d`` and the elementwise ops. ``inplace``: the sum may be written into ``shortcut`` (saves an
-        activation-sized allocation). ``onednn``: whether ``x`` suits the oneDNN kernel (:meth:`runs_onednn`), where
-        the caller knows; ``None`` checks."""
-        if self.runs_onednn(x) if onednn is None else onednn:
+        activation-sized allocation). ``kernel``: :meth:`kernel`'s answer for ``x``, where the caller knows it;
+        ``"ask"`` asks."""
+        kernel = self.kernel(x) if kernel == "ask" else kernel
+        if kernel == ONEDNN:
             weight, groups = self._packed_weight(x)
             args = (weight, self.bias, self.padding, self.stride, self.dilation, groups)
             if shortcut is None:
@@ -105,7 +98,7 @@ class FusedConv2d(nn.Module):
             op = torch.ops.mkldnn._convolution_pointwise_ if inplace else torch.ops.mkldnn._convolution_pointwise
             first, second = (shortcut, x) if inplace else (x, shortcut)  # the in-place op takes its target first
             return op.binary(first, second, *args, "add", 1.0, "relu" if self.relu else None, [], None)
-        if self.relu and _cudnn_fuses(x, self.weight):
+        if kernel == CUDNN and self.relu:
             args = (self.bias, self.stride, self.padding, self.dilation, self.groups)
             if shortcut is None:
                 return torch.cudnn_convolution_relu(x, self.weight, *args)
@@ -115,16 +108,26 @@ class FusedConv2d(nn.Module):
             out += shortcut
         return F.relu_(out) if self.relu else out
 
-    def runs_onednn(self, x: Tensor) -> bool:
-        """Whether ``x`` goes to the oneDNN kernel (CPU, channels_last, the weights' dtype, no autograd, no
-        compile). The kernel's output passes too, so a block checks once for all its convolutions: checking at each
-        convolution made a batch-1 bf16 ResNeXt-50 forward 5-8% slower (A/B in one process, AMX Xeon, 2 threads)."""
-        return (_ONEDNN and torch.backends.mkldnn.enabled and x.device.type == "cpu" and x.dim() == 4
-                and x.is_contiguous(memory_format=torch.channels_last)
-                and x.dtype == self.weight.dtype and x.dtype in _ONEDNN_DTYPES
-                and not (x.requires_grad and torch.is_grad_enabled())
-                and (not torch.is_autocast_enabled("cpu") or torch.get_autocast_dtype("cpu") == x.dtype)
-                and not torch.compiler.is_compiling())
+    def kernel(self, x: Tensor) -> Optional[str]:
+        """Which fused kernel takes ``x``: :data:`ONEDNN` (CPU, channels_last, a dtype this CPU's oneDNN computes),
+        :data:`CUDNN` (CUDA, not ROCm; used where there is a ReLU to fuse), or ``None``, the plain ops: for another
+        dtype than the weights', autograd (the fused ops have no backward), autocast to another dtype, compile
+        (Inductor fuses the plain ops itself). The kernel's output is taken too, so a block asks once for all its
+        convolutions: asking at each made a batch-1 bf16 ResNeXt-50 forward 5-8% slower (A/B in one process, AMX
+        Xeon, 2 threads)."""
+        if x.dtype != self.weight.dtype or torch.compiler.is_compiling():
+            return None
+        device = x.device.type
+        if device not in ("cpu", "cuda") or (torch.is_autocast_enabled(device)
+                                             and torch.get_autocast_dtype(device) != x.dtype):
+            return None
+        if device == "cpu":
+            return ONEDNN if (_ONEDNN and torch.backends.mkldnn.enabled and x.dim() == 4
+                              and x.is_contiguous(memory_format=torch.channels_last) and x.dtype in _ONEDNN_DTYPES
+                              and not (x.requires_grad and torch.is_grad_enabled())) else None
+        return CUDNN if (torch.version.hip is None and torch.backends.cudnn.enabled and x.dtype in _CUDNN_DTYPES
+                         and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))) \
+            else None
 
     def _packed_weight(self, x: Tensor) -> Tuple[Tensor, int]:
         # oneDNN picks its kernel, and the weight layout it wants, by input shape: a weight packed for another
@@ -193,7 +196,7 @@ class FusedBlock(nn.Module):
 
     Keeps the block's attribute names (``conv1``.., ``downsample.0``) so state dict keys stay those of the
     block less its norms. The shortcut convolution is called itself, with the block's one check of its input
-    (:meth:`FusedConv2d.runs_onednn`): hooks on ``downsample``, the ``Sequential`` that keeps its name, do not run.
+    (:meth:`FusedConv2d.kernel`): hooks on ``downsample``, the ``Sequential`` that keeps its name, do not run.
     ``reuse_input``: the shortcut sum may overwrite the block's input (the trunk sets it, as it never reads a
     block's input again; a caller of the block itself keeps its tensor by default).
     """
@@ -210,11 +213,11 @@ class FusedBlock(nn.Module):
         self.reuse_input = reuse_input
 
     def forward(self, x: Tensor) -> Tensor:
-        onednn = self.conv1.runs_onednn(x)  # the block's other convolutions see the same kind of tensor
-        shortcut = x if self.downsample is None else self.downsample[0](x, onednn=onednn)
+        kernel = self.conv1.kernel(x)  # the block's other convolutions see the same kind of tensor
+        shortcut = x if self.downsample is None else self.downsample[0](x, kernel=kernel)
         *inner, last = self.convs
         out = x
         for name in inner:
-            out = getattr(self, name)(out, onednn=onednn)
+            out = getattr(self, name)(out, kernel=kernel)
         return getattr(self, last)(out, shortcut, inplace=self.reuse_input or self.downsample is not None,
-                                   onednn=onednn)
+                                   kernel=kernel)
