@@ -236,20 +236,20 @@ def traceable_torchvision() -> Iterator[None]:
 def program(task: BackboneTask, image_size: Optional[Sequence[int]] = None) -> torch.export.ExportedProgram:
     """The ``torch.export`` program of ``task`` whole (:class:`ExportedDetector` or :class:`ExportedClassifier`), for
     any image height and width (and, the classifier, any batch); ``image_size`` is the size it is traced at."""
-    module = export_module(task)
-    if image_size is None and isinstance(task, ObjectDetector):  # a size the detector keeps: its own min_size
+    module, detector = export_module(task), isinstance(task, ObjectDetector)
+    if image_size is None and detector:  # a size the detector keeps: its own min_size
         transform = task.model.transform
         image_size = transform.min_size[-1], min(transform.max_size, transform.min_size[-1] * 5 // 4)
     height, width = image_size or (224, 224)
     image = torch.rand(3, height, width, generator=torch.Generator().manual_seed(0))
-    if isinstance(task, ObjectDetector):
+    if detector:
         warn_of_one_cell_levels(task, image)
     # sides from 64 px: at 32 or less a classifier's C5 is 1x1, a size torch.export would have to treat apart (a
     # detector resizes the image first: its guards are on the resized size, see the module docstring)
     dims = [torch.export.Dim(name, min=low, max=MAX_SIDE) for name, low in (("batch", 1), ("height", MIN_SIDE),
                                                                              ("width", MIN_SIDE))]
     with torch.no_grad():
-        if isinstance(task, ObjectDetector):
+        if detector:
             # torchvision's MultiScaleRoIAlign infers its levels' scales from the first image it sees, in Python
             # floats, and keeps them: one eager call here fixes them as the task would, before the trace
             module(image)
