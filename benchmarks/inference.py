@@ -31,9 +31,9 @@ from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 import resnext_backbones as rb
+from resnext_backbones.deployment import isa_flags, native_support
 from resnext_backbones.onednn import ONEDNN_ISA_VARIABLES, onednn_isa_limit
 from tasks import ImageClassifier, ObjectDetector
-from tasks.inference import isa_flags, native_support
 
 from .backbone import build_pair
 from .common import benchmark_parser, machine, median_seconds_alternating, pin_malloc, publish
@@ -215,7 +215,7 @@ def main(argv=None) -> str:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     allocator = pin_malloc()  # freed activations stay mapped: no page faults that depend on what ran before
-    bf16 = native_support("bf16", torch.device("cpu"))
+    bf16 = native_support(torch.bfloat16, torch.device("cpu"))
     note = "" if bf16 else " bf16 rows: none, bf16 is not native here (AMX or AVX-512 BF16, open to oneDNN)."
     header = f"Machine: {machine()}; ISA: {isa_flags()}; {allocator}.{note}"
     # ONEDNN_MAX_CPU_ISA=AVX2 (with ATEN_CPU_CAPABILITY=avx2) runs this CPU as one without AVX-512 and bf16: its own

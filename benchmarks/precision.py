@@ -18,8 +18,8 @@ from typing import Optional
 import torch
 from lightning.pytorch import Trainer
 
+from resnext_backbones.deployment import isa_flags
 from tasks import ImageClassifier, ObjectDetector
-from tasks.inference import isa_flags
 
 from .common import benchmark_parser, machine, publish
 from .detector import Repeat, StepTimer, make_batch

@@ -1,3 +1,3 @@
-from .export import main
+from .convert import main
 
 main()

@@ -49,6 +49,15 @@ class ResNeXtFPN(nn.Module):
         self.out_channels = out_channels
         self.extra_blocks = extra_blocks
 
+    @property
+    def strides(self) -> Dict[str, int]:
+        """Each output level's stride in input pixels: ``"0".."N-1"`` those of the trunk's features, ``"pool"`` twice
+        the last, ``"p6"``/``"p7"`` twice and four times the last (torchvision's extra blocks)."""
+        strides = {str(i): self.body.strides[name] for i, name in enumerate(self.returned_features)}
+        last = strides[str(len(self.returned_features) - 1)]
+        extra = {"pool": {"pool": 2 * last}, "p6p7": {"p6": 2 * last, "p7": 4 * last}, None: {}}[self.extra_blocks]
+        return {**strides, **extra}
+
     def forward(self, x: Tensor) -> Dict[str, Tensor]:
         feats = self.body(x)
         levels: Dict[str, Tensor] = OrderedDict()

@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import random
-from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Dict, Iterable, Iterator, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -52,16 +52,19 @@ class BackboneTask(LightningModule):
         skip_nonfinite_loss: on a NaN/inf loss, skip the step (zero gradient; momentum and weight decay still
             apply) and count it, instead of stopping with an error that names the step and the batch.
         inference_precision: ``32`` | ``bf16`` | ``16``: the precision of validate, test and predict, whatever
-            ``trainer.precision`` (the training precision) is. Low precision runs the trunk natively and the FPN
-            under autocast; heads and postprocessing stay float32. Applied where the device computes it natively
-            (CUDA; CPUs with AMX or AVX-512 BF16 / FP16); elsewhere a warning, once, and float32.
-        fused_inference: validate, test and predict run a fused channels_last copy of the trunk (norms folded into
-            the convolutions) and copies of the FPN and heads with packed convolutions (:mod:`tasks.inference`),
-            rebuilt whenever the weights change; ``false`` runs the model as trained. A GroupNorm trunk is never
-            fused.
+            ``trainer.precision`` (the training precision) is. Low precision runs the trunk, the FPN and the heads'
+            networks natively in that dtype; box decoding and the rest of postprocessing stay float32. Applied where
+            the device computes it natively (CUDA; CPUs with AMX or AVX-512 BF16 / FP16); elsewhere a warning, once,
+            and float32.
+        fused_inference: validate, test and predict run the network's inference copy
+            (:func:`resnext_backbones.inference_copy`: the trunk fused, norms folded into its convolutions; the FPN
+            and heads on packed convolutions; RoI poolers as sparse products on the CPU), rebuilt whenever the
+            weights change; ``false`` runs the model as trained (in ``inference_precision``). A GroupNorm trunk is
+            never fused.
     """
 
     STAGES = ("val", "test")
+    INFERENCE_NETWORK: str  # the child that validate/test/predict replace by its inference copy
 
     def __init__(self, *, num_classes: int, categories: Optional[Dict[int, str]], optimizer: OptimizerCallable,
                  lr_schedule: str, warmup_steps: int, milestones: Sequence[float], gamma: float = 0.1,
@@ -109,23 +112,11 @@ class BackboneTask(LightningModule):
 
     @contextlib.contextmanager
     def inference(self) -> Iterator[None]:
-        """Inside the block, forwards run as validate/test/predict do (:mod:`tasks.inference`): the trunk's fused
-        copy in its place, at ``inference_precision`` (with the FPN and heads, in low precision), with any autocast of
-        the trainer's turned off around it."""
-        parent, name, trunk_name = self.backbone_slot()
+        """Inside the block, forwards run as validate/test/predict do (:mod:`tasks.inference`): the network's
+        inference copy in its place, at ``inference_precision``, with any autocast of the trainer's turned off."""
         with torch.autocast(self.device.type, enabled=False), \
-                self.inference_runner.swapped_in(self, (parent, name), self.trunk_module(), trunk_name,
-                                                 self.head_slots()):
+                self.inference_runner.swapped_in(self, self.INFERENCE_NETWORK):
             yield
-
-    def backbone_slot(self) -> Tuple[nn.Module, str, Optional[str]]:
-        """Where the backbone sits: ``(parent, attribute, trunk attribute inside the backbone or None)``."""
-        raise NotImplementedError
-
-    def head_slots(self) -> List[Tuple[nn.Module, str]]:
-        """``(parent, attribute)`` of each part of the heads with an inference form: networks, which may run in low
-        precision (their outputs come back as float32 for decoding), and RoI poolers."""
-        return []
 
     def on_train_epoch_start(self) -> None:
         self.inference_runner.release()  # its weights are about to change: no copy held through training
@@ -214,6 +205,7 @@ class BackboneTask(LightningModule):
         """Normalise inputs with ``normalization`` (``mean``/``std`` of RGB images in [0, 1]): the convention of the
         trunk's weights (registry entry, our safetensors), recorded in checkpoints."""
         self.trunk_module().normalization = {k: tuple(float(x) for x in normalization[k]) for k in ("mean", "std")}
+        self.inference_runner.release()  # the copy holds the normalisation it was made with
 
     def configure_optimizers(self):
         params = [p for p in self.parameters() if p.requires_grad]

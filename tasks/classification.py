@@ -92,11 +92,10 @@ class ImageClassifier(BackboneTask):
                 log.info("loaded classification head from %s*", prefix)
                 return
 
+    INFERENCE_NETWORK = "trunk"  # the linear head stays as it is, in float32
+
     def trunk_module(self) -> nn.Module:
         return self.trunk
-
-    def backbone_slot(self):
-        return self, "trunk", None
 
     def set_normalization(self, normalization) -> None:
         super().set_normalization(normalization)

@@ -16,9 +16,10 @@ from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from resnext_backbones.deployment import training_precision_advice
+
 from .checkpoint_io import AtomicCheckpointIO
 from .classes import ClassesError, classes_for_model
-from .inference import training_precision_advice
 
 # Model arguments that say how a run uses the model, not what the model is: with --ckpt_path, the run's values stand
 RUN_ARGUMENTS = ("inference_precision", "fused_inference", "log_images")
@@ -65,8 +66,8 @@ class TaskCLI(LightningCLI):
             raise
 
     def before_fit(self) -> None:
-        # the fastest precision depends on the hardware (bf16 is 1.4x faster on AMX CPUs, ~20x slower on AVX2-only
-        # ones): say which one runs, and what would be faster here
+        # the fastest precision depends on the hardware (native bf16 is faster than float32, emulated bf16 much
+        # slower): say which one runs, and what would be faster here
         if self.trainer.is_global_zero:
             logging.getLogger("tasks").log(*training_precision_advice(self.trainer.precision,
                                                                        self.trainer.strategy.root_device))

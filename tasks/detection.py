@@ -36,7 +36,6 @@ class Architecture:
     anchor_keyword: str  # the detector's keyword for the anchor generator
     default_anchor_size: int  # torchvision's
     detections_keyword: str  # the detector's keyword for detections per image
-    heads: tuple  # dotted paths of the heads' parts with an inference form: networks, RoI poolers (tasks.inference)
     masks: bool = False  # predicts instance masks: trained on them, evaluated, written and drawn with them
 
     def build(self, backbone: nn.Module, num_classes: int, anchor_size: Optional[int], detections_per_image: int,
@@ -50,30 +49,24 @@ def _rpn_anchors(size: int) -> AnchorGenerator:
     return AnchorGenerator(tuple((size * 2**i,) for i in range(5)), ((0.5, 1.0, 2.0),) * 5)
 
 
-_RCNN_HEADS = ("rpn.head", "roi_heads.box_roi_pool", "roi_heads.box_head", "roi_heads.box_predictor")
-
-
 ARCHITECTURES: Dict[str, Architecture] = {
     "faster_rcnn": Architecture(
         FasterRCNN, ("c2", "c3", "c4", "c5"), "pool", background_classes=1, anchors=_rpn_anchors,
-        anchor_keyword="rpn_anchor_generator", default_anchor_size=32, detections_keyword="box_detections_per_img",
-        heads=_RCNN_HEADS),
+        anchor_keyword="rpn_anchor_generator", default_anchor_size=32, detections_keyword="box_detections_per_img"),
     # Faster R-CNN's keywords, plus the mask branch (RoIAlign 14x14, four 3x3 convolutions, 28x28 masks)
     "mask_rcnn": Architecture(
         MaskRCNN, ("c2", "c3", "c4", "c5"), "pool", background_classes=1, anchors=_rpn_anchors,
         anchor_keyword="rpn_anchor_generator", default_anchor_size=32, detections_keyword="box_detections_per_img",
-        heads=_RCNN_HEADS + ("roi_heads.mask_roi_pool", "roi_heads.mask_head", "roi_heads.mask_predictor"), masks=True),
+        masks=True),
     "retinanet": Architecture(
         RetinaNet, ("c3", "c4", "c5"), "p6p7", background_classes=0,
         anchors=lambda s: AnchorGenerator(tuple((x, int(x * 2 ** (1 / 3)), int(x * 2 ** (2 / 3)))
                                                 for x in (s * 2**i for i in range(5))), ((0.5, 1.0, 2.0),) * 5),
-        anchor_keyword="anchor_generator", default_anchor_size=32, detections_keyword="detections_per_img",
-        heads=("head",)),
+        anchor_keyword="anchor_generator", default_anchor_size=32, detections_keyword="detections_per_img"),
     "fcos": Architecture(
         FCOS, ("c3", "c4", "c5"), "p6p7", background_classes=0,
         anchors=lambda s: AnchorGenerator(tuple((s * 2**i,) for i in range(5)), ((1.0,),) * 5),
-        anchor_keyword="anchor_generator", default_anchor_size=8, detections_keyword="detections_per_img",
-        heads=("head",)),
+        anchor_keyword="anchor_generator", default_anchor_size=8, detections_keyword="detections_per_img"),
 }
 MAP_BACKENDS = ("pycocotools", "faster_coco_eval")
 
@@ -177,18 +170,10 @@ class ObjectDetector(BackboneTask):
         self.model.roi_heads.mask_head = MaskRCNNHeads(in_channels, layers, 1)
         self.model.roi_heads.mask_predictor = MaskRCNNPredictor(layers[-1], layers[-1], classes)
 
+    INFERENCE_NETWORK = "model"  # the torchvision detector, whole: resnext_backbones.inference_copy takes it
+
     def trunk_module(self) -> nn.Module:
         return self.model.backbone.body
-
-    def backbone_slot(self):
-        return self.model, "backbone", "body"
-
-    def head_slots(self):
-        slots = []
-        for path in ARCHITECTURES[self.hparams.architecture].heads:
-            owner, _, attribute = path.rpartition(".")
-            slots.append((self.model.get_submodule(owner), attribute))
-        return slots
 
     def set_normalization(self, normalization) -> None:
         super().set_normalization(normalization)

@@ -63,14 +63,14 @@ def test_predict_benchmark_reports_memory_and_speed_per_count_on_tiny_shapes():
 
 def test_inference_benchmark_gives_fp32_and_native_bf16_rows_on_tiny_shapes():
     from benchmarks import inference
-    from tasks.inference import native_support
+    from resnext_backbones.deployment import native_support
 
     body = inference.main(["--sections", "trunk", "detector", "--model", "resnet18", "--batches", "2", "--size", "64",
                            "--repeats", "1", "--detector-batches", "1", "--no-write"])
     trunk = [line.split(" | ")[1:3] for line in body.splitlines() if line.startswith("| 2 |")]
     detector = [line.split(" | ")[0] for line in body.splitlines() if line.startswith("| fused ")]
     expected = [["fused fp32", "torchvision eager fp32 NCHW"]]
-    if native_support("bf16", torch.device("cpu")):  # bf16 rows only where the CPU computes bf16 natively
+    if native_support(torch.bfloat16, torch.device("cpu")):  # bf16 rows only where the CPU computes bf16 natively
         expected += [["fused bf16", "torchvision eager fp32 NCHW"], ["fused bf16", "torchvision bf16 autocast, "
                                                                                   "channels_last"]]
     assert trunk == expected

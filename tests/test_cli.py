@@ -17,11 +17,11 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 import resnext_backbones as rb
+from resnext_backbones.deployment import native_support
 from tasks import ImageClassifier, ObjectDetector
 from tasks.classes import ClassesError
 from tasks.cli import cli as lightning_cli
 from tasks.data import LabelMap
-from tasks.inference import native_support
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL_HEADS = {"box_batch_size_per_image": 32, "rpn_pre_nms_top_n_train": 200, "rpn_post_nms_top_n_train": 100,
@@ -178,14 +178,13 @@ def test_bf16_inference_gives_the_float32_map_within_a_hundredth(fitted, large_o
     """Where the CPU computes bf16 natively, validation at inference_precision=bf16 is within 0.01 mAP of float32;
     elsewhere it warns once and is float32."""
     from tasks.data import CocoDetectionDataModule
-    from tasks.inference import native_support
 
     checkpoint = str(fitted[2] / "ckpt" / "last.ckpt")
     data = dict(large_object_coco)
     fp32, _ = validate_at(ObjectDetector, checkpoint, CocoDetectionDataModule(**data, num_workers=0), "32")
     bf16, warned = validate_at(ObjectDetector, checkpoint, CocoDetectionDataModule(**data, num_workers=0), "bf16")
     assert fp32["val/map"] > 0.005  # a checkpoint of a few steps that finds something: a difference could show
-    assert len(warned) == (0 if native_support("bf16", torch.device("cpu")) else 1)
+    assert len(warned) == (0 if native_support(torch.bfloat16, torch.device("cpu")) else 1)
     for key in ("val/map", "val/map_50"):
         assert bf16[key] == pytest.approx(fp32[key], abs=0.01)
 
@@ -511,7 +510,7 @@ def test_classification_trains_in_bf16_mixed_on_cpu(tmp_path, tiny_folder, caplo
     assert math.isfinite(float(cli.trainer.callback_metrics["train/loss"]))
     # fit says which precision trains, on which CPU (its flags), and warns where bf16 is emulated
     (line,) = [r for r in caplog.records if r.message.startswith("trainer.precision=bf16-mixed on cpu (CPU flags: ")]
-    assert (line.levelno == logging.WARNING) == (not native_support("bf16", torch.device("cpu")))
+    assert (line.levelno == logging.WARNING) == (not native_support(torch.bfloat16, torch.device("cpu")))
 
 
 @pytest.mark.parametrize("precision, native, level, advice", [
@@ -519,10 +518,10 @@ def test_classification_trains_in_bf16_mixed_on_cpu(tmp_path, tiny_folder, caplo
     ("bf16-mixed", False, logging.WARNING, "use --trainer.precision 32-true here"),
     ("32-true", False, logging.INFO, None), ("bf16-mixed", True, logging.INFO, None)])
 def test_fit_advises_the_precision_this_cpu_trains_fastest_in(precision, native, level, advice, monkeypatch):
-    from tasks import inference
+    from resnext_backbones.deployment import device
 
-    monkeypatch.setattr(inference, "native_support", lambda p, device: p == "32" or native)
-    got_level, message = inference.training_precision_advice(precision, torch.device("cpu"))
+    monkeypatch.setattr(device, "native_support", lambda dtype, where: dtype == torch.float32 or native)
+    got_level, message = device.training_precision_advice(precision, torch.device("cpu"))
     assert got_level == level and message.startswith(f"trainer.precision={precision} on cpu")
     assert (advice in message) if advice else ("--trainer.precision" not in message)
 

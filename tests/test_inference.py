@@ -10,11 +10,11 @@ from lightning.pytorch import Callback, Trainer
 from torch.utils.data import DataLoader, TensorDataset
 
 import resnext_backbones as rb
-import tasks.inference
+from resnext_backbones.deployment import device as deployment_device
+from resnext_backbones.deployment import native_support
 from resnext_backbones.fused import FusedConv2d
 from tasks import ImageClassifier, ObjectDetector
 from tasks.detection import ARCHITECTURES
-from tasks.inference import native_support
 
 IMAGES = [torch.rand(3, 64, 80, generator=torch.Generator().manual_seed(1)),
           torch.rand(3, 72, 64, generator=torch.Generator().manual_seed(2))]
@@ -167,8 +167,9 @@ def test_low_precision_runs_where_native_else_warns_once_and_stays_float32(preci
     images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(6))
     with torch.no_grad():
         expected = model(images).softmax(-1)
-    native = native_support(precision, torch.device("cpu"))
-    dtype = {"bf16": torch.bfloat16, "16": torch.float16}[precision] if native else torch.float32
+    asked = {"bf16": torch.bfloat16, "16": torch.float16}[precision]
+    native = native_support(asked, torch.device("cpu"))
+    dtype = asked if native else torch.float32
     with trunk_forwards() as calls, warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         predictions = [predict(model, (images, None), 0) for _ in range(2)]
@@ -179,7 +180,7 @@ def test_low_precision_runs_where_native_else_warns_once_and_stays_float32(preci
         torch.testing.assert_close(p, expected, atol=2e-2 if native else 1e-4, rtol=0)
 
     # where the device has no native support: float32, and one warning that names the setting and the fallback
-    monkeypatch.setattr(tasks.inference, "native_support", lambda precision, device: precision == "32")
+    monkeypatch.setattr(deployment_device, "native_support", lambda dtype, device: dtype == torch.float32)
     model = classifier(inference_precision=precision)
     with torch.no_grad():
         expected = model(images).softmax(-1)
@@ -199,17 +200,18 @@ def test_a_onednn_isa_limit_below_bf16_makes_low_precision_not_native(variable, 
     bf16 but not fp16, AVX512_CORE_AMX (alias of AVX10_1_512_AMX) both: with the limit set, the CPU's own flags no
     longer decide, and the benchmark headers say so."""
     cpu = torch.device("cpu")
-    monkeypatch.setattr(tasks.inference, "cpu_flags", lambda: frozenset({"avx2", "avx512f", "amx_bf16", "amx_fp16"}))
+    monkeypatch.setattr(deployment_device, "cpu_flags", lambda: frozenset({"avx2", "avx512f", "amx_bf16", "amx_fp16"}))
     monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
     monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
-    assert native_support("bf16", cpu) and native_support("16", cpu)  # this CPU's flags, no limit
-    for limit, bf16, fp16 in [("avx2", False, False), ("AVX512_CORE", False, False), ("AVX512_CORE_BF16", True, False),
-                              ("AVX512_CORE_AMX", True, True), ("DEFAULT", True, True), ("AVX10_2", True, True)]:
+    bf16, fp16, fp32 = torch.bfloat16, torch.float16, torch.float32
+    assert native_support(bf16, cpu) and native_support(fp16, cpu)  # this CPU's flags, no limit
+    for limit, *expected in [("avx2", False, False), ("AVX512_CORE", False, False), ("AVX512_CORE_BF16", True, False),
+                             ("AVX512_CORE_AMX", True, True), ("DEFAULT", True, True), ("AVX10_2", True, True)]:
         monkeypatch.setenv(variable, limit)
-        assert (native_support("bf16", cpu), native_support("16", cpu), native_support("32", cpu)) == (bf16, fp16, True)
+        assert [native_support(bf16, cpu), native_support(fp16, cpu), native_support(fp32, cpu)] == [*expected, True]
     monkeypatch.setenv(variable, "AVX2")
     monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx2")
-    assert tasks.inference.isa_flags() == (f"avx2, avx512f, amx_bf16, amx_fp16; oneDNN limited to AVX2 ({variable}); "
+    assert deployment_device.isa_flags() == (f"avx2, avx512f, amx_bf16, amx_fp16; oneDNN limited to AVX2 ({variable}); "
                                            "ATen kernels limited to avx2 (ATEN_CPU_CAPABILITY)")
 
 

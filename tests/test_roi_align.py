@@ -5,7 +5,7 @@ import torch
 import torchvision
 from torchvision.ops import MultiScaleRoIAlign
 
-from tasks.roi_align import SparseRoIAlign
+from resnext_backbones.deployment import SparseRoIAlign
 
 LEVELS = "0123"
 

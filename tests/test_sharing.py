@@ -13,7 +13,7 @@ from safetensors import safe_open
 
 import resnext_backbones as rb
 from resnext_backbones import WeightsError
-from resnext_backbones.export import export
+from resnext_backbones.convert import convert
 from tasks import ImageClassifier, ObjectDetector
 from tasks.cli import cli as lightning_cli
 
@@ -74,7 +74,7 @@ def test_the_trunk_of_a_detector_checkpoint_starts_the_classifier_and_exports_to
 
 def test_exported_safetensors_carries_spec_normalisation_and_hash_and_rebuilds_the_trunk(classifier_checkpoint,
                                                                                          tmp_path):
-    out = export(classifier_checkpoint, tmp_path / "trunk.safetensors")
+    out = convert(classifier_checkpoint, tmp_path / "trunk.safetensors")
     with safe_open(str(out), framework="pt") as f:
         meta = f.metadata()
     assert meta["spec"] == '{"depth": 18, "cardinality": 1, "base_width": 64}'
@@ -87,7 +87,7 @@ def test_exported_safetensors_carries_spec_normalisation_and_hash_and_rebuilds_t
 
 
 def test_torchvision_export_loads_strictly_into_torchvision_fc_excepted(classifier_checkpoint, tmp_path):
-    export(classifier_checkpoint, tmp_path / "tv.pth", "torchvision")
+    convert(classifier_checkpoint, tmp_path / "tv.pth", "torchvision")
     tv = torchvision.models.resnet18()
     result = tv.load_state_dict(torch.load(tmp_path / "tv.pth", weights_only=True), strict=False)
     assert sorted(result.missing_keys) == ["fc.bias", "fc.weight"] and not result.unexpected_keys
@@ -100,12 +100,12 @@ def test_torchvision_export_loads_strictly_into_torchvision_fc_excepted(classifi
 
 def test_mmdet_timm_and_detectron2_exports_hold_the_trained_trunks_values(classifier_checkpoint, tmp_path):
     trained = trunk_tensors(ImageClassifier.load_from_checkpoint(classifier_checkpoint, map_location="cpu").trunk)
-    mm = torch.load(export(classifier_checkpoint, tmp_path / "mm.pth", "mmdet"), weights_only=True)
+    mm = torch.load(convert(classifier_checkpoint, tmp_path / "mm.pth", "mmdet"), weights_only=True)
     assert counted(mm["state_dict"]) == {"backbone." + k for k in trained}
-    with safe_open(str(export(classifier_checkpoint, tmp_path / "timm.safetensors", "timm")), framework="pt") as f:
+    with safe_open(str(convert(classifier_checkpoint, tmp_path / "timm.safetensors", "timm")), framework="pt") as f:
         timm = {k: f.get_tensor(k) for k in f.keys()}
     assert counted(timm) == set(trained)
-    with open(export(classifier_checkpoint, tmp_path / "d2.pkl", "detectron2"), "rb") as f:
+    with open(convert(classifier_checkpoint, tmp_path / "d2.pkl", "detectron2"), "rb") as f:
         d2 = pickle.load(f)
     assert d2["matching_heuristics"] is True and d2["stride_in_1x1"] is False and d2["input_format"] == "RGB"
     assert all(isinstance(v, np.ndarray) for v in d2["model"].values())
@@ -156,7 +156,7 @@ def test_two_stage_recipe_pretrain_export_finetune_beats_random_init(tmp_path):
     steps = ["--trainer.max_steps", "240", "--trainer.enable_progress_bar", "false"]
     lightning_cli(["fit", "--config", "configs/classification.yaml", "--trainer.default_root_dir",
                    str(tmp_path / "cls"), "--trainer.max_steps", "150"])
-    export(next((tmp_path / "cls").rglob("last.ckpt")), tmp_path / "trunk.safetensors")
+    convert(next((tmp_path / "cls").rglob("last.ckpt")), tmp_path / "trunk.safetensors")
     runs = {}
     for name, weights in [("pretrained", str(tmp_path / "trunk.safetensors")), ("scratch", "null")]:
         cli = lightning_cli(["fit", "--config", "configs/detection.yaml", "--model.init_args.weights", weights,

@@ -17,7 +17,7 @@ from torchvision.models.resnet import ResNet as TvResNet
 
 import resnext_backbones as rb
 from resnext_backbones import UnverifiedWeightsWarning, WeightsError
-from resnext_backbones.export import FORMATS, export
+from resnext_backbones.convert import FORMATS, convert
 from resnext_backbones.formats.detectron2 import to_detectron2
 
 BN = ("weight", "bias", "running_mean", "running_var")
@@ -439,7 +439,7 @@ def read_back_in_the_targets_own_terms(fmt, path):
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_every_export_holds_the_trunks_values_and_loads_back(tmp_path, fmt, images):
     source = randomize_norm_stats(rb.resnext(**X26)).eval()
-    out = export(source.state_dict(), tmp_path / f"x26.{fmt}", fmt)
+    out = convert(source.state_dict(), tmp_path / f"x26.{fmt}", fmt)
     tv = torchvision_x26().eval()
     missing, unexpected = tv.load_state_dict(read_back_in_the_targets_own_terms(fmt, out), strict=False)
     assert sorted(missing) == ["fc.bias", "fc.weight"] and not unexpected

@@ -1,12 +1,11 @@
-"""torchvision's ``MultiScaleRoIAlign`` on the CPU as sparse matrix products: the same values, 2-7x faster.
+"""torchvision's ``MultiScaleRoIAlign`` on the CPU as sparse matrix products: the same values, on all threads.
 
 RoIAlign is linear in the features: each output value is a weighted sum of feature pixels (per bin,
 ``sampling_ratio`` x ``sampling_ratio`` bilinear samples of 4 pixels each). So the pooled features of the boxes
 assigned to a pyramid level are ``weights @ pixels``: ``pixels`` the level's features as a ``(pixels, channels)``
 table (a view of a channels_last map), ``weights`` a sparse CSR matrix with ``4 * sampling_ratio**2`` entries per
 output bin. MKL runs that product on all threads and vectorised over channels, where torchvision's CPU kernel loops
-over boxes, bins and channels on one thread: it was a fifth of the quick-start detector's predict time; on 2 cores
-this took 0.03 s against 0.07 s for 600 boxes on 128-px images, 0.14 s against 0.96 s for 2,000 on 800x1333.
+over boxes, bins and channels on one thread (benchmarks/README.md has the timings).
 
 The weights follow torchvision's kernel (``aligned=False``, as ``MultiScaleRoIAlign`` calls it): sample points at
 ``start + bin * (i + (j + 0.5) / sampling_ratio)``, none beyond one pixel outside the map, clamped to its edge.
@@ -18,7 +17,9 @@ from typing import Dict, List, Tuple
 
 import torch
 from torch import Tensor, nn
-from torchvision.ops import poolers
+from torchvision.ops import MultiScaleRoIAlign
+
+from .torchvision_private import convert_to_roi_format, filter_input, setup_scales
 
 _DTYPES = (torch.float32, torch.float64)  # those of MKL's sparse products
 
@@ -26,20 +27,19 @@ _DTYPES = (torch.float32, torch.float64)  # those of MKL's sparse products
 class SparseRoIAlign(nn.Module):
     """``pooler`` (a torchvision ``MultiScaleRoIAlign``), computed as a sparse matrix product per level on the CPU."""
 
-    def __init__(self, pooler: poolers.MultiScaleRoIAlign) -> None:
+    def __init__(self, pooler: MultiScaleRoIAlign) -> None:
         super().__init__()
         self.pooler = pooler
 
     def forward(self, x: Dict[str, Tensor], boxes: List[Tensor], image_shapes: List[Tuple[int, int]]) -> Tensor:
         p = self.pooler
-        features = poolers._filter_input(x, p.featmap_names)
+        features = filter_input(x, p.featmap_names)
         if (features[0].device.type != "cpu" or p.sampling_ratio <= 0 or features[0].dtype not in _DTYPES
                 or torch.is_grad_enabled() or torch.jit.is_scripting() or torch.compiler.is_compiling()):
             return p(x, boxes, image_shapes)
         if p.scales is None or p.map_levels is None:  # as torchvision sets them up, on the first call
-            p.scales, p.map_levels = poolers._setup_scales(features, image_shapes, p.canonical_scale,
-                                                           p.canonical_level)
-        rois = poolers._convert_to_roi_format(boxes)
+            p.scales, p.map_levels = setup_scales(features, image_shapes, p.canonical_scale, p.canonical_level)
+        rois = convert_to_roi_format(boxes)
         levels = p.map_levels(boxes) if len(features) > 1 else rois.new_zeros(len(rois), dtype=torch.int64)
         order = levels.argsort(stable=True)  # the boxes level by level: each level's products fill one slice
         bins = p.output_size[0] * p.output_size[1]

@@ -1,4 +1,4 @@
-"""Write a trunk from any checkpoint or weight file into another ecosystem's layout.
+"""Convert a trunk from any checkpoint or weight file into another ecosystem's layout.
 
     python -m resnext_backbones export CHECKPOINT OUT [--format safetensors|torchvision|timm|mmdet|detectron2]
                                       [--register URL [--name MODEL.TAG] [--license LICENSE]]
@@ -15,26 +15,19 @@ import json
 from pathlib import Path
 from typing import Dict, Optional, Sequence
 
-from torch import Tensor
-
 from . import formats, registry
 from .files import WeightsError, file_sha256
 from .formats import WRITERS
 from .formats.safetensors import backbone_metadata
 from .formats.torchvision import trunk_tensors
-from .loading import infer_spec, source_state_dict
+from .loading import infer_spec
 from .trunk import ResNeXtSpec
 
 FORMATS = tuple(WRITERS)  # safetensors, torchvision, timm, mmdet, detectron2
 
 
-def trunk_state_dict(source) -> Dict[str, Tensor]:
-    """The trunk's tensors (torchvision names, no ``fc``) from any file ``load_weights`` reads."""
-    return trunk_tensors(source_state_dict(source))
-
-
-def export(source, out, fmt: str = "safetensors") -> Path:
-    """Export the trunk found in ``source`` (a path, a weights name, a state dict or a read
+def convert(source, out, fmt: str = "safetensors") -> Path:
+    """Write the trunk found in ``source`` (a path, a weights name, a state dict or a read
     :class:`~resnext_backbones.formats.Source`) to ``out`` in ``fmt`` (one of ``FORMATS``); the source's input
     normalisation goes along where the format has a place for it (ours)."""
     if fmt not in WRITERS:
@@ -86,7 +79,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     args = parser.parse_args(argv)
     try:
         source = formats.read(args.checkpoint)  # read once: the export and the message share it
-        path = export(source, args.out, args.format)
+        path = convert(source, args.out, args.format)
         spec = infer_spec(trunk_tensors(source.state))
         entry = registry_entry(path, args.register, spec, args.name, args.license) if args.register else None
     except (WeightsError, ValueError, FileNotFoundError) as e:

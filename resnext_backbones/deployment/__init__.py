@@ -1,0 +1,18 @@
+"""Deployment of models built on our trunks, with no Lightning: the fast inference copy and the whole-model export.
+
+- :func:`inference_copy`: a copy of a torchvision detector or a classifier on our trunks that runs the fused trunk,
+  the packed FPN and heads and the sparse RoIAlign, natively in low precision where the device has it
+  (:mod:`.inference`, :mod:`.roi_align`);
+- :func:`export`: the whole model to ONNX or a ``torch.export`` program, for any image size, with no process-wide
+  patching of torchvision (:mod:`.exporting`; the torchvision internals it relies on: :mod:`.torchvision_private`);
+- :mod:`.device`: what the device computes natively (CPU flags, oneDNN's limit, CUDA), for the inference copy and
+  the tasks' training-precision advice.
+"""
+
+from .device import describe_device, isa_flags, native_dtype, native_support, training_precision_advice
+from .exporting import FORMATS, export, program, traceable_copy
+from .inference import Native, inference_copy
+from .roi_align import SparseRoIAlign
+
+__all__ = ["FORMATS", "Native", "SparseRoIAlign", "describe_device", "export", "inference_copy", "isa_flags",
+           "native_dtype", "native_support", "program", "traceable_copy", "training_precision_advice"]
