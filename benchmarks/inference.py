@@ -1,4 +1,5 @@
-"""Fast inference, ours vs torchvision in one process: the trunk and the quick-start detector, fp32 and bf16.
+"""Fast inference, ours vs torchvision in one process: the trunk, the quick-start detector and a bare torchvision
+detector on our backbone, fp32 and bf16.
 
     python -m benchmarks.inference [--batches 1 8] [--size 224] [--repeats 8] [--threads 2]
                                    [--detection-checkpoint CKPT] [--classification-checkpoint CKPT]
@@ -11,8 +12,9 @@ channels_last, oneDNN). Detector: ``predict`` on the quick-start validation imag
 through ``ObjectDetector.predict_step`` (the fused trunk; ``inference_precision`` 32 and bf16) against torchvision's
 eager fp32 ``FasterRCNN`` on torchvision's own ResNeXt + ``BackboneWithFPN`` with the same weights. bf16 rows run
 only where the CPU computes bf16 natively (AMX or AVX-512 BF16). With the quick starts' checkpoints, the validation
-mAP (detection) and accuracy (classification) at each inference precision. Ratios: ours/peer throughput, medians of
-alternating rounds.
+mAP (detection) and accuracy (classification) at each inference precision. Bare: a torchvision ``FasterRCNN`` on
+``rb.resnext_fpn`` built in plain PyTorch code, eager against its ``rb.inference_copy``. Ratios: ours/peer
+throughput, medians of alternating rounds.
 """
 
 from __future__ import annotations
@@ -164,6 +166,28 @@ def detector_rows(args, bf16: bool) -> List[str]:
     return rows
 
 
+def bare_rows(args, bf16: bool) -> List[str]:
+    """A torchvision ``FasterRCNN`` on ``rb.resnext_fpn`` as a user builds it in their own training code (no
+    Lightning), eager, against its ``rb.inference_copy`` in fp32 and, where native, bf16: same weights and images."""
+    torch.manual_seed(0)
+    side = args.bare_size
+    model = torchvision.models.detection.FasterRCNN(rb.resnext_fpn(args.model), num_classes=4, min_size=side,
+                                                    max_size=side).eval()
+    images = [torch.rand(3, side, side) for _ in range(args.bare_images)]
+    copies = {"fp32": rb.inference_copy(model)}
+    if bf16:
+        copies["bf16"] = rb.inference_copy(model, dtype=torch.bfloat16)
+    fns = {name: partial(infer, fast, images) for name, fast in copies.items()}
+    fns["eager"] = partial(infer, model, images)
+    t = median_seconds_alternating(fns, repeats=args.repeats)
+    rows = ["| rb.inference_copy | its img/s | eager fp32 img/s | ratio |", "|---|---|---|---|"]
+    for name in copies:
+        rows.append(f"| {name} | {len(images) / t[name]:.2f} | {len(images) / t['eager']:.2f} | "
+                    f"{t['eager'] / t[name]:.3f} |")
+        print(rows[-1], flush=True)
+    return rows
+
+
 def quality_rows(args, bf16: bool) -> List[str]:
     """Validation mAP / accuracy of the quick starts' checkpoints at each inference precision."""
     from lightning.pytorch import Trainer
@@ -195,7 +219,7 @@ def quality_rows(args, bf16: bool) -> List[str]:
     return rows if cases else []
 
 
-SECTIONS = ("trunk", "detector", "quality")
+SECTIONS = ("trunk", "detector", "bare", "quality")
 
 
 def main(argv=None) -> str:
@@ -209,6 +233,8 @@ def main(argv=None) -> str:
     parser.add_argument("--repeats", type=int, default=8)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--detector-batches", type=int, default=8, help="validation batches each detector round")
+    parser.add_argument("--bare-size", type=int, default=320, help="bare: image side (and the detector's min/max_size)")
+    parser.add_argument("--bare-images", type=int, default=2, help="bare: images per forward")
     parser.add_argument("--detection-checkpoint", help="a checkpoint of configs/detection.yaml: mAP per precision")
     parser.add_argument("--classification-checkpoint", help="a checkpoint of configs/classification.yaml")
     args = parser.parse_args(argv)
@@ -245,6 +271,16 @@ def main(argv=None) -> str:
             "`predict_step` at inference_precision 32 and bf16 (fused trunk, packed FPN and heads, sparse RoIAlign); "
             "torchvision: its FasterRCNN on its own ResNeXt + BackboneWithFPN, same weights, eager fp32 NCHW. "
             f"{header}\n\n" + "\n".join(rows)), args))
+    if "bare" in args.sections:
+        rows = bare_rows(args, bf16)
+        bodies.append(publish(f"inference_bare{section}", (
+            f"## Inference without Lightning: a torchvision FasterRCNN on `rb.resnext_fpn(\"{args.model}\")`, eager vs "
+            f"`rb.inference_copy`{limited}\n\n`{env}python -m benchmarks.inference --sections bare --model "
+            f"{args.model} --bare-size {args.bare_size} --bare-images {args.bare_images} --repeats {args.repeats} "
+            f"--threads {args.threads}`: {args.bare_images} random images of {args.bare_size}x{args.bare_size} per "
+            f"forward, random weights (seed 0), alternating, median of {args.repeats}; the copy in fp32 and, where "
+            f"native, bf16 (fused trunk, packed FPN and heads, sparse RoIAlign). {header}\n\n" + "\n".join(rows)),
+            args))
     if "quality" in args.sections:
         rows = quality_rows(args, bf16)
         if rows:

@@ -78,6 +78,19 @@ def test_inference_benchmark_gives_fp32_and_native_bf16_rows_on_tiny_shapes():
     assert "fp32 convolution peak" in body and "ISA: " in body
 
 
+def test_inference_benchmark_times_a_bare_torchvision_detector_against_its_inference_copy():
+    from benchmarks import inference
+    from resnext_backbones.deployment import native_support
+
+    body = inference.main(["--sections", "bare", "--model", "resnet18", "--bare-size", "96", "--bare-images", "1",
+                           "--repeats", "1", "--no-write"])
+    rows = [line.split(" | ") for line in body.splitlines() if line.startswith(("| fp32 ", "| bf16 "))]
+    native = native_support(torch.bfloat16, torch.device("cpu"))
+    assert [row[0] for row in rows] == ["| fp32"] + (["| bf16"] if native else [])
+    assert all(float(row[1]) > 0 and float(row[3].rstrip(" |")) > 0 for row in rows)
+    assert "rb.inference_copy" in body and "ISA: " in body
+
+
 def test_inference_benchmark_under_a_onednn_isa_limit_has_its_own_sections_and_says_so(monkeypatch):
     """ONEDNN_MAX_CPU_ISA=AVX2 measures this CPU as one without bf16 units: no bf16 rows, the limit in the header
     and the command, and README sections of their own (the unrestricted tables stay)."""
