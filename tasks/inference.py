@@ -90,7 +90,7 @@ def training_precision_advice(precision: str, device: torch.device) -> Tuple[int
     if low == "32" and native_support("bf16", device):
         return logging.INFO, (f"trainer.precision={precision} on {where}, which computes bf16 natively: "
                               "--trainer.precision bf16-mixed trains faster (the quick starts 1.36-1.37x on a 2-core "
-                              "AMX Xeon; README, 'Training precision')")
+                              "AMX Xeon: benchmarks/README.md, 'Training precision')")
     return logging.INFO, f"trainer.precision={precision} on {where}"
 
 
