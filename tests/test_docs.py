@@ -15,7 +15,8 @@ fence, and is skipped as "needs the network" (pytest's summary counts the skips;
     trunk = rb.resnext("resnext50_32x4d", weights="tv2_in1k")
     ```
 
-Other fences (```bash, ```yaml, a bare ```) are shown, not run. Keep the blocks tiny (``rb.resnext("resnet18")``,
+Other fences (```bash, ```yaml, a bare ```) are shown, not run. The relative links of these files must lead to a file
+and, with ``#anchor``, to one of its headings. Keep the blocks tiny (``rb.resnext("resnet18")``,
 images of 64-128 px, detectors with ``min_size=128, max_size=160``): each should run in seconds on 2 CPU cores.
 """
 
@@ -201,3 +202,31 @@ def test_the_extractor_finds_the_blocks_and_a_failing_one_fails():
              "reliability"}
     assert {f"docs/{page}.md" for page in pages} <= set(DOC_FILES), DOC_FILES
     assert sum(b.skip is not None for b in BLOCKS) < len(BLOCKS) / 2  # marks are the exception
+
+
+def heading_anchors(text: str) -> set:
+    """GitHub's anchors for the headings of Markdown ``text`` (fenced blocks left out)."""
+    anchors, fence = set(), None
+    for line in text.splitlines():
+        opening = FENCE.match(line)
+        if opening and (fence is None or opening["fence"].startswith(fence)):
+            fence = None if fence else opening["fence"]
+        elif fence is None and line.startswith("#"):
+            title = line.lstrip("#").strip().lower()
+            anchors.add(re.sub(r"[^\w\- ]", "", title).replace(" ", "-"))
+    return anchors
+
+
+@pytest.mark.parametrize("path", DOC_FILES)
+def test_the_links_between_the_guides_lead_somewhere(path):
+    source = REPO / path
+    broken = []
+    for target in re.findall(r"\]\(([^)\s]+)\)", source.read_text()):
+        if re.match(r"^[a-z]+:", target):  # https://, mailto:
+            continue
+        file, _, anchor = target.partition("#")
+        linked = (source.parent / file).resolve() if file else source
+        if not linked.exists() or (anchor and linked.suffix == ".md"
+                                   and anchor not in heading_anchors(linked.read_text())):
+            broken.append(target)
+    assert not broken, f"{path}: links to nothing: {broken}"
