@@ -13,6 +13,7 @@ import pytest
 import torch
 import yaml
 from conftest import classification_args
+from lightning.pytorch import LightningDataModule
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
@@ -227,6 +228,41 @@ def test_bf16_inference_gives_the_float32_accuracy(colour_classifier, colour_fol
     bf16, _ = validate_at(ImageClassifier, checkpoint, data(), "bf16")
     assert fp32["val/acc"] >= 0.75
     assert bf16["val/acc"] == fp32["val/acc"]
+
+
+class EightClassTensors(LightningDataModule):
+    """A user's own data module: tensors, ``num_classes`` and no ``categories`` (labels are their own ids)."""
+
+    num_classes = 8
+
+    def __init__(self, images: int = 16) -> None:
+        super().__init__()
+        generator = torch.Generator().manual_seed(21)
+        self.images = torch.rand(images, 3, 32, 32, generator=generator)
+        self.labels = torch.arange(images) % self.num_classes
+
+    def val_dataloader(self):
+        return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(self.images, self.labels), batch_size=6)
+
+
+def test_a_data_module_without_categories_validates_with_top1_and_top5_computed_by_hand(tmp_path):
+    """Through the CLI: the model is built for the module's 8 classes named by their ids, and ``val/acc`` and
+    ``val/acc_top5`` equal the share of images whose label is the top logit / among the 5 top logits of the model's
+    own forward (16 images in batches of 6, 8 classes: top-5 is neither 0 nor 1)."""
+    cli = lightning_cli(["validate", "--model", "tasks.ImageClassifier", "--model.backbone", "resnet18",
+                         "--model.log_images", "0", "--data", "test_cli.EightClassTensors", "--seed_everything", "4",
+                         "--trainer.accelerator", "cpu", "--trainer.logger", "false",
+                         "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(tmp_path)])
+    model, data = cli.model, cli.datamodule
+    assert model.hparams.num_classes == 8 and model.categories == {i: str(i) for i in range(8)}
+    with torch.no_grad():
+        top = model.eval()(data.images).topk(5, dim=1).indices
+    top1 = float((top[:, 0] == data.labels).float().mean())
+    top5 = float((top == data.labels[:, None]).any(1).float().mean())
+    assert 0 < top5 < 1 and top5 != top1, (top1, top5)
+    metrics = cli.trainer.callback_metrics
+    assert float(metrics["val/acc"]) == pytest.approx(top1, abs=1e-6)
+    assert float(metrics["val/acc_top5"]) == pytest.approx(top5, abs=1e-6)
 
 
 def by_hand(image_size):
