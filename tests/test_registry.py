@@ -24,6 +24,27 @@ TORCHVISION_PREFIXES = {"resnext50_32x4d.tv_in1k": "7cdf4587", "resnext50_32x4d.
                         "resnext101_32x8d.tv_in1k": "8ba56ff5", "resnext101_32x8d.tv2_in1k": "110c445d",
                         "resnext101_64x4d.tv_in1k": "173b62eb"}
 
+# torchvision's published table, written out here (not read from the registry): the "Classification" table of
+# https://pytorch.org/vision/stable/models.html (Acc@1, e.g. ResNeXt50_32X4D_Weights.IMAGENET1K_V1 77.618) and
+# torchvision/models/resnet.py (url with its digest prefix, ImageClassification(crop_size=224, resize_size=...)).
+# name: (torchvision enum, file name, acc@1, resize, crop); all under torchvision's BSD-3-Clause (timm's label).
+TORCHVISION_TABLE = {
+    "resnext50_32x4d.tv_in1k": ("ResNeXt50_32X4D_Weights.IMAGENET1K_V1", "resnext50_32x4d-7cdf4587.pth", 77.618,
+                                256, 224),
+    "resnext50_32x4d.tv2_in1k": ("ResNeXt50_32X4D_Weights.IMAGENET1K_V2", "resnext50_32x4d-1a0047aa.pth", 81.198,
+                                 232, 224),
+    "resnext101_32x8d.tv_in1k": ("ResNeXt101_32X8D_Weights.IMAGENET1K_V1", "resnext101_32x8d-8ba56ff5.pth", 79.312,
+                                 256, 224),
+    "resnext101_32x8d.tv2_in1k": ("ResNeXt101_32X8D_Weights.IMAGENET1K_V2", "resnext101_32x8d-110c445d.pth",
+                                  82.834, 232, 224),
+    "resnext101_64x4d.tv_in1k": ("ResNeXt101_64X4D_Weights.IMAGENET1K_V1", "resnext101_64x4d-173b62eb.pth",
+                                 83.246, 232, 224),
+    "resnet50.tv_in1k": ("ResNet50_Weights.IMAGENET1K_V1", "resnet50-0676ba61.pth", 76.130, 256, 224),
+    "resnet50.tv2_in1k": ("ResNet50_Weights.IMAGENET1K_V2", "resnet50-11ad3fa6.pth", 80.858, 232, 224),
+    "resnet101.tv_in1k": ("ResNet101_Weights.IMAGENET1K_V1", "resnet101-63fe2227.pth", 77.374, 256, 224),
+    "resnet101.tv2_in1k": ("ResNet101_Weights.IMAGENET1K_V2", "resnet101-cd907fc2.pth", 81.886, 232, 224),
+}
+
 
 @pytest.fixture
 def cache(tmp_path, monkeypatch):
@@ -60,6 +81,24 @@ def test_every_url_is_well_formed_and_torchvision_urls_carry_the_recorded_digest
             assert re.search(r"-([0-9a-f]{8})\.pth$", url.path)[1] == info["sha256"], name
     for name, prefix in TORCHVISION_PREFIXES.items():
         assert rb.weights_info(name)["sha256"] == prefix
+
+
+def test_the_torchvision_entries_hold_torchvisions_published_url_digest_top1_transforms_and_licence():
+    """Each torchvision entry against the published table above and against the installed torchvision's own
+    ``*_Weights`` enum (an independent copy of the same facts): url, digest prefix, acc@1, resize and crop."""
+    registered = {name for name in rb.list_weights() if rb.weights_info(name)["source"] == "torchvision"}
+    assert registered == set(TORCHVISION_TABLE)
+    for name, (enum, file, top1, resize, crop) in TORCHVISION_TABLE.items():
+        info = rb.weights_info(name)
+        assert info["url"] == f"https://download.pytorch.org/models/{file}", name
+        assert info["sha256"] == file.rsplit("-", 1)[1].removesuffix(".pth"), name
+        assert (info["top1"], info["resize"], info["crop"], info["license"]) == \
+            (top1, resize, crop, "bsd-3-clause"), name
+        group, member = enum.split(".")
+        theirs = getattr(getattr(torchvision.models, group), member)
+        transforms = theirs.transforms()
+        assert (theirs.url, theirs.meta["_metrics"]["ImageNet-1K"]["acc@1"], transforms.resize_size,
+                transforms.crop_size) == (info["url"], info["top1"], [info["resize"]], [info["crop"]]), name
 
 
 def test_non_commercial_weights_say_so_and_are_never_the_default():
@@ -119,6 +158,42 @@ def test_a_tampered_download_is_refused_and_leaves_nothing_in_the_cache(cache, p
     assert not any(p.is_file() and not p.name.endswith(".lock") for p in cache.rglob("*"))
 
 
+def test_the_cached_file_is_verified_again_at_each_use(cache, published):
+    """A file in the cache that no longer has the pinned digest (disk corruption, a hand-copied file) is refused
+    at the next load, naming the cached file and both digests, though the server still has the good file."""
+    name, path, digest = published
+    rb.resnext(weights=name)  # downloaded and cached
+    cached = cache / name / "r18.pth"
+    data = bytearray(cached.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    cached.write_bytes(bytes(data))
+    with pytest.raises(rb.WeightsError) as error:
+        rb.resnext(weights=name)
+    message = str(error.value)
+    assert str(cached) in message and digest in message and "delete it to download again" in message
+    assert hashlib.sha256(bytes(data)).hexdigest() in message
+
+
+def test_weights_without_a_published_digest_need_expected_sha256(cache, published, monkeypatch):
+    """An entry with no sha256 (as detectron2's ImageNet trunk) is not downloaded unverified: the error says to pass
+    expected_sha256; with the right one it loads the served file, with a wrong one it is refused."""
+    _, path, digest = published
+    rb.register_weights("resnet18.no_digest", url=path.as_uri(), sha256=None)
+    try:
+        with pytest.raises(rb.WeightsError, match=r"no sha256 is published for .*r18.pth.*expected_sha256="):
+            rb.resnext(weights="resnet18.no_digest")
+        assert not (cache / "resnet18.no_digest" / "r18.pth").exists()  # nothing unverified was kept
+        with pytest.raises(rb.WeightsError, match=f"expected sha256 {'0' * 64}, got {digest}"):
+            rb.resnext(weights="resnet18.no_digest", expected_sha256="0" * 64)
+        loaded = rb.resnext(weights="resnet18.no_digest", expected_sha256=digest)
+        served = torch.load(path, weights_only=True)
+        assert torch.equal(loaded.layer3[0].bn1.running_mean, served["layer3.0.bn1.running_mean"])
+        assert served["layer3.0.bn1.running_mean"].abs().max() > 0  # randomised, not the zero default
+    finally:
+        registry._registry.pop("resnet18.no_digest", None)
+    assert rb.weights_info("resnext101_32x8d.d2_in1k")["sha256"] is None  # the built-in entry this is about
+
+
 def test_offline_without_the_file_names_the_url_and_the_path_to_put_it_at(cache, published, monkeypatch):
     name, path, _ = published
     monkeypatch.setenv("RESNEXT_BACKBONES_OFFLINE", "1")
@@ -152,7 +227,12 @@ def test_a_registry_file_adds_entries(cache, published, tmp_path, monkeypatch, s
     try:
         assert "resnet18.team_coco" in rb.list_weights("resnet18")
         assert rb.weights_info("resnet18.team_coco")["mean"] == (0.5, 0.5, 0.5)
-        rb.resnext(weights="resnet18.team_coco")
+        loaded = rb.resnext(weights="resnet18.team_coco").state_dict()
+        served = torch.load(path, weights_only=True)  # the file at the entry's url
+        assert len(loaded) >= 100 and set(loaded) <= set(served)
+        for key, value in loaded.items():
+            assert torch.equal(value, served[key]), key
+        assert served["layer4.1.bn2.running_var"].std() > 0.1  # randomised statistics: a default init would differ
     finally:
         registry._registry.pop("resnet18.team_coco", None)
 

@@ -219,14 +219,80 @@ def test_sync_batchnorm_conversion_keeps_checkpoint_keys_and_evaluates_on_cpu():
         converted.eval()([torch.rand(3, 64, 64)])
 
 
-def test_mixup_and_cutmix_train_with_soft_targets():
-    model = ImageClassifier(backbone="resnet18", num_classes=4, mixup_alpha=0.2, cutmix_alpha=1.0)
-    images, labels = torch.rand(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
-    mixed_images, soft = model.mix(images, labels)
-    assert soft.shape == (4, 4) and torch.allclose(soft.sum(1), torch.ones(4))
-    assert not torch.equal(mixed_images, images)
-    loss = model.training_step((images, labels), 0)
-    assert torch.isfinite(loss)
+def confident(model):
+    """``model`` with a head of large weights: logits far from uniform, so that which targets the loss uses shows
+    (a fresh head gives near-uniform logits, whose cross-entropy is about log(classes) whatever the targets)."""
+    with torch.no_grad():
+        model.fc.weight.normal_(0, 0.3, generator=torch.Generator().manual_seed(2))
+    return model.eval()
+
+
+def two_class_rows(soft, labels):
+    """Per row of ``soft`` (MixUp/CutMix targets of one-hot ``labels``): (weight of its own class, of its partner's),
+    with the check that these are its only two non-zero classes, summing to 1, the partner the previous image."""
+    own = soft[torch.arange(len(labels)), labels]
+    partner = soft[torch.arange(len(labels)), labels.roll(1)]
+    assert torch.count_nonzero(soft, dim=1).tolist() == [2] * len(labels)
+    torch.testing.assert_close(own + partner, torch.ones(len(labels)))
+    return own, partner
+
+
+def test_mixup_mixes_each_image_with_the_previous_one_in_the_proportions_of_its_soft_label():
+    model = ImageClassifier(backbone="resnet18", num_classes=4, mixup_alpha=0.4)
+    images, labels = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(0)), torch.tensor([0, 1, 2, 3])
+    torch.manual_seed(3)
+    mixed, soft = model.mix(images, labels)
+    own, partner = two_class_rows(soft, labels)
+    lam = float(own[0])
+    assert 0.05 < lam < 0.95 and torch.allclose(own, torch.full((4,), lam))  # one lam for the batch, not 0 or 1
+    torch.testing.assert_close(mixed, lam * images + (1 - lam) * images.roll(1, 0))
+
+
+def test_cutmix_pastes_a_box_of_the_previous_image_covering_its_label_share():
+    model = ImageClassifier(backbone="resnet18", num_classes=4, cutmix_alpha=1.0)
+    images, labels = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(0)), torch.tensor([3, 0, 2, 1])
+    torch.manual_seed(0)
+    mixed, soft = model.mix(images, labels)
+    own, partner = two_class_rows(soft, labels)
+    previous = images.roll(1, 0)
+    from_partner = (mixed == previous).all(1)  # per pixel: all three channels from the previous image
+    assert bool(((mixed == images).all(1) | from_partner).all())  # every pixel from one of the two
+    pasted = from_partner[0]
+    rows, cols = pasted.any(1).nonzero().flatten(), pasted.any(0).nonzero().flatten()
+    assert 0 < pasted.sum() < 32 * 32 and bool(pasted[rows.min():rows.max() + 1, cols.min():cols.max() + 1].all())
+    assert torch.equal(from_partner, pasted.expand(4, -1, -1))  # one box for the batch, a rectangle
+    torch.testing.assert_close(partner, from_partner.float().mean((1, 2)))  # the label share is the pasted area
+
+
+def test_mixed_batches_train_on_the_soft_targets():
+    """With a mix on, the training loss is the cross-entropy of the logits of the mixed images against the soft
+    labels, with the label smoothing: computed here by hand from the same random draw."""
+    model = confident(ImageClassifier(backbone="resnet18", num_classes=4, mixup_alpha=0.4, label_smoothing=0.2))
+    images, labels = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(0)), torch.tensor([0, 1, 2, 3])
+    torch.manual_seed(3)
+    mixed, soft = model.mix(images, labels)
+    with torch.no_grad():
+        log_p = model(mixed).log_softmax(-1)
+        torch.manual_seed(3)
+        loss = model.training_loss((images, labels), 0)
+    expected = -(((1 - 0.2) * soft + 0.2 / 4) * log_p).sum(1).mean()
+    assert float(loss) == pytest.approx(float(expected), rel=1e-5)
+    one_hot = torch.nn.functional.one_hot(labels, 4).float()
+    hard = -(((1 - 0.2) * one_hot + 0.2 / 4) * log_p).sum(1).mean()  # the labels before mixing: another value
+    assert abs(float(expected) - float(hard)) > 0.01  # 200x the tolerance above
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.3])
+def test_label_smoothing_reaches_the_training_loss(smoothing):
+    """(1 - eps) x cross-entropy + eps x the mean of -log p over the classes, by hand, for eps 0 and 0.3."""
+    model = confident(ImageClassifier(backbone="resnet18", num_classes=5, label_smoothing=smoothing))
+    images, labels = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(1)), torch.tensor([4, 0, 2])
+    with torch.no_grad():
+        loss = model.training_loss((images, labels), 0)
+        log_p = model(images).log_softmax(-1)
+    nll, uniform = -log_p[torch.arange(3), labels].mean(), -log_p.mean(1).mean()
+    assert float(loss) == pytest.approx(float((1 - smoothing) * nll + smoothing * uniform), rel=1e-5)
+    assert abs(float(nll - uniform)) > 0.05  # the two terms differ, so a smoothing left out would show
 
 
 def test_a_non_finite_loss_stops_training_naming_the_step_and_images():

@@ -152,10 +152,27 @@ def test_norm_choice_sets_every_norm_layer(norm, cls):
     assert all(type(m) is cls for m in norms)
 
 
-def test_group_norm_trunk_trains(images):
-    trunk = rb.resnext("resnext26_32x4d", norm="gn")
-    trunk(images)["c5"].sum().backward()
-    assert trunk.conv1.weight.grad is not None
+def test_group_norm_trunk_trains():
+    """A GroupNorm trunk and a linear head fit 4 random images in a few Adam steps: the loss falls below a fifth,
+    and every GroupNorm's affine parameters move (they are trained, not frozen)."""
+    torch.manual_seed(0)
+    trunk = rb.resnext("resnet18", norm="gn")
+    head = nn.Linear(512, 2)
+    images, labels = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(5)), torch.tensor([0, 1, 0, 1])
+    norms = [m for m in trunk.modules() if isinstance(m, nn.GroupNorm)]
+    before = [(m.weight.detach().clone(), m.bias.detach().clone()) for m in norms]
+    optimizer = torch.optim.Adam([*trunk.parameters(), *head.parameters()], lr=1e-4)
+    losses = []
+    for _ in range(6):
+        loss = F.cross_entropy(head(trunk(images)["c5"].mean((2, 3))), labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss.detach()))
+    assert losses[-1] < 0.2 * losses[0], losses  # 0.75 -> 0.02 here
+    assert len(norms) == 2 * 4 * 2 + 3 + 1  # 2 per basic block, 1 per downsample, 1 in the stem
+    for m, (weight, bias) in zip(norms, before, strict=True):
+        assert not torch.equal(m.weight, weight) and not torch.equal(m.bias, bias)
 
 
 @pytest.mark.parametrize("stages", range(6))
@@ -263,10 +280,27 @@ def test_fused_trunk_gives_input_gradients_and_runs_under_autocast(images):
     # Forwards that differ by ~1e-6 flip a few ReLU and max-pool decisions at ties, which moves some gradient
     # locally (up to 8e-4 of its norm over 30 seeds); a wrong backward would be off by order 1.
     assert ((grads[1] - grads[0]).norm() / grads[0].norm()).item() < 1e-2
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        out, ref = fused(channels_last(images[:1, :, :32, :32]))["c5"], trunk(images[:1, :, :32, :32])["c5"]
-    assert out.dtype == torch.bfloat16
-    torch.testing.assert_close(out.float(), ref.float(), rtol=0.1, atol=0.1)
+    # Under bf16 autocast the fused trunk is as close to the float32 features as torchvision's own model under the
+    # same autocast (the reference: the same weights in torchvision's ResNet class): bf16 keeps 8 bits of mantissa,
+    # ~0.4% relative per rounding, and both land at ~0.5% of the features' norm over 26 layers (fused 0.45%,
+    # torchvision 0.47% on this input).
+    tv = torchvision_twin("resnext26_32x4d")
+    tv.load_state_dict(trunk.state_dict(), strict=False)  # all but its fc
+    tv_trunk = nn.Sequential(*list(tv.children())[:-2]).eval()  # up to layer4: c5
+    x = images[:1, :, :32, :32]
+    with torch.no_grad():
+        exact = trunk(x)["c5"]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out, theirs = fused(channels_last(x))["c5"], tv_trunk(x)
+    assert out.dtype == theirs.dtype == torch.bfloat16
+    assert exact.abs().mean() > 0.1  # features of a size that a relative error means something for
+
+    def error(y):
+        return float((y.float() - exact).norm() / exact.norm())
+
+    assert 1e-4 < error(theirs) < 1e-2  # bf16 really was computed, and this is what it costs
+    assert error(out) < 2 * error(theirs)
+    torch.testing.assert_close(out.float(), theirs.float(), rtol=0, atol=0.02 * float(exact.abs().max()))
 
 
 def test_a_fused_block_called_alone_keeps_its_input():
