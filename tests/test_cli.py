@@ -639,24 +639,15 @@ def run_cli(*args, cwd):
     return result
 
 
-def test_ddp_on_two_processes_trains_and_evaluates_each_image_once(fitted, large_object_coco, tmp_path):
-    """DDP needs no find_unused_parameters (frozen stages), and mAP over an odd-sized validation set equals the
-    single-process value: the evaluation sampler does not pad with repeated images."""
+def test_ddp_on_two_processes_trains_with_frozen_stages(fitted, tmp_path):
+    """DDP needs no find_unused_parameters with frozen stages. (That each image is evaluated once under DDP, its mAP
+    the single process's, is test_ddp_on_two_processes_gives_the_single_process_segm_map's, for boxes and masks.)"""
     _, config, tmp = fitted
-    ckpt = str(tmp / "ckpt" / "last.ckpt")
-    validation = detection_config(tmp_path, large_object_coco)  # 5 images, a mAP above zero
-    single = tmp_path / "single"
-    run_cli("validate", "--config", validation, "--ckpt_path", ckpt, "--trainer.logger.init_args.save_dir",
-            str(single), cwd=tmp_path)
     ddp = tmp_path / "ddp"
-    ddp_args = ["--trainer.devices", "2", "--trainer.strategy", "ddp", "--trainer.logger.init_args.save_dir", str(ddp)]
-    run_cli("validate", "--config", validation, "--ckpt_path", ckpt, *ddp_args, cwd=tmp_path)
-    one, two = last_metrics(single), last_metrics(ddp)
-    assert one["val/map"] > 0 and one["val/map_50"] > 0, one
-    assert one["val/map"] == pytest.approx(two["val/map"], abs=1e-6)
-    assert one["val/map_50"] == pytest.approx(two["val/map_50"], abs=1e-6)
     run_cli("fit", "--config", config, "--model.init_args.trainable_stages", "2", "--trainer.max_steps", "2",
-            "--trainer.limit_val_batches", "1", *ddp_args, cwd=tmp_path)
+            "--trainer.limit_val_batches", "1", "--trainer.devices", "2", "--trainer.strategy", "ddp",
+            "--trainer.logger.init_args.save_dir", str(ddp), cwd=tmp_path)
+    assert last_metrics(ddp)["train/loss"] > 0
 
 
 def test_predict_on_two_processes_writes_what_one_process_writes(fitted, tiny_coco, tmp_path):

@@ -330,6 +330,7 @@ def test_frozen_batchnorm_with_zero_variance_stays_finite_in_half_precision(dtyp
     assert torch.isfinite(out).all()
 
 
+@pytest.mark.slow  # torch.compile: half a minute on 2 cores
 def test_fused_trunk_compiles_to_one_graph_with_the_same_features(images):
     trunk = randomize_norm_stats(rb.resnext("resnet18", returned_features=("c2", "c3"))).eval().fuse()
     x = channels_last(images)
