@@ -212,7 +212,10 @@ class BackboneTask(LightningModule):
 
     def set_normalization(self, normalization: Dict[str, Sequence[float]]) -> None:
         """Normalise inputs with ``normalization`` (``mean``/``std`` of RGB images in [0, 1]): the convention of the
-        trunk's weights (registry entry, our safetensors), recorded in checkpoints."""
+        trunk's weights (registry entry, our safetensors), recorded in checkpoints. The trunk's ``normalization`` is
+        its one owner; a task that keeps a copy where its forward reads it (the classifier's buffers, the detector's
+        torchvision transform) extends this method to set that copy from the trunk's, so that this is the one place
+        the normalisation changes."""
         self.trunk_module().normalization = {k: tuple(float(x) for x in normalization[k]) for k in ("mean", "std")}
 
     def configure_optimizers(self):

@@ -159,7 +159,7 @@ class ObjectDetector(BackboneTask):
                                 max_size=max_size, **(detector_kwargs or {}))
         if mask_head_layers is not None:
             self._size_mask_head(list(mask_head_layers), fpn_channels, num_classes + arch.background_classes)
-        self.set_normalization(fpn.body.normalization)  # the weights' input convention, not a fixed ImageNet one
+        self.set_normalization(fpn.body.normalization)  # the transform's copy of the weights' input convention
         # extended_summary: the precision array, from which AP and AP50 per category come (tasks.per_class)
         self.metrics = self.stage_metrics(MeanAveragePrecision(
             box_format="xyxy", iou_type=("bbox", "segm") if arch.masks else "bbox", backend=map_backend,
@@ -191,6 +191,7 @@ class ObjectDetector(BackboneTask):
         return slots
 
     def set_normalization(self, normalization) -> None:
+        """Also torchvision's transform, which normalises with a copy of its own: set here, and only here."""
         super().set_normalization(normalization)
         self.model.transform.image_mean = list(self.trunk_module().normalization["mean"])
         self.model.transform.image_std = list(self.trunk_module().normalization["std"])
