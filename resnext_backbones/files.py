@@ -27,7 +27,7 @@ from typing import Dict, Iterator, Mapping, Optional, Tuple, Union
 import torch
 
 __all__ = ["WeightsError", "UnverifiedWeightsWarning", "PathLike", "read_file", "file_sha256", "check_sha256",
-           "digest", "atomic_write"]
+           "checked_sha256", "atomic_write"]
 
 PathLike = Union[str, Path]
 
@@ -54,7 +54,7 @@ def file_sha256(path: PathLike) -> str:
     return h.hexdigest()
 
 
-def digest(expected: str, what: str = "expected_sha256") -> str:
+def checked_sha256(expected: str, what: str = "expected_sha256") -> str:
     """``expected`` as a sha256 to compare with: lowercase hex, the full 64 characters or a prefix of at least 8.
     Raises ``ValueError`` naming ``what`` otherwise."""
     want = expected.strip().lower() if isinstance(expected, str) else ""
@@ -69,7 +69,7 @@ def check_sha256(path: PathLike, expected: str, *, source: Optional[str] = None)
     8 hex characters, any case). Returns the full digest; raises :class:`WeightsError` naming the file (or
     ``source``, e.g. the URL it came from), the expected and the actual digest on a mismatch, and ``ValueError``
     if ``expected`` is not a digest."""
-    want = digest(expected)
+    want = checked_sha256(expected)
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"weights file {str(path)!r} does not exist")

@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Tuple, Union
 
-from .files import PathLike, WeightsError, atomic_write, check_sha256, digest
+from .files import PathLike, WeightsError, atomic_write, check_sha256, checked_sha256
 from .trunk import IMAGENET_MEAN, IMAGENET_STD, MODELS, ResNeXtSpec
 
 __all__ = ["WeightsEntry", "register_weights", "list_weights", "weights_info", "get_entry", "resolve", "fetch",
@@ -196,7 +196,7 @@ def register_weights(name: str, url: str, sha256: Optional[str], *, overwrite: b
     if unknown:
         raise ValueError(f"weights {name!r}: unknown fields {unknown}; known: {known}")
     info = {k: tuple(v) if isinstance(v, list) else v for k, v in info.items()}
-    entry = WeightsEntry(name=name, url=url, sha256=None if sha256 is None else digest(sha256, "sha256"),
+    entry = WeightsEntry(name=name, url=url, sha256=None if sha256 is None else checked_sha256(sha256, "sha256"),
                          source=info.pop("source", "user"), license=info.pop("license", "unknown"), **info)
     _registry[name] = entry
     return entry
