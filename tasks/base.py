@@ -20,7 +20,7 @@ from torchmetrics import Metric, MetricCollection
 from .classes import ClassesError, checkpoint_label_map, describe
 from .data.labels import LabelMap
 from .inference import InferenceRunner, precision_name
-from .schedule import total_training_steps, warmup_then
+from .schedule import lr_factor, total_training_steps
 
 log = logging.getLogger("tasks")
 
@@ -70,7 +70,7 @@ class BackboneTask(LightningModule):
         super().__init__()
         # the arguments of this __init__ and of the subclass's that called it (Lightning walks the frames)
         self.save_hyperparameters(ignore=["optimizer"])
-        warmup_then(lr_schedule, total_steps=1, warmup_steps=0, milestones=milestones)  # validate early
+        lr_factor(lr_schedule, total_steps=1, warmup_steps=0, milestones=milestones)  # validate early
         self.label_map = label_map_of(num_classes, categories)
         self.optimizer_factory = optimizer
         self.lr_schedule, self.warmup_steps, self.milestones, self.gamma = lr_schedule, warmup_steps, milestones, gamma
@@ -223,8 +223,8 @@ class BackboneTask(LightningModule):
         optimizer = self.optimizer_factory(params)
         # The length is asked for after the first step: reading trainer.estimated_stepping_batches here would load
         # the training data before Lightning restores the loader's position (Lightning issue #20550).
-        factor = warmup_then(self.lr_schedule, total_steps=lambda: total_training_steps(self.trainer),
-                             warmup_steps=self.warmup_steps, milestones=self.milestones, gamma=self.gamma)
+        factor = lr_factor(self.lr_schedule, total_steps=lambda: total_training_steps(self.trainer),
+                           warmup_steps=self.warmup_steps, milestones=self.milestones, gamma=self.gamma)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": LambdaLR(optimizer, factor), "interval": "step"}}
 
 
