@@ -45,7 +45,7 @@ _AMX = {torch.bfloat16: ("_is_amx_tile_supported", "AVX10_1_512_AMX"),
 # than the eval norm it replaces, then the add and the ReLU each pass over the output again; fused, ResNeXt-50 ran
 # 1.9-2.6x torchvision's eager/autocast inference (H200, batch 64; fp32 with TF32, bf16, fp16) instead of 0.94-1.11x.
 _CUDNN_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-ONEDNN, CUDNN = "onednn", "cudnn"  # the fused kernels FusedConv2d.kernel picks
+ONEDNN, CUDNN, PLAIN = "onednn", "cudnn", "plain"  # what FusedConv2d.kernel picks: a fused kernel, or the plain ops
 
 
 def amx_group_widths() -> Dict[torch.dtype, int]:
@@ -84,12 +84,12 @@ class FusedConv2d(nn.Module):
                 f"groups={self.groups}, relu={self.relu}")
 
     def forward(self, x: Tensor, shortcut: Optional[Tensor] = None, inplace: bool = False,
-                kernel: Optional[str] = "ask") -> Tensor:
+                kernel: Optional[str] = None) -> Tensor:
         """One kernel where it can: oneDNN's on the CPU, cuDNN's convolution-bias-add-ReLU on CUDA (with a ReLU);
         else ``F.conv2d`` and the elementwise ops. ``inplace``: the sum may be written into ``shortcut`` (saves an
         activation-sized allocation). ``kernel``: :meth:`kernel`'s answer for ``x``, where the caller knows it;
-        ``"ask"`` asks."""
-        kernel = self.kernel(x) if kernel == "ask" else kernel
+        ``None`` asks :meth:`kernel`."""
+        kernel = self.kernel(x) if kernel is None else kernel
         if kernel == ONEDNN:
             weight, groups = self._packed_weight(x)
             args = (weight, self.bias, self.padding, self.stride, self.dilation, groups)
@@ -108,26 +108,26 @@ class FusedConv2d(nn.Module):
             out += shortcut
         return F.relu_(out) if self.relu else out
 
-    def kernel(self, x: Tensor) -> Optional[str]:
+    def kernel(self, x: Tensor) -> str:
         """Which fused kernel takes ``x``: :data:`ONEDNN` (CPU, channels_last, a dtype this CPU's oneDNN computes),
-        :data:`CUDNN` (CUDA, not ROCm; used where there is a ReLU to fuse), or ``None``, the plain ops: for another
+        :data:`CUDNN` (CUDA, not ROCm; used where there is a ReLU to fuse), or :data:`PLAIN`, the plain ops: for another
         dtype than the weights', autograd (the fused ops have no backward), autocast to another dtype, compile
         (Inductor fuses the plain ops itself). The kernel's output is taken too, so a block asks once for all its
         convolutions: asking at each made a batch-1 bf16 ResNeXt-50 forward 5-8% slower (A/B in one process, AMX
         Xeon, 2 threads)."""
         if x.dtype != self.weight.dtype or torch.compiler.is_compiling():
-            return None
+            return PLAIN
         device = x.device.type
         if device not in ("cpu", "cuda") or (torch.is_autocast_enabled(device)
                                              and torch.get_autocast_dtype(device) != x.dtype):
-            return None
+            return PLAIN
         if device == "cpu":
             return ONEDNN if (_ONEDNN and torch.backends.mkldnn.enabled and x.dim() == 4
                               and x.is_contiguous(memory_format=torch.channels_last) and x.dtype in _ONEDNN_DTYPES
-                              and not (x.requires_grad and torch.is_grad_enabled())) else None
+                              and not (x.requires_grad and torch.is_grad_enabled())) else PLAIN
         return CUDNN if (torch.version.hip is None and torch.backends.cudnn.enabled and x.dtype in _CUDNN_DTYPES
                          and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))) \
-            else None
+            else PLAIN
 
     def _packed_weight(self, x: Tensor) -> Tuple[Tensor, int]:
         # oneDNN picks its kernel, and the weight layout it wants, by input shape: a weight packed for another
