@@ -65,8 +65,8 @@ class TaskCLI(LightningCLI):
             raise
 
     def before_fit(self) -> None:
-        # the fastest precision depends on the hardware (bf16 is 1.4x faster on AMX CPUs, ~20x slower on AVX2-only
-        # ones): say which one runs, and what would be faster here
+        # the fastest precision depends on the hardware (bf16 is native on AMX CPUs, and emulated, far slower, on
+        # AVX2-only ones): say which one runs, and what would be faster here
         if self.trainer.is_global_zero:
             logging.getLogger("tasks").log(*training_precision_advice(self.trainer.precision,
                                                                        self.trainer.strategy.root_device))
