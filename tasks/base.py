@@ -52,8 +52,9 @@ class BackboneTask(LightningModule):
         skip_nonfinite_loss: on a NaN/inf loss, skip the step (zero gradient; momentum and weight decay still
             apply) and count it, instead of stopping with an error that names the step and the batch.
         inference_precision: ``32`` | ``bf16`` | ``16``: the precision of validate, test and predict, whatever
-            ``trainer.precision`` (the training precision) is. Low precision runs the trunk natively and the FPN
-            under autocast; heads and postprocessing stay float32. Applied where the device computes it natively
+            ``trainer.precision`` (the training precision) is. Low precision runs copies of the trunk, the FPN and
+            the heads' networks natively in that dtype (no autocast; their outputs come back as float32); decoding
+            and the rest of postprocessing stay float32. Applied where the device computes it natively
             (CUDA; CPUs with AMX or AVX-512 BF16 / FP16); elsewhere a warning, once, and float32.
         fused_inference: validate, test and predict run a fused channels_last copy of the trunk (norms folded into
             the convolutions) and copies of the FPN and heads with packed convolutions (:mod:`tasks.inference`),
