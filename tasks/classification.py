@@ -59,7 +59,7 @@ class ImageClassifier(BackboneTask):
                  milestones: Sequence[float] = (), **kwargs) -> None:
         super().__init__(num_classes=num_classes, categories=categories, optimizer=optimizer,
                          lr_schedule=lr_schedule, warmup_steps=warmup_steps, milestones=milestones, **kwargs)
-        self.trunk = rb.resnext(backbone, norm=norm, trainable_stages=trainable_stages, out_features=("c5",),
+        self.trunk = rb.resnext(backbone, norm=norm, trainable_stages=trainable_stages, returned_features=("c5",),
                                 zero_init_residual=zero_init_residual)
         self.fc = nn.Linear(self.trunk.out_channels["c5"], num_classes)
         for name in ("mean", "std"):  # the trunk's normalization on the model's device: set by set_normalization
