@@ -8,21 +8,26 @@ The bottom of the weights stack (the formats, the loader and a future registry o
 - :func:`file_sha256` / :func:`check_sha256`: the sha256 of a file's bytes, and the check of a digest the
   caller pinned. A matching digest proves the file is the one whose digest you were given (integrity); it says
   nothing about who made it, unless the digest itself came from someone you trust.
+- :func:`atomic_write`: a file or folder that appears whole or not at all (downloads, checkpoints, results).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import os
 import pickle
+import secrets
+import shutil
 import string
 import zipfile
 from pathlib import Path
-from typing import Dict, Mapping, Optional, Tuple, Union
+from typing import Dict, Iterator, Mapping, Optional, Tuple, Union
 
 import torch
 
 __all__ = ["WeightsError", "UnverifiedWeightsWarning", "PathLike", "read_file", "file_sha256", "check_sha256",
-           "digest"]
+           "checked_sha256", "atomic_write"]
 
 PathLike = Union[str, Path]
 
@@ -49,7 +54,7 @@ def file_sha256(path: PathLike) -> str:
     return h.hexdigest()
 
 
-def digest(expected: str, what: str = "expected_sha256") -> str:
+def checked_sha256(expected: str, what: str = "expected_sha256") -> str:
     """``expected`` as a sha256 to compare with: lowercase hex, the full 64 characters or a prefix of at least 8.
     Raises ``ValueError`` naming ``what`` otherwise."""
     want = expected.strip().lower() if isinstance(expected, str) else ""
@@ -64,7 +69,7 @@ def check_sha256(path: PathLike, expected: str, *, source: Optional[str] = None)
     8 hex characters, any case). Returns the full digest; raises :class:`WeightsError` naming the file (or
     ``source``, e.g. the URL it came from), the expected and the actual digest on a mismatch, and ``ValueError``
     if ``expected`` is not a digest."""
-    want = digest(expected)
+    want = checked_sha256(expected)
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"weights file {str(path)!r} does not exist")
@@ -74,6 +79,80 @@ def check_sha256(path: PathLike, expected: str, *, source: Optional[str] = None)
                            f"{'...' if len(want) < 64 else ''}, got {actual}. It is corrupt, truncated or another "
                            "file; fetch it again, or fix expected_sha256 if the file is the one you meant.")
     return actual
+
+
+# ------------------------------------------------------------------------------------------------- writing
+
+@contextlib.contextmanager
+def atomic_write(target: PathLike, *, folder: bool = False) -> Iterator[Path]:
+    """A new, empty temporary file (or, with ``folder=True``, folder) beside ``target``, for the caller to fill;
+    when the ``with`` block ends normally it becomes ``target``, whole, and a reader never sees a part of it.
+
+    The guarantees: the temporary lies in ``target``'s own folder (so the rename is atomic: never a copy across
+    filesystems) under a unique hidden name (``.<name>.<random>.part``: writers never share one); once the block
+    ends its bytes are flushed to the disk (``fsync`` of the file, or of every file and folder in the folder), it
+    gets the permissions any new file or folder gets (``0o666``/``0o777`` less the umask, whatever made it: a
+    ``mkstemp`` file would be ``0o600``), it is renamed over ``target`` with ``os.replace``, and the rename itself is
+    flushed (``fsync`` of the parent folder, where the OS has one). So a kill or power loss at any moment leaves
+    either the old ``target`` or the new one. On an exception in the block or in those steps the temporary is
+    removed, ``target`` is left as it was, and the exception propagates (with ``folder=True``, ``os.replace`` fails
+    with ``OSError`` where ``target`` is a folder that is not empty).
+
+    The caller may replace the temporary by a file of its own (e.g. a download moved onto it)."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    temp = _create_beside(target, folder)
+    try:
+        yield temp
+        _fsync_tree(temp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(temp, (0o777 if temp.is_dir() else 0o666) & ~umask)
+        os.replace(temp, target)
+    except BaseException:
+        if temp.is_dir() and not temp.is_symlink():
+            shutil.rmtree(temp, ignore_errors=True)
+        else:
+            temp.unlink(missing_ok=True)
+        raise
+    _fsync_folder(target.parent)
+
+
+def _create_beside(target: Path, folder: bool) -> Path:
+    while True:
+        temp = target.parent / f".{target.name}.{secrets.token_hex(8)}.part"
+        try:
+            if folder:
+                temp.mkdir()
+            else:
+                os.close(os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666))
+            return temp
+        except FileExistsError:
+            continue
+
+
+def _fsync_tree(path: Path) -> None:
+    if not path.is_dir():
+        fd = os.open(path, os.O_RDWR if os.name == "nt" else os.O_RDONLY)  # Windows flushes only writable handles
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        return
+    for root, _, files in os.walk(path, topdown=False):
+        for name in files:
+            _fsync_tree(Path(root) / name)
+        _fsync_folder(Path(root))
+
+
+def _fsync_folder(path: Path) -> None:
+    """Flush a folder's entries (new names, renames) where the OS lets a folder be opened (not Windows)."""
+    if hasattr(os, "O_DIRECTORY"):
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 # ------------------------------------------------------------------------------------------------- reading

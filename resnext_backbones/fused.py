@@ -32,20 +32,20 @@ _LOW_PRECISION_CHECKS = {torch.bfloat16: "_is_mkldnn_bf16_supported", torch.floa
 _ONEDNN_DTYPES = (torch.float32,) + tuple(
     dtype for dtype, check in _LOW_PRECISION_CHECKS.items() if _ONEDNN and getattr(torch.ops.mkldnn, check)())
 # AMX multiplies tiles 32 bf16/fp16 deep: a group of 4 input channels (the first stage of 32x4d) fills an eighth of
-# one. Groups joined into block-diagonal groups of 32 channels do 8x the multiply-adds there, yet ran 2.5x faster
-# (ResNeXt-50's first 3x3, batch 8) and a whole bf16 forward 4-10% faster at batch 1 and 8 (AMX Xeon, 2 threads).
-# Not without AMX: float32 gained nothing measurable (AVX-512; AVX2), fp16 on AVX-512 FP16 measured the same, and
-# bf16 with oneDNN kept below AMX (ONEDNN_MAX_CPU_ISA) ran the joined first-stage 3x3 2x slower. Not for depthwise
-# weights either (one channel per group: 0.67-0.87x joined, on AMX).
+# one. Groups joined into block-diagonal groups of 32 channels do more multiply-adds there, yet run faster, because
+# every tile is full (benchmarks/README.md has the measurements). Not without AMX: without tiles there is nothing to
+# fill, so the extra multiply-adds are only extra work (float32 on AVX-512 or AVX2, fp16 on AVX-512 FP16, bf16 with
+# oneDNN kept below AMX by ONEDNN_MAX_CPU_ISA). Not for depthwise weights either (one channel per group: joining
+# them multiplies the work by the group count, more than full tiles give back).
 _AMX = {torch.bfloat16: ("_is_amx_tile_supported", "AVX10_1_512_AMX"),
         torch.float16: ("_is_amx_fp16_supported", "AVX10_1_512_AMX_FP16")}  # the CPU's check, oneDNN's ISA
 
 
 # On CUDA, cuDNN's fused convolution-bias(-add)-ReLU: F.conv2d adds the bias in a separate broadcast kernel slower
-# than the eval norm it replaces, then the add and the ReLU each pass over the output again; fused, ResNeXt-50 ran
-# 1.9-2.6x torchvision's eager/autocast inference (H200, batch 64; fp32 with TF32, bf16, fp16) instead of 0.94-1.11x.
+# than the eval norm it replaces, then the add and the ReLU each pass over the output again; fused, the output is
+# written once (benchmarks/README.md compares it with torchvision's eager and autocast inference).
 _CUDNN_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-ONEDNN, CUDNN = "onednn", "cudnn"  # the fused kernels FusedConv2d.kernel picks
+ONEDNN, CUDNN, PLAIN = "onednn", "cudnn", "plain"  # what FusedConv2d.kernel picks: a fused kernel, or the plain ops
 
 
 def amx_group_widths() -> Dict[torch.dtype, int]:
@@ -84,12 +84,12 @@ class FusedConv2d(nn.Module):
                 f"groups={self.groups}, relu={self.relu}")
 
     def forward(self, x: Tensor, shortcut: Optional[Tensor] = None, inplace: bool = False,
-                kernel: Optional[str] = "ask") -> Tensor:
+                kernel: Optional[str] = None) -> Tensor:
         """One kernel where it can: oneDNN's on the CPU, cuDNN's convolution-bias-add-ReLU on CUDA (with a ReLU);
         else ``F.conv2d`` and the elementwise ops. ``inplace``: the sum may be written into ``shortcut`` (saves an
         activation-sized allocation). ``kernel``: :meth:`kernel`'s answer for ``x``, where the caller knows it;
-        ``"ask"`` asks."""
-        kernel = self.kernel(x) if kernel == "ask" else kernel
+        ``None`` asks :meth:`kernel`."""
+        kernel = self.kernel(x) if kernel is None else kernel
         if kernel == ONEDNN:
             weight, groups = self._packed_weight(x)
             args = (weight, self.bias, self.padding, self.stride, self.dilation, groups)
@@ -108,30 +108,30 @@ class FusedConv2d(nn.Module):
             out += shortcut
         return F.relu_(out) if self.relu else out
 
-    def kernel(self, x: Tensor) -> Optional[str]:
+    def kernel(self, x: Tensor) -> str:
         """Which fused kernel takes ``x``: :data:`ONEDNN` (CPU, channels_last, a dtype this CPU's oneDNN computes),
-        :data:`CUDNN` (CUDA, not ROCm; used where there is a ReLU to fuse), or ``None``, the plain ops: for another
+        :data:`CUDNN` (CUDA, not ROCm; used where there is a ReLU to fuse), or :data:`PLAIN`, the plain ops: for another
         dtype than the weights', autograd (the fused ops have no backward), autocast to another dtype, compile
         (Inductor fuses the plain ops itself). The kernel's output is taken too, so a block asks once for all its
-        convolutions: asking at each made a batch-1 bf16 ResNeXt-50 forward 5-8% slower (A/B in one process, AMX
-        Xeon, 2 threads)."""
+        convolutions: these checks run on the hot path, and at small batches asking at each convolution costs
+        measurably."""
         if x.dtype != self.weight.dtype or torch.compiler.is_compiling():
-            return None
+            return PLAIN
         device = x.device.type
         if device not in ("cpu", "cuda") or (torch.is_autocast_enabled(device)
                                              and torch.get_autocast_dtype(device) != x.dtype):
-            return None
+            return PLAIN
         if device == "cpu":
             return ONEDNN if (_ONEDNN and torch.backends.mkldnn.enabled and x.dim() == 4
                               and x.is_contiguous(memory_format=torch.channels_last) and x.dtype in _ONEDNN_DTYPES
-                              and not (x.requires_grad and torch.is_grad_enabled())) else None
+                              and not (x.requires_grad and torch.is_grad_enabled())) else PLAIN
         return CUDNN if (torch.version.hip is None and torch.backends.cudnn.enabled and x.dtype in _CUDNN_DTYPES
                          and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))) \
-            else None
+            else PLAIN
 
     def _packed_weight(self, x: Tensor) -> Tuple[Tensor, int]:
         # oneDNN picks its kernel, and the weight layout it wants, by input shape: a weight packed for another
-        # shape runs up to 4x slower. So a copy is kept per recent shape (an FPN level, a batch of another size),
+        # shape runs several times slower. So a copy is kept per recent shape (an FPN level, a batch of another size),
         # and made again when the weight changes (load_state_dict bumps the version; .to() moves the storage).
         # Returns the packed weight and the groups it is packed for (fewer on AMX: _MIN_GROUP_WIDTH).
         key = (tuple(x.shape), x.dtype, self.weight.data_ptr(), self.weight._version)

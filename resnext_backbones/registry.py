@@ -26,14 +26,13 @@ import difflib
 import json
 import logging
 import os
-import tempfile
 import urllib.error
 import urllib.parse
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Tuple, Union
 
-from .files import PathLike, WeightsError, check_sha256, digest
+from .files import PathLike, WeightsError, atomic_write, check_sha256, checked_sha256
 from .trunk import IMAGENET_MEAN, IMAGENET_STD, MODELS, ResNeXtSpec
 
 __all__ = ["WeightsEntry", "register_weights", "list_weights", "weights_info", "get_entry", "resolve", "fetch",
@@ -197,7 +196,7 @@ def register_weights(name: str, url: str, sha256: Optional[str], *, overwrite: b
     if unknown:
         raise ValueError(f"weights {name!r}: unknown fields {unknown}; known: {known}")
     info = {k: tuple(v) if isinstance(v, list) else v for k, v in info.items()}
-    entry = WeightsEntry(name=name, url=url, sha256=None if sha256 is None else digest(sha256, "sha256"),
+    entry = WeightsEntry(name=name, url=url, sha256=None if sha256 is None else checked_sha256(sha256, "sha256"),
                          source=info.pop("source", "user"), license=info.pop("license", "unknown"), **info)
     _registry[name] = entry
     return entry
@@ -329,19 +328,11 @@ def fetch(entry: WeightsEntry, expected_sha256: Optional[str] = None, *, progres
 def _download(entry: WeightsEntry, target: Path, pinned: str, progress: bool) -> None:
     import torch.hub
 
-    fd, partial = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
-    os.close(fd)
-    try:
-        log.info("downloading %s from %s to %s", entry.name, entry.url, target)
+    log.info("downloading %s from %s to %s", entry.name, entry.url, target)
+    with atomic_write(target) as partial:  # readable by the other users of a cache, as a plain download would be
         try:
-            torch.hub.download_url_to_file(entry.url, partial, progress=progress)
+            torch.hub.download_url_to_file(entry.url, str(partial), progress=progress)
         except (urllib.error.URLError, OSError) as e:
             raise WeightsError(f"cannot download weights {entry.name!r} from {entry.url} ({e}). Without network, "
                                f"download it elsewhere and put it at {target}") from None
         check_sha256(partial, pinned, source=f"the download of {entry.url}")
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(partial, 0o666 & ~umask)  # as a plain download would be: readable by the other users of a cache
-        os.replace(partial, target)
-    finally:
-        Path(partial).unlink(missing_ok=True)

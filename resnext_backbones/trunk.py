@@ -115,21 +115,11 @@ def make_norm(norm: str) -> Callable[[int], nn.Module]:
     raise ValueError(f"norm={norm!r} is not supported; choose one of {list(NORMS)}")
 
 
-def resolve_returned_features(returned: Optional[Sequence[str]] = None,
-                              out_features: Optional[Sequence[str]] = None) -> Tuple[str, ...]:
-    """The trunk features to return, in stride order (default: all of ``FEATURES``).
-
-    ``returned_features`` is the name; ``out_features`` (detectron2's word, this library's first one) is
-    accepted as an alias for the same thing. Giving both with different values is an error.
-    """
-    if returned is not None and out_features is not None and tuple(returned) != tuple(out_features):
-        raise ValueError(f"returned_features={tuple(returned)!r} and out_features={tuple(out_features)!r} name "
-                         "the same thing (out_features is the alias); give one of them")
-    given = returned if returned is not None else out_features
-    arg = "returned_features" if returned is not None else "out_features"
-    features = FEATURES if given is None else tuple(given)
+def resolve_returned_features(returned: Optional[Sequence[str]] = None) -> Tuple[str, ...]:
+    """The trunk features to return, in stride order (default: all of ``FEATURES``)."""
+    features = FEATURES if returned is None else tuple(returned)
     if not features or any(f not in FEATURES for f in features) or len(set(features)) != len(features):
-        raise ValueError(f"{arg}={features!r} must be a non-empty subset of {FEATURES}")
+        raise ValueError(f"returned_features={features!r} must be a non-empty subset of {FEATURES}")
     return tuple(f for f in FEATURES if f in features)
 
 
@@ -198,7 +188,7 @@ def _shortcut(cin: int, cout: int, stride: int, norm: Callable[[int], nn.Module]
 class ResNeXt(nn.Module):
     """ResNeXt trunk returning ``{"c2": .., "c3": .., "c4": .., "c5": ..}`` (strides 4, 8, 16, 32).
 
-    ``returned_features`` picks the features returned (``out_features`` is accepted as its alias); stages after
+    ``returned_features`` picks the features returned; stages after
     the last one are not built (as torchvision's ``IntermediateLayerGetter``). ``trainable_stages`` (0..5)
     freezes exactly what torchvision's ``trainable_layers`` freezes: parameters get ``requires_grad=False`` and
     BatchNorm layers of frozen parts stay in eval mode under ``.train()``.
@@ -209,10 +199,9 @@ class ResNeXt(nn.Module):
     """
 
     def __init__(self, spec: ResNeXtSpec, *, norm: str = "bn", trainable_stages: int = 5,
-                 returned_features: Optional[Sequence[str]] = None, out_features: Optional[Sequence[str]] = None,
-                 zero_init_residual: bool = False) -> None:
+                 returned_features: Optional[Sequence[str]] = None, zero_init_residual: bool = False) -> None:
         super().__init__()
-        features = resolve_returned_features(returned_features, out_features)
+        features = resolve_returned_features(returned_features)
         if not isinstance(trainable_stages, int) or not 0 <= trainable_stages <= 5:
             raise ValueError(f"trainable_stages={trainable_stages!r} must be an integer in 0..5 "
                              "(0 freezes everything, 5 trains the stem too)")
@@ -253,10 +242,6 @@ class ResNeXt(nn.Module):
                         nn.init.zeros_(last.weight)
         self._freeze()
 
-    @property
-    def out_features(self) -> Tuple[str, ...]:
-        """Alias of :attr:`returned_features`."""
-        return self.returned_features
 
     def stages(self) -> List[nn.Sequential]:
         """The built stages ``layer1..layerN``, in order (stage ``i`` gives ``FEATURES[i]``)."""

@@ -20,7 +20,7 @@ from torchmetrics import Metric, MetricCollection
 from .classes import ClassesError, checkpoint_label_map, describe
 from .data.labels import LabelMap
 from .inference import InferenceRunner, precision_name
-from .schedule import total_training_steps, warmup_then
+from .schedule import lr_factor, total_training_steps
 
 log = logging.getLogger("tasks")
 
@@ -73,7 +73,7 @@ class BackboneTask(LightningModule):
         super().__init__()
         # the arguments of this __init__ and of the subclass's that called it (Lightning walks the frames)
         self.save_hyperparameters(ignore=["optimizer"])
-        warmup_then(lr_schedule, total_steps=1, warmup_steps=0, milestones=milestones)  # validate early
+        lr_factor(lr_schedule, total_steps=1, warmup_steps=0, milestones=milestones)  # validate early
         self.label_map = label_map_of(num_classes, categories)
         self.optimizer_factory = optimizer
         self.lr_schedule, self.warmup_steps, self.milestones, self.gamma = lr_schedule, warmup_steps, milestones, gamma
@@ -203,7 +203,10 @@ class BackboneTask(LightningModule):
 
     def set_normalization(self, normalization: Dict[str, Sequence[float]]) -> None:
         """Normalise inputs with ``normalization`` (``mean``/``std`` of RGB images in [0, 1]): the convention of the
-        trunk's weights (registry entry, our safetensors), recorded in checkpoints."""
+        trunk's weights (registry entry, our safetensors), recorded in checkpoints. The trunk's ``normalization`` is
+        its one owner; a task that keeps a copy where its forward reads it (the classifier's buffers, the detector's
+        torchvision transform) extends this method to set that copy from the trunk's, so that this is the one place
+        the normalisation changes."""
         self.trunk_module().normalization = {k: tuple(float(x) for x in normalization[k]) for k in ("mean", "std")}
         self.inference_runner.release()  # the copy holds the normalisation it was made with
 
@@ -212,8 +215,8 @@ class BackboneTask(LightningModule):
         optimizer = self.optimizer_factory(params)
         # The length is asked for after the first step: reading trainer.estimated_stepping_batches here would load
         # the training data before Lightning restores the loader's position (Lightning issue #20550).
-        factor = warmup_then(self.lr_schedule, total_steps=lambda: total_training_steps(self.trainer),
-                             warmup_steps=self.warmup_steps, milestones=self.milestones, gamma=self.gamma)
+        factor = lr_factor(self.lr_schedule, total_steps=lambda: total_training_steps(self.trainer),
+                           warmup_steps=self.warmup_steps, milestones=self.milestones, gamma=self.gamma)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": LambdaLR(optimizer, factor), "interval": "step"}}
 
 

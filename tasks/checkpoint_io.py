@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import secrets
 from pathlib import Path
 from typing import Any, Dict, Optional
 
@@ -12,12 +10,15 @@ import torch
 from fsspec.implementations.local import LocalFileSystem
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from resnext_backbones.files import atomic_write
+
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Lightning's checkpoint writer, made atomic on local disks: the checkpoint is written to a temporary file next
-    to its target, flushed to the disk and renamed over the target, so a kill at any moment leaves either the old
-    ``last.ckpt`` or the new one, whole. (Lightning's own writer stages the file in the system temp folder and then
-    moves it; where that folder is on another filesystem, the move is a copy that a kill can cut short.)
+    """Lightning's checkpoint writer, made atomic on local disks (:func:`resnext_backbones.files.atomic_write`): the
+    checkpoint is written to a temporary file next to its target, flushed to the disk and renamed over the target,
+    so a kill at any moment leaves either the old ``last.ckpt`` or the new one, whole. (Lightning's own writer
+    stages the file in the system temp folder and then moves it; where that folder is on another filesystem, the
+    move is a copy that a kill can cut short.)
 
     The file gets the permissions any new file gets (``0o666`` less the umask: ``0o644`` under the usual ``022``), as
     with Lightning's writer, so that a teammate or a serving process running as another user can read it.
@@ -30,32 +31,5 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         fs, local_path = fsspec.core.url_to_fs(str(path))
         if storage_options is not None or not isinstance(fs, LocalFileSystem):
             return super().save_checkpoint(checkpoint, path, storage_options)
-        target = Path(local_path)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, temp = _create_beside(target)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                torch.save(checkpoint, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(temp, target)
-        except BaseException:
-            Path(temp).unlink(missing_ok=True)
-            raise
-        if hasattr(os, "O_DIRECTORY"):  # make the rename itself durable
-            directory = os.open(target.parent, os.O_DIRECTORY)
-            try:
-                os.fsync(directory)
-            finally:
-                os.close(directory)
-
-
-def _create_beside(target: Path) -> tuple:
-    """A new, uniquely named file next to ``target``, open for writing. Unlike ``tempfile.mkstemp`` (always
-    ``0o600``), it is created with mode ``0o666`` and the kernel applies the process's umask."""
-    while True:
-        temp = target.parent / f".{target.name}.{secrets.token_hex(8)}.part"
-        try:
-            return os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666), temp
-        except FileExistsError:
-            continue
+        with atomic_write(Path(local_path)) as temp, open(temp, "wb") as f:
+            torch.save(checkpoint, f)

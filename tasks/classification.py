@@ -59,11 +59,11 @@ class ImageClassifier(BackboneTask):
                  milestones: Sequence[float] = (), **kwargs) -> None:
         super().__init__(num_classes=num_classes, categories=categories, optimizer=optimizer,
                          lr_schedule=lr_schedule, warmup_steps=warmup_steps, milestones=milestones, **kwargs)
-        self.trunk = rb.resnext(backbone, norm=norm, trainable_stages=trainable_stages, out_features=("c5",),
+        self.trunk = rb.resnext(backbone, norm=norm, trainable_stages=trainable_stages, returned_features=("c5",),
                                 zero_init_residual=zero_init_residual)
         self.fc = nn.Linear(self.trunk.out_channels["c5"], num_classes)
-        self.register_buffer("mean", torch.tensor(rb.IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(rb.IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        for name in ("mean", "std"):  # the trunk's normalization on the model's device: set by set_normalization
+            self.register_buffer(name, torch.empty(1, 3, 1, 1), persistent=False)
         self.label_smoothing = label_smoothing
         mixes = ([v2.MixUp(alpha=mixup_alpha, num_classes=num_classes)] if mixup_alpha > 0 else []) + \
                 ([v2.CutMix(alpha=cutmix_alpha, num_classes=num_classes)] if cutmix_alpha > 0 else [])
@@ -75,7 +75,7 @@ class ImageClassifier(BackboneTask):
         self.log_images, self._pictures_sent = log_images, 0
         if weights is not None:
             self.load_trunk_and_head(weights, strict=strict_weights)
-        self.set_normalization(self.trunk.normalization)  # the weights' input convention (ImageNet's by default)
+        self.set_normalization(self.trunk.normalization)  # the weights' (ImageNet's by default), into the buffers
 
     def load_trunk_and_head(self, weights: str, strict: bool = True) -> None:
         source = rb.read_weights(weights, model=self.hparams.backbone)  # a file, or a registered name: fetched
@@ -98,6 +98,7 @@ class ImageClassifier(BackboneTask):
         return self.trunk
 
     def set_normalization(self, normalization) -> None:
+        """Also the ``mean``/``std`` buffers that :meth:`forward` reads: set here, and only here."""
         super().set_normalization(normalization)
         for name in ("mean", "std"):
             getattr(self, name).copy_(torch.tensor(self.trunk.normalization[name]).view(1, 3, 1, 1))

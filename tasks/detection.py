@@ -115,7 +115,7 @@ class ObjectDetector(BackboneTask):
         detector_kwargs: further keyword arguments of torchvision's detector class (``box_batch_size_per_image``,
             ``rpn_post_nms_top_n_train``, ``score_thresh``, ...), e.g. to size the heads to small images.
         categories: dataset category id -> name (set by the data module); metrics and predictions use these ids.
-        map_backend: ``faster_coco_eval`` (the same numbers, ~5x faster: benchmarks/README.md) | ``pycocotools``,
+        map_backend: ``faster_coco_eval`` (the same numbers, faster: benchmarks/README.md) | ``pycocotools``,
             for torchmetrics' ``MeanAveragePrecision`` (of boxes, and for Mask R-CNN of masks too).
         log_images: how many validation images to send, each epoch, to the loggers that show pictures (TensorBoard):
             ground truth and predictions side by side, boxes labelled with category names (and scores); 0 for none.
@@ -152,7 +152,7 @@ class ObjectDetector(BackboneTask):
                                 max_size=max_size, **(detector_kwargs or {}))
         if mask_head_layers is not None:
             self._size_mask_head(list(mask_head_layers), fpn_channels, num_classes + arch.background_classes)
-        self.set_normalization(fpn.body.normalization)  # the weights' input convention, not a fixed ImageNet one
+        self.set_normalization(fpn.body.normalization)  # the transform's copy of the weights' input convention
         # extended_summary: the precision array, from which AP and AP50 per category come (tasks.per_class)
         self.metrics = self.stage_metrics(MeanAveragePrecision(
             box_format="xyxy", iou_type=("bbox", "segm") if arch.masks else "bbox", backend=map_backend,
@@ -176,6 +176,7 @@ class ObjectDetector(BackboneTask):
         return self.model.backbone.body
 
     def set_normalization(self, normalization) -> None:
+        """Also torchvision's transform, which normalises with a copy of its own: set here, and only here."""
         super().set_normalization(normalization)
         self.model.transform.image_mean = list(self.trunk_module().normalization["mean"])
         self.model.transform.image_std = list(self.trunk_module().normalization["std"])

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 from torchvision.transforms.v2.functional import to_dtype
 
-MIN_SIDE = 320  # small images are enlarged to this shorter side, so that labels in the 10-px font stay legible
+LEGIBLE_SIDE = 320  # small images are enlarged to this shorter side, so that labels in the 10-px font stay legible
 MAX_SIDE = 2048  # ... but never beyond this longer side
 # bright colours that black label text reads well on; a category keeps its colour in every picture
 PALETTE = [(255, 99, 71), (50, 205, 50), (30, 144, 255), (255, 215, 0), (238, 130, 238), (0, 206, 209),
@@ -27,12 +27,12 @@ def colour(category_id: int) -> tuple:
 
 def enlarged(image: Tensor) -> tuple:
     """``(uint8 RGB image, factor)``: the image as uint8, enlarged by a whole factor (nearest neighbour, so pixels
-    stay crisp) until its shorter side reaches :data:`MIN_SIDE` or its longer side would pass :data:`MAX_SIDE`."""
+    stay crisp) until its shorter side reaches :data:`LEGIBLE_SIDE` or its longer side would pass :data:`MAX_SIDE`."""
     image = to_dtype(image.detach().cpu().as_subclass(Tensor), torch.uint8, scale=True)
     if image.shape[0] == 1:
         image = image.expand(3, -1, -1)
     height, width = image.shape[-2:]
-    factor = max(1, min(math.ceil(MIN_SIDE / max(1, min(height, width))), MAX_SIDE // max(height, width)))
+    factor = max(1, min(math.ceil(LEGIBLE_SIDE / max(1, min(height, width))), MAX_SIDE // max(height, width)))
     if factor > 1:
         image = image.repeat_interleave(factor, -2).repeat_interleave(factor, -1)
     return image.contiguous(), factor

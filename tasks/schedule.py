@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Callable, Optional, Sequence, Union
+from typing import Callable, Sequence, Union
 
 SCHEDULES = ("multistep", "cosine", "constant")
+WARMUP_FACTOR = 0.001  # the warmup starts at this fraction of the base learning rate (detectron2's and mmdet's)
 
 
-def warmup_then(schedule: str, *, total_steps: Union[int, Callable[[], int]], warmup_steps: int,
-                warmup_factor: float = 0.001, milestones: Sequence[float] = (), gamma: float = 0.1,
-                min_factor: float = 0.0) -> Callable[[int], float]:
-    """Multiplier of the base learning rate at optimizer step ``step`` (for ``LambdaLR``).
+def lr_factor(schedule: str, *, total_steps: Union[int, Callable[[], int]], warmup_steps: int,
+              milestones: Sequence[float] = (), gamma: float = 0.1) -> Callable[[int], float]:
+    """The multiplier of the base learning rate at each optimizer step, as a function of the step (for
+    ``LambdaLR``): a linear warmup from :data:`WARMUP_FACTOR` over ``warmup_steps``, then ``schedule``.
 
     ``milestones`` are fractions of ``total_steps`` (``[8/12, 11/12]`` is the detection 1x schedule), so one
     schedule serves any dataset size and epoch count. ``total_steps`` may be a function, asked once, after step 0.
@@ -30,26 +31,24 @@ def warmup_then(schedule: str, *, total_steps: Union[int, Callable[[], int]], wa
 
     def factor(step: int) -> float:
         if step == 0:  # depends on no length: LambdaLR asks for it before the trainer has loaded the data
-            return warmup_factor if warmup_steps > 0 else 1.0
+            return WARMUP_FACTOR if warmup_steps > 0 else 1.0
         total_steps, warmup_steps_ = lengths()
         if step < warmup_steps_:
             alpha = step / warmup_steps_
-            return warmup_factor * (1 - alpha) + alpha
+            return WARMUP_FACTOR * (1 - alpha) + alpha
         if schedule == "multistep":
             return gamma ** sum(step >= m * total_steps for m in milestones)
         if schedule == "cosine":
             progress = (step - warmup_steps_) / max(1, total_steps - warmup_steps_)
-            return min_factor + (1 - min_factor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
         return 1.0
 
     return factor
 
 
-def total_training_steps(trainer, fallback: Optional[int] = None) -> int:
+def total_training_steps(trainer) -> int:
     """Optimizer steps in the whole fit, from the trainer (``max_steps`` or epochs x batches)."""
     steps = trainer.estimated_stepping_batches
     if not math.isfinite(steps):
-        if fallback is None:
-            raise ValueError("set trainer.max_epochs or trainer.max_steps: the learning-rate schedule needs a length")
-        return fallback
+        raise ValueError("set trainer.max_epochs or trainer.max_steps: the learning-rate schedule needs a length")
     return int(steps)

@@ -8,11 +8,12 @@ import csv
 import heapq
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Dict, Iterable, Iterator, List, Optional, Sequence
 
 from lightning.pytorch.callbacks import BasePredictionWriter
+
+from resnext_backbones.files import atomic_write
 
 from .classification import ImageClassifier
 from .data.masks import EncodedMasks, coco_segmentation
@@ -23,13 +24,11 @@ log = logging.getLogger("tasks")
 
 
 @contextlib.contextmanager
-def replaced_whole(path: Path, newline: Optional[str] = None):
-    """Write ``path`` through a temporary file beside it, renamed over it only once it is complete: a run stopped
-    half-way leaves no truncated file that looks like a result."""
-    temporary = path.with_name(f".{path.name}.partial")
-    with open(temporary, "w", newline=newline) as f:
+def atomic_text_file(path: Path, newline: Optional[str] = None):
+    """``path`` open for writing text, through :func:`resnext_backbones.files.atomic_write`: it appears only once
+    it is complete, so a run stopped half-way leaves no truncated file that looks like a result."""
+    with atomic_write(path) as temporary, open(temporary, "w", newline=newline) as f:
         yield f
-    os.replace(temporary, path)
 
 
 def merged_parts(paths: Sequence[Path]) -> Iterator[dict]:
@@ -162,7 +161,7 @@ class CocoResultsWriter(StreamingWriter):
 
     def assemble(self, rows: Iterator[dict], pl_module) -> None:
         images_path, count, detections = self.images_path(), 0, 0
-        with replaced_whole(self.path) as results, replaced_whole(images_path) as images:
+        with atomic_text_file(self.path) as results, atomic_text_file(images_path) as images:
             results.write("[")
             images.write('{"images": [')
             for row in rows:
@@ -210,7 +209,7 @@ class ClassificationResultsWriter(StreamingWriter):
 
     def assemble(self, rows: Iterator[dict], pl_module) -> None:
         k, count = min(self.top_k, len(pl_module.label_map)), 0
-        with replaced_whole(self.path, newline="") as f:
+        with atomic_text_file(self.path, newline="") as f:
             writer = csv.writer(f)
             writer.writerow(["path"] + [f"{kind}_{i}" for i in range(1, k + 1) for kind in ("class", "probability")])
             for row in rows:

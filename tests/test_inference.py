@@ -110,7 +110,7 @@ def test_the_copy_follows_the_weights_after_an_optimizer_step_and_a_loaded_state
         after_step = model(images).softmax(-1)
     torch.testing.assert_close(predict(model, (images, None), 0), after_step, atol=1e-4, rtol=0)
     other = classifier()
-    other.trunk.load_state_dict(randomize_norm_stats(rb.resnext("resnet18", out_features=("c5",)), seed=7)
+    other.trunk.load_state_dict(randomize_norm_stats(rb.resnext("resnet18", returned_features=("c5",)), seed=7)
                                 .state_dict())
     model.load_state_dict(other.state_dict())
     with torch.no_grad():

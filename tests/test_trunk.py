@@ -98,16 +98,6 @@ def test_forward_runs_every_built_stage_in_order(images):
     assert ran == ["layer1", "layer2", "layer3"] and list(feats) == ["c2", "c4"]
 
 
-def test_out_features_is_an_alias_of_returned_features():
-    by_alias = rb.resnext("resnet18", out_features=("c3",))
-    assert by_alias.returned_features == by_alias.out_features == ("c3",)
-    assert rb.resnext("resnet18", returned_features=("c3",), out_features=["c3"]).returned_features == ("c3",)
-    with pytest.raises(ValueError, match="name the same thing"):
-        rb.resnext("resnet18", returned_features=("c3",), out_features=("c4",))
-    fpn = rb.resnext_fpn("resnet18", out_features=("c3", "c4", "c5"), extra_blocks="p6p7")
-    assert fpn.returned_features == ["c3", "c4", "c5"]
-
-
 @pytest.mark.parametrize("depth", sorted(STAGE_BLOCKS))
 def test_every_depth_has_the_papers_layer_count(depth):
     cardinality, width = (32, 4) if STAGE_BLOCKS[depth][0] else (1, 64)
@@ -132,7 +122,7 @@ def test_any_cardinality_and_width_builds_and_runs(images):
     (dict(name="resnext50_32x4d", cardinality=64), "conflicting arguments {'cardinality': 64}"),
     (dict(name="resnet18", norm="layer"), "choose one of ['bn', 'frozen_bn', 'sync_bn', 'gn']"),
     (dict(name="resnet18", trainable_stages=6), "must be an integer in 0..5"),
-    (dict(name="resnet18", out_features=("c6",)), "out_features=('c6',) must be a non-empty subset of ('c2', 'c3'"),
+    (dict(name="resnet18", returned_features=("c6",)), "returned_features=('c6',) must be a non-empty subset of ('c2'"),
     (dict(name="resnet18", returned_features=()), "returned_features=() must be a non-empty subset of ('c2', 'c3'"),
 ])
 def test_invalid_specs_raise_value_error_naming_allowed_values(kwargs, message):

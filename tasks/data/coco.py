@@ -20,7 +20,7 @@ from .image_files import ImageFiles, ImageList, list_images
 from .images import CorruptImageError, image_size, read_rgb
 from .labels import LabelMap
 from .masks import Segmentations, row_offsets
-from .transforms import DropEmptyMasks, chosen, detection_pipeline
+from .transforms import DropEmptyMasks, configured_or_default, detection_pipeline
 
 log = logging.getLogger("tasks")
 
@@ -329,7 +329,7 @@ class CocoDetectionDataModule(BaseDataModule):
         have no say in the model's classes there."""
         return self.predict_images is not None
 
-    def _labelled(self, stage: str) -> None:
+    def _require_labels(self, stage: str) -> None:
         if self.val_index is None:
             raise ValueError(f"data: {stage} needs annotated data, and only predict_images is set; give "
                              f"{', '.join(self.ANNOTATION_KEYS)}")
@@ -343,7 +343,7 @@ class CocoDetectionDataModule(BaseDataModule):
             # read again, to fail naming the annotation without a usable segmentation
             self.val_index = self._index(self.val_annotations, self.val_images, "val_images", True)
         if stage == "fit" and self.train_index is None:
-            self._labelled("fit")
+            self._require_labels("fit")
             self.train_index = self._index(self.train_annotations, self.train_images, "train_images", masks)
             train_ids, val_ids = self.train_index.label_map.category_ids, self.label_map.category_ids
             if train_ids != val_ids:
@@ -355,7 +355,7 @@ class CocoDetectionDataModule(BaseDataModule):
     def train_transforms(self) -> v2.Transform:
         """The training augmentation, then the project's box clean-up: every box the model sees lies inside its
         image and has an area."""
-        return detection_pipeline(chosen(self.train_transform_list,
+        return detection_pipeline(configured_or_default(self.train_transform_list,
                                          lambda: [v2.RandomHorizontalFlip(self.horizontal_flip)]), self.empty_masks)
 
     def eval_transforms(self) -> Optional[v2.Transform]:
@@ -363,13 +363,13 @@ class CocoDetectionDataModule(BaseDataModule):
                                                                                 self.empty_masks)
 
     def train_dataloader(self):
-        self._labelled("fit")
+        self._require_labels("fit")
         dataset = CocoDetection(self.train_index, self.train_images, self.train_transforms(),
                                 masks=self.wants_masks())
         return self.loader(dataset, train=True, collate_fn=collate)
 
     def val_dataloader(self):
-        self._labelled("validation")
+        self._require_labels("validation")
         dataset = CocoDetection(self.val_index, self.val_images, self.eval_transforms(), keep_crowd=True,
                                 masks=self.wants_masks())
         return self.loader(dataset, train=False, collate_fn=collate)
@@ -382,7 +382,7 @@ class CocoDetectionDataModule(BaseDataModule):
         if self.predict_images is not None:
             dataset = ImageFiles(list_images(self.predict_images, "data.predict_images"))
         else:
-            self._labelled("predict without predict_images")
+            self._require_labels("predict without predict_images")
             dataset = ImageFiles(ImageList(Path(self.val_images), list(self.val_index.file_names)),
                                  image_ids=self.val_index.image_ids.tolist())
         return self.loader(dataset, train=False, collate_fn=collate, skip_corrupt=True)

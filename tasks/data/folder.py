@@ -13,7 +13,7 @@ from .base import BaseDataModule
 from .image_files import ImageFiles, list_images
 from .images import read_rgb
 from .labels import LabelMap
-from .transforms import chosen, classification_pipeline
+from .transforms import classification_pipeline, configured_or_default
 
 log = logging.getLogger("tasks")
 
@@ -88,7 +88,7 @@ class ImageFolderDataModule(BaseDataModule):
         in the model's classes there."""
         return self.predict_dir is not None
 
-    def _labelled(self, stage: str) -> None:
+    def _require_labels(self, stage: str) -> None:
         if self.label_map is None:
             raise ValueError(f"data: {stage} needs labelled data, and only predict_dir is set; give train_dir and "
                              "val_dir")
@@ -96,22 +96,22 @@ class ImageFolderDataModule(BaseDataModule):
     def train_transforms(self) -> v2.Compose:
         default = lambda: [v2.RandomResizedCrop(self.image_size, scale=self.crop_scale, antialias=True),  # noqa: E731
                            v2.RandomHorizontalFlip()]
-        return classification_pipeline(chosen(self.train_transform_list, default), self.image_size,
+        return classification_pipeline(configured_or_default(self.train_transform_list, default), self.image_size,
                                        "data.train_transforms")
 
     def eval_transforms(self) -> v2.Compose:
         default = lambda: [v2.Resize(round(self.image_size / 0.875), antialias=True),  # noqa: E731
                            v2.CenterCrop(self.image_size)]
-        return classification_pipeline(chosen(self.val_transform_list, default), self.image_size,
+        return classification_pipeline(configured_or_default(self.val_transform_list, default), self.image_size,
                                        "data.val_transforms")
 
     def train_dataloader(self):
-        self._labelled("fit")
+        self._require_labels("fit")
         return self.loader(ImageFolder(self.train_dir, transform=self.train_transforms(), loader=read_rgb),
                            train=True, drop_last=True)
 
     def val_dataloader(self):
-        self._labelled("validation")
+        self._require_labels("validation")
         dataset = ImageFolder(self.val_dir, transform=self.eval_transforms(), loader=read_rgb)
         return self.loader(dataset, train=False)
 
@@ -124,6 +124,6 @@ class ImageFolderDataModule(BaseDataModule):
         if self.predict_dir is not None:
             images = list_images(self.predict_dir, "data.predict_dir")
         else:
-            self._labelled("predict without predict_dir")
+            self._require_labels("predict without predict_dir")
             images = list_images(self.val_dir, "data.val_dir")
         return self.loader(ImageFiles(images, transform=self.eval_transforms()), train=False, skip_corrupt=True)

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import List, Tuple
 
@@ -22,6 +20,8 @@ import numpy as np
 import pycocotools.mask as mask_utils
 import torch
 from torchvision.io import encode_jpeg, encode_png, write_file
+
+from resnext_backbones.files import atomic_write
 
 from .masks import coco_segmentation
 
@@ -157,16 +157,12 @@ def _ensure(name: str, build) -> Path:
     final = cache_root() / f"shapes-{VERSION}" / name
     if final.is_dir():
         return final
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=final.parent))
     try:
-        build(tmp)
-        tmp.rename(final)
+        with atomic_write(final, folder=True) as tmp:
+            build(tmp)
     except OSError:
         if not final.is_dir():  # someone else won the race only if the folder is now there
             raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return final
 
 

@@ -83,6 +83,7 @@ def classification_pipeline(transforms: Sequence[Callable], image_size: int, key
     return v2.Compose([*transforms, v2.ToDtype(torch.float32, scale=True), RequireSize(image_size, key)])
 
 
-def chosen(transforms: Optional[Sequence[Callable]], default: Callable[[], List[Callable]]) -> List[Callable]:
+def configured_or_default(transforms: Optional[Sequence[Callable]],
+                          default: Callable[[], List[Callable]]) -> List[Callable]:
     """The transforms of the config, or (``None``) the data module's default list."""
     return default() if transforms is None else list(transforms)
