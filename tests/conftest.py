@@ -1,75 +1,18 @@
-import os
-import signal
 
 import pytest
 import torch
-from lightning.pytorch import Callback
-from torch import nn
-from torchvision.ops import FrozenBatchNorm2d
 
 torch.set_num_threads(2)
 
 
-def randomize_norm_stats(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Give every BatchNorm / FrozenBatchNorm non-trivial statistics and affine parameters, so that equality
-    tests exercise them (the identity init would hide a misplaced or missing norm)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, (nn.BatchNorm2d, FrozenBatchNorm2d)):
-                n = m.running_mean.numel()
-                m.running_mean.copy_(torch.randn(n, generator=g) * 0.1)
-                m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
-                m.weight.copy_(torch.rand(n, generator=g) + 0.5)
-                m.bias.copy_(torch.randn(n, generator=g) * 0.1)
-    return model
-
-
-def assert_same_detections(got, want, box_tolerance: float, score_tolerance: float):
-    """The same detections (dicts of ``boxes``, ``scores``, ``labels``, maybe ``masks``), in any order (scores equal
-    to 1e-7 may swap places): the detections pair up one to one, each pair of one label, boxes within
-    ``box_tolerance`` in each coordinate (relative to the coordinate beyond 1 pixel: float32 rounding amplified
-    through the heads), scores within ``score_tolerance``, mask probabilities within it plus the pair's box difference
-    in pixels. The pairing is a maximum matching (augmenting paths, closest partners tried first), so near-duplicates
-    (boxes clipped to the same image corner) cannot leave one another without a partner, as a first-come search
-    did."""
-    assert len(got["boxes"]) == len(want["boxes"])
-    box_scale = box_tolerance * want["boxes"].abs().amax(1).clamp(min=1.0)
-    cost = torch.maximum((got["boxes"][None] - want["boxes"][:, None]).abs().amax(-1) / box_scale[:, None],
-                         (got["scores"][None] - want["scores"][:, None]).abs() / score_tolerance)
-    cost[want["labels"][:, None] != got["labels"][None]] = float("inf")
-    candidates = [[j for j in row.argsort(stable=True).tolist() if row[j] <= 1] for row in cost]
-    partner = [-1] * len(got["boxes"])  # got detection -> its expected one
-
-    def pair(i: int, tried: set) -> bool:  # Kuhn's augmenting path from expected detection i
-        for j in candidates[i]:
-            if j not in tried:
-                tried.add(j)
-                if partner[j] < 0 or pair(partner[j], tried):
-                    partner[j] = i
-                    return True
-        return False
-
-    for i in range(len(want["boxes"])):
-        if not pair(i, set()):
-            j = int(cost[i].argmin())
-            raise AssertionError(f"expected detection {i} (label {int(want['labels'][i])}, box "
-                                 f"{want['boxes'][i].tolist()}, score {float(want['scores'][i]):.6f}) has no partner "
-                                 f"within tolerance; nearest: box {got['boxes'][j].tolist()}, score "
-                                 f"{float(got['scores'][j]):.6f}, cost {float(cost[i, j]):.3g}")
-    matched = torch.empty(len(partner), dtype=torch.int64)
-    matched[torch.tensor(partner)] = torch.arange(len(partner))  # expected detection -> its got one
-    if "masks" in want:
-        assert len(want["masks"]) == len(want["boxes"]) and want["masks"].amax() > 0.5  # masks with pixels to compare
-        # a pixel on a pasted mask's edge is inside one box and outside (exactly 0) the other when a coordinate
-        # moves across a pixel boundary by float rounding: allowed there, and for at most 1 in 10^5 pixels
-        got_masks, want_masks = got["masks"][matched].float(), want["masks"].float()
-        # pasting samples a mask at its box: a box d pixels apart moves the values by about their slope (below 1 per
-        # pixel for boxes wider than the mask's 28 cells) times d, so each pair's box difference widens its tolerance
-        box_shift = (got["boxes"][matched] - want["boxes"]).abs().amax(1)
-        off = (got_masks - want_masks).abs() > (score_tolerance + box_shift).view(-1, *[1] * (want_masks.dim() - 1))
-        assert int(off.sum()) <= want_masks.numel() // 100_000, f"{int(off.sum())} mask pixels differ"
-        assert bool((torch.minimum(got_masks, want_masks)[off] == 0).all()), "mask probabilities differ"
+@pytest.fixture(scope="session", autouse=True)
+def private_caches(tmp_path_factory):
+    """The embedded data set and the weights cache in temporary folders for the whole session: no test writes into the
+    home folder's caches or reads what an earlier run left there (tests that need their own set them again)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("RESNEXT_BACKBONES_DATA", str(tmp_path_factory.mktemp("data")))
+        patch.setenv("RESNEXT_BACKBONES_CACHE", str(tmp_path_factory.mktemp("weights")))
+        yield
 
 
 @pytest.fixture
@@ -155,39 +98,6 @@ def large_object_coco(tiny_coco, tmp_path_factory):
     (root / "val.json").write_text(json.dumps({"images": images, "annotations": annotations,
                                                "categories": categories}))
     return {**tiny_coco, "val_annotations": str(root / "val.json"), "val_images": str(root / "val")}
-
-
-def uncompressed_rle(mask) -> dict:
-    """``mask`` (H x W, 0/1) as COCO stores crowd regions: an uncompressed RLE, the lengths of alternating runs of 0s
-    and 1s down the columns, starting with 0s. (pycocotools writes only compressed RLE; the tests check that it
-    decodes this one to ``mask``.)"""
-    import numpy as np
-
-    flat = np.asarray(mask, dtype=np.uint8).flatten(order="F")
-    edges = np.flatnonzero(np.diff(flat)) + 1
-    runs = np.diff(np.concatenate([[0], edges, [len(flat)]])).tolist()
-    return {"size": list(np.shape(mask)), "counts": ([0] if flat[0] else []) + runs}
-
-
-def classification_args(tmp_path, folder, *extra, backbone="resnet18", image_size=32):
-    return ["fit", "--model", "tasks.ImageClassifier", "--model.backbone", backbone,
-            "--data", "tasks.data.ImageFolderDataModule", "--data.train_dir", folder["train_dir"],
-            "--data.val_dir", folder["val_dir"], "--data.image_size", str(image_size), "--data.batch_size", "6",
-            "--data.num_workers", "0", "--trainer.default_root_dir", str(tmp_path),
-            "--trainer.enable_progress_bar", "false", *extra]
-
-
-
-class KillAtStep(Callback):
-    """SIGKILL this process when the training batch that makes ``global_step == step`` ends: no cleanup and no
-    checkpoint of that step, as when a machine is lost. (``conftest.KillAtStep`` with ``tests/`` on the path.)"""
-
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_train_batch_end(self, trainer, *args) -> None:
-        if trainer.global_step == self.step:
-            os.kill(os.getpid(), signal.SIGKILL)
 
 
 @pytest.fixture

@@ -3,7 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import randomize_norm_stats
+from helpers import randomize_norm_stats
 from torch.utils.flop_counter import FlopCounterMode
 
 import resnext_backbones as rb

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 import torchvision
-from conftest import classification_args, randomize_norm_stats
+from helpers import classification_args, randomize_norm_stats
 from safetensors import safe_open
 
 import resnext_backbones as rb

@@ -5,7 +5,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-PACKAGE = Path(__file__).resolve().parents[1] / "resnext_backbones"
+from helpers import REPO
+
+PACKAGE = REPO / "resnext_backbones"
 FORBIDDEN = ("lightning", "pytorch_lightning", "tasks")
 
 

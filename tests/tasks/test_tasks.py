@@ -1,7 +1,7 @@
 import pytest
 import torch
 import torchvision
-from conftest import randomize_norm_stats
+from helpers import randomize_norm_stats
 from lightning.pytorch import Callback, Trainer
 
 from tasks import ImageClassifier, ObjectDetector

@@ -12,8 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import classification_args
-from lightning.pytorch import LightningDataModule
+from helpers import REPO, SMALL_HEADS, classification_args, detection_config, last_metrics
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
@@ -24,40 +23,7 @@ from tasks.classes import ClassesError
 from tasks.cli import cli as lightning_cli
 from tasks.data import LabelMap
 
-REPO = Path(__file__).resolve().parents[1]
-SMALL_HEADS = {"box_batch_size_per_image": 32, "rpn_pre_nms_top_n_train": 200, "rpn_post_nms_top_n_train": 100,
-               "rpn_pre_nms_top_n_test": 100, "rpn_post_nms_top_n_test": 50, "box_score_thresh": 0.0}
-
-
-def detection_config(tmp_path, data, **model):
-    config = {
-        "seed_everything": 0,
-        "model": {"class_path": "tasks.ObjectDetector", "init_args": {
-            "backbone": "resnet18", "norm": "bn", "trainable_stages": 5, "min_size": 64, "max_size": 64,
-            "anchor_size": 16, "warmup_steps": 2, "detector_kwargs": SMALL_HEADS, **model}},
-        "data": {"class_path": "tasks.data.CocoDetectionDataModule",
-                 "init_args": {**data, "batch_size": 2, "num_workers": 0}},
-        "trainer": {"accelerator": "cpu", "devices": 1, "max_epochs": 1, "default_root_dir": str(tmp_path),
-                    "enable_model_summary": False, "enable_progress_bar": False, "log_every_n_steps": 1,
-                    "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger",
-                               "init_args": {"save_dir": str(tmp_path), "name": "logs"}},
-                    "callbacks": [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                                   "init_args": {"dirpath": str(tmp_path / "ckpt"), "save_last": True}},
-                                  {"class_path": "tasks.CocoResultsWriter",  # last, as in the shipped configs
-                                   "init_args": {"output": str(tmp_path / "predictions.json"),
-                                                 "draw_dir": str(tmp_path / "drawn")}}]},
-    }
-    path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return str(path)
-
-
-def last_metrics(log_dir: Path) -> dict:
-    rows = list(csv.DictReader(open(sorted(log_dir.glob("logs/version_*/metrics.csv"))[-1])))
-    merged = {}
-    for row in rows:
-        merged.update({k: float(v) for k, v in row.items() if v not in ("", None)})
-    return merged
+REPO = REPO
 
 
 @pytest.fixture(scope="module")
@@ -290,27 +256,12 @@ def test_bf16_inference_gives_the_float32_probabilities_and_accuracy(colour_clas
     assert float((probabilities - expected).abs().max()) > 1e-4
 
 
-class EightClassTensors(LightningDataModule):
-    """A user's own data module: tensors, ``num_classes`` and no ``categories`` (labels are their own ids)."""
-
-    num_classes = 8
-
-    def __init__(self, images: int = 16) -> None:
-        super().__init__()
-        generator = torch.Generator().manual_seed(21)
-        self.images = torch.rand(images, 3, 32, 32, generator=generator)
-        self.labels = torch.arange(images) % self.num_classes
-
-    def val_dataloader(self):
-        return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(self.images, self.labels), batch_size=6)
-
-
 def test_a_data_module_without_categories_validates_with_top1_and_top5_computed_by_hand(tmp_path):
     """Through the CLI: the model is built for the module's 8 classes named by their ids, and ``val/acc`` and
     ``val/acc_top5`` equal the share of images whose label is the top logit / among the 5 top logits of the model's
     own forward (16 images in batches of 6, 8 classes: top-5 is neither 0 nor 1)."""
     cli = lightning_cli(["validate", "--model", "tasks.ImageClassifier", "--model.backbone", "resnet18",
-                         "--model.log_images", "0", "--data", "test_cli.EightClassTensors", "--seed_everything", "4",
+                         "--model.log_images", "0", "--data", "helpers.EightClassTensors", "--seed_everything", "4",
                          "--trainer.accelerator", "cpu", "--trainer.logger", "false",
                          "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(tmp_path)])
     model, data = cli.model, cli.datamodule
@@ -405,7 +356,7 @@ def test_predict_on_a_folder_with_the_shipped_config_uses_the_checkpoints_classe
     folder of images of every kind, with no annotations; results in the original pixels, as a COCO dataset."""
     import shutil
 
-    from test_data import odd_images
+    from helpers import odd_images
 
     ckpt = checkpoint_with_other_classes(fitted[2] / "ckpt" / "last.ckpt", tmp_path / "pets.ckpt", PETS)
     shutil.copytree(tiny_coco["val_images"], tmp_path / "new" / "shapes")

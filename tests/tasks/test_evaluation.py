@@ -9,7 +9,7 @@ import numpy as np
 import pycocotools.mask as mask_utils
 import pytest
 import torch
-from conftest import uncompressed_rle
+from helpers import uncompressed_rle
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 

@@ -2,11 +2,11 @@ import importlib.util
 from pathlib import Path
 
 import torch
-from conftest import randomize_norm_stats
+from helpers import REPO, randomize_norm_stats
 
 import resnext_backbones as rb
 
-REPO = str(Path(__file__).resolve().parents[1])
+REPO = str(REPO)
 
 
 def test_hub_lists_a_trunk_and_an_fpn_per_named_model():

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
-from conftest import randomize_norm_stats
+from helpers import randomize_norm_stats
 from torch import nn
 from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
 from torchvision.models.resnet import Bottleneck as TvBottleneck

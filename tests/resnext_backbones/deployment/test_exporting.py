@@ -4,37 +4,17 @@ image size, computing what the eager model computes; torchvision is never patche
 Each detector architecture is traced once (a module fixture) and that one program serves the ONNX and the .pt2 tests.
 """
 
+import functools
 import threading
 import warnings
 
 import pytest
 import torch
 import torchvision
-from conftest import assert_same_detections, randomize_norm_stats
-from torch import nn
-from torchvision.models import detection
+from helpers import ARCHITECTURES, REPO, Classifier, assert_same_detections, bare_detector, randomize_norm_stats
 
 import resnext_backbones as rb
 from resnext_backbones.deployment import exporting, program
-
-ARCHITECTURES = ["faster_rcnn", "retinanet", "fcos", "mask_rcnn"]
-DETECTORS = {"faster_rcnn": detection.FasterRCNN, "mask_rcnn": detection.MaskRCNN, "retinanet": detection.RetinaNet,
-             "fcos": detection.FCOS}
-
-
-def bare_detector(architecture, score_thresh=0.0, min_size=160, max_size=224):
-    """A torchvision detector on ``rb.resnext_fpn`` as a user builds it in their own code, random weights (and norm
-    statistics), eval mode. Shorter side resized to 160 px, longer at most 224: the smallest sizes at which RetinaNet's
-    and FCOS's coarsest level (stride 128) keeps 2 cells a side, as the dynamic export needs."""
-    torch.manual_seed(0)
-    rcnn = architecture.endswith("rcnn")
-    backbone = rb.resnext_fpn("resnet18", norm="bn", trainable_stages=5,
-                              **({} if rcnn else {"returned_features": ("c3", "c4", "c5"), "extra_blocks": "p6p7"}))
-    thresholds = {"box_score_thresh": score_thresh, "box_detections_per_img": 50} if rcnn else \
-        {"score_thresh": score_thresh, "detections_per_img": 50}
-    model = DETECTORS[architecture](backbone, num_classes=4, min_size=min_size, max_size=max_size, **thresholds)
-    return randomize_norm_stats(model).eval()
-
 
 # image sizes other than the one traced (160 x 200), of both kinds of resize: a shorter side brought to 160 (128 x 96,
 # 200 x 150) and a longer side brought to 224 (80 x 120; 64 x 92, one of the sizes whose resize float32 arithmetic
@@ -61,13 +41,65 @@ def eager_detections(model, image):
     return detections
 
 
-@pytest.fixture(scope="module", params=ARCHITECTURES)
-def traced(request):
+# -- the trunk and the FPN backbone alone: torch.export and ONNX give the same values (torch.jit.script is deprecated
+# as of torch 2.15 in favour of torch.export, so torch.export is what is proven)
+MODELS = {
+    "trunk": lambda: rb.resnext("resnext26_32x4d", norm="frozen_bn"),
+    # the inference form on channels_last input, which eager runs on oneDNN's fused kernels: under tracing it
+    # computes with the plain aten ops, which export
+    "fused trunk": lambda: randomize_norm_stats(rb.resnext("resnext26_32x4d", norm="frozen_bn")).eval().fuse(),
+    "fpn": lambda: rb.resnext_fpn("resnet18"),
+}
+
+
+@pytest.fixture(params=list(MODELS))
+def model_and_input(request):
+    torch.manual_seed(0)
+    x = torch.rand(1, 3, 64, 64)
+    if request.param == "fused trunk":
+        x = x.to(memory_format=torch.channels_last)
+    return randomize_norm_stats(MODELS[request.param]()).eval(), x
+
+
+def test_torch_export_program_gives_the_same_outputs(model_and_input):
+    model, x = model_and_input
+    program = torch.export.export(model, (x,))
+    x2 = torch.rand_like(x)  # another input than the one traced, in its layout
+    with torch.no_grad():
+        ref, out = model(x2), program.module()(x2)
+    assert list(out) == list(ref)
+    for key in ref:
+        torch.testing.assert_close(out[key], ref[key], rtol=1e-4, atol=1e-5)
+
+
+def test_onnx_export_runs_in_onnxruntime_with_the_same_outputs(model_and_input, tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    model, x = model_and_input
+    with torch.no_grad():
+        ref = model(x)
+    torch.onnx.export(model, (x,), str(tmp_path / "model.onnx"), dynamo=True, input_names=["images"],
+                      output_names=list(ref), verbose=False)
+    session = ort.InferenceSession(str(tmp_path / "model.onnx"))
+    names = [o.name for o in session.get_outputs()]
+    assert names == list(ref)
+    for name, value in zip(names, session.run(None, {"images": x.numpy()}), strict=True):
+        torch.testing.assert_close(torch.from_numpy(value), ref[name], rtol=1e-4, atol=1e-4)
+
+
+@functools.cache
+def trace(architecture):
     """``(architecture, model, its program)``: one trace per architecture, for the ONNX and the .pt2 tests."""
-    model = bare_detector(request.param)
-    return request.param, model, program(model)
+    model = bare_detector(architecture)
+    return architecture, model, program(model)
 
 
+@pytest.fixture
+def traced(request):
+    return trace(request.param)
+
+
+@pytest.mark.parametrize("traced", ARCHITECTURES, indirect=True)
 def test_a_detector_exported_to_onnx_gives_the_models_detections_at_sizes_other_than_traced(traced, tiny_coco,
                                                                                            tmp_path):
     ort = pytest.importorskip("onnxruntime")
@@ -175,18 +207,6 @@ def test_a_detector_whose_coarsest_level_can_be_one_cell_warns_which_images_its_
         assert "Guard failed" in messages[0]
 
 
-class Classifier(nn.Module):
-    """A classifier as a user writes one around an rb trunk."""
-
-    def __init__(self, classes=4):
-        super().__init__()
-        self.trunk = rb.resnext("resnet18", returned_features=("c5",))
-        self.fc = nn.Linear(512, classes)
-
-    def forward(self, images):
-        return self.fc(self.trunk(images)["c5"].mean((2, 3)))
-
-
 def test_a_classifier_exports_with_any_batch_and_image_size_in_both_formats(tmp_path):
     ort = pytest.importorskip("onnxruntime")
     torch.manual_seed(0)
@@ -227,7 +247,6 @@ def test_the_torchvision_private_names_are_those_of_a_tested_version_and_pyproje
     """The one list of torchvision internals the export rests on: every method it rebinds still reads the names it
     replaces, the installed torchvision is a tested one, and pyproject.toml admits exactly the tested versions."""
     import re
-    from pathlib import Path
 
     from resnext_backbones.deployment import torchvision_private as tv
 
@@ -238,7 +257,7 @@ def test_the_torchvision_private_names_are_those_of_a_tested_version_and_pyproje
             assert read & set(tv.REBOUND_GLOBALS), f"{cls.__name__}.{name} reads none of the rebound names"
     for cls, names in tv.REPLACED_METHODS.items():
         assert all(callable(getattr(cls, name)) for name in names)
-    pyproject = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
+    pyproject = (REPO / "pyproject.toml").read_text()
     low, high = re.search(r'"torchvision>=([\d.]+),<([\d.]+)"', pyproject).groups()
     tested = sorted(tuple(map(int, v.split("."))) for v in tv.TESTED_TORCHVISION)
     assert tuple(map(int, low.split("."))) == tested[0]

@@ -4,6 +4,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from helpers import odd_images
 from PIL import Image, ImageOps
 
 from tasks import ImageClassifier, ObjectDetector
@@ -259,7 +260,6 @@ def test_a_batch_of_only_skipped_images_is_none_and_trains_as_a_zero_step(coco_w
 
 
 def test_exif_rotated_jpeg_loads_upright_like_pil(tmp_path):
-    from PIL import ImageOps
 
     array = np.zeros((20, 40, 3), np.uint8)
     array[:, :10] = 255  # a white band on the left of a landscape image
@@ -336,26 +336,6 @@ def test_predict_images_that_name_nothing_fail_naming_the_setting(tmp_path):
         list_images(str(tmp_path / "empty"), "data.predict_dir")
     with pytest.raises(ValueError, match=r"holds no images"):
         list_images(str(tmp_path / "*.png"), "data.predict_images")
-
-
-def odd_images(root):
-    """Images as users have them: gray, RGBA, CMYK JPEG, 16-bit PNG, EXIF-rotated JPEG; the expected decoding of each,
-    by PIL (16-bit: its 8 high bits, as in training)."""
-    rng = np.random.default_rng(1)
-    root.mkdir(parents=True, exist_ok=True)
-    rgb = Image.fromarray(rng.integers(0, 255, (9, 7, 3), dtype=np.uint8))
-    rgb.convert("L").save(root / "gray.png")
-    rgb.convert("RGBA").save(root / "rgba.png")
-    rgb.convert("CMYK").save(root / "cmyk.jpg", quality=100)
-    Image.fromarray(rng.integers(0, 65535, (9, 7), dtype=np.uint16)).save(root / "deep.png")
-    exif = Image.Exif()
-    exif[0x0112] = 6  # stored 20 high, 40 wide; shown rotated: 40 high, 20 wide
-    Image.fromarray(rng.integers(0, 255, (20, 40, 3), dtype=np.uint8)).save(root / "rotated.jpg", exif=exif,
-                                                                           quality=100)
-    expected = {name: np.asarray(ImageOps.exif_transpose(Image.open(root / name)).convert("RGB")).transpose(2, 0, 1)
-                for name in ("gray.png", "rgba.png", "cmyk.jpg", "rotated.jpg")}
-    expected["deep.png"] = np.repeat((np.asarray(Image.open(root / "deep.png")).astype(np.int64) >> 8)[None], 3, 0)
-    return expected
 
 
 def test_images_to_predict_on_decode_as_in_training_with_their_displayed_sizes(tmp_path):
@@ -498,7 +478,7 @@ def masks_coco(tmp_path):
     """Two images: on the first, instances in each form of COCO ``segmentation`` (two polygons of one instance, a
     compressed RLE with text counts, a crowd region as an uncompressed RLE); the second has no objects. Sizes differ
     in height and width, so that a transposed mask would not fit."""
-    from conftest import uncompressed_rle
+    from helpers import uncompressed_rle
     from pycocotools import mask as mask_utils
 
     (tmp_path / "img").mkdir()

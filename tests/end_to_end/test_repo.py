@@ -1,9 +1,10 @@
 """The repository's promises to a new user: the README's test command is what CI runs."""
 
 import re
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from helpers import REPO
+
+REPO = REPO
 
 
 def test_readme_test_command_is_exactly_what_ci_runs_and_it_lints():

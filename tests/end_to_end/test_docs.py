@@ -1,11 +1,11 @@
 """Every ```python block of README.md and docs/*.md runs, one test each, named by the file and the line of its fence
 (``docs/inference-and-export.md:42``); a failing block's traceback points at its lines in the Markdown file.
 
-The blocks of one file run in order in one namespace shared by that file, so a page may build a model in one block and
-use it in the next; run alone (``pytest "tests/test_docs.py::test_block[docs/sharing.md:42]"``), a block first runs the
-blocks above it. Each file's blocks run in a temporary working directory of their own, with RESNEXT_BACKBONES_CACHE and
-RESNEXT_BACKBONES_DATA in temporary folders and RESNEXT_BACKBONES_OFFLINE=1, so nothing reaches the network or the home
-folder; weights a block registers and warning filters it sets end with the block.
+The blocks of one file run in order in one namespace shared by that file, so a page may build a model in one block
+and use it in the next; run alone (``pytest "tests/end_to_end/test_docs.py::test_block[docs/sharing.md:42]"``), a
+block first runs the blocks above it. Each file's blocks run in a temporary working directory of their own, with
+RESNEXT_BACKBONES_CACHE and RESNEXT_BACKBONES_DATA in temporary folders and RESNEXT_BACKBONES_OFFLINE=1, so nothing
+reaches the network or the home folder; weights a block registers and warning filters it sets end with the block.
 
 A block that needs the network (downloading named weights) is marked by an HTML comment on the line right before its
 fence, and is skipped as "needs the network" (pytest's summary counts the skips; ``-rs`` lists them)::
@@ -14,6 +14,9 @@ fence, and is skipped as "needs the network" (pytest's summary counts the skips;
     ```python
     trunk = rb.resnext("resnext50_32x4d", weights="tv2_in1k")
     ```
+
+A block that takes long (a whole detector exported to ONNX) is marked ``<!-- docs-test: slow -->`` and runs under
+``-m slow`` only, as the suite's other long tests do; no later block may need what it defines.
 
 Other fences (```bash, ```yaml, a bare ```) are shown, not run. The relative links of these files must lead to a file
 and, with ``#anchor``, to one of its headings. Keep the blocks tiny (``rb.resnext("resnet18")``,
@@ -31,12 +34,13 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 import pytest
+from helpers import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 DOC_FILES = ["README.md"] + sorted(p.relative_to(REPO).as_posix() for p in (REPO / "docs").glob("*.md"))
 FENCE = re.compile(r"^(?P<indent>[ \t]*)(?P<fence>`{3,}|~{3,})[ \t]*(?P<info>[^`\s]*)")
 MARKER = re.compile(r"^\s*<!--\s*docs-test:\s*(?P<what>.*?)\s*-->\s*$")
 SKIP_REASONS = {"skip network": "needs the network"}
+SLOW = "slow"  # the mark of a block run only under -m slow (a whole-detector export); no later block may need it
 
 
 @dataclass(frozen=True)
@@ -45,6 +49,7 @@ class Block:
     line: int  # 1-based line of the opening fence
     code: str
     skip: Optional[str] = None  # the reason, when marked
+    slow: bool = False  # marked slow: a test of its own under -m slow, never run as an earlier block of another
 
     @property
     def id(self) -> str:
@@ -72,13 +77,14 @@ def extract(text: str, path: str) -> List[Block]:
         mark = MARKER.match(lines[i - 1]) if i > 0 else None
         if opening["info"].lower() in ("python", "py"):
             skip = None
-            if mark:
+            if mark and mark["what"] != SLOW:
                 if mark["what"] not in SKIP_REASONS:
                     raise ValueError(f"{path}:{i}: unknown docs-test mark {mark['what']!r}; "
-                                     f"known: {list(SKIP_REASONS)}")
+                                     f"known: {[*SKIP_REASONS, SLOW]}")
                 skip = SKIP_REASONS[mark["what"]]
             body = "\n".join(line[indent:] if line[:indent].strip() == "" else line for line in lines[i + 1:end])
-            blocks.append(Block(path, i + 1, textwrap.dedent(body) + "\n", skip))
+            slow = bool(mark) and mark["what"] == SLOW
+            blocks.append(Block(path, i + 1, textwrap.dedent(body) + "\n", skip, slow))
         elif mark:
             raise ValueError(f"{path}:{i}: a docs-test mark on a ```{opening['info']} block, which is not run")
         i = end + 1
@@ -132,7 +138,8 @@ def docs_env(tmp_path_factory, monkeypatch):
     registry._registry.update(saved)
 
 
-@pytest.mark.parametrize("block", BLOCKS, ids=[b.id for b in BLOCKS])
+@pytest.mark.parametrize("block", [pytest.param(b, id=b.id, marks=[pytest.mark.slow] if b.slow else [])
+                                   for b in BLOCKS])
 def test_block(block: Block, docs_env):
     if block.skip:
         pytest.skip(block.skip)
@@ -141,8 +148,9 @@ def test_block(block: Block, docs_env):
     index = of_file.index(block)
     current, failure = block, None
     try:
-        for current in [b for b in of_file[state.next:index] if not b.skip] + [block]:  # run alone or after a skip:
-            run(current, state.namespace)                                               # what this block builds on
+        # run alone or after a skip: what this block builds on (never a skipped or slow block)
+        for current in [b for b in of_file[state.next:index] if not (b.skip or b.slow)] + [block]:
+            run(current, state.namespace)
     except Exception as error:  # the block's own frames, not this file's nor the Markdown above the block
         frames = traceback.extract_tb(error.__traceback__)
         first = next(i for i, frame in enumerate(frames) if frame.filename == str(REPO / current.path))
@@ -193,6 +201,8 @@ def test_the_extractor_finds_the_blocks_and_a_failing_one_fails():
     assert (frame.filename, frame.lineno) == (str(REPO / "page.md"), 20)  # the failing line of the Markdown file
     with pytest.raises(ValueError, match="unknown docs-test mark"):
         extract(SYNTHETIC.replace("skip network", "skip netwrok"), "page.md")
+    slow = extract(SYNTHETIC.replace("skip network", "slow"), "page.md")
+    assert [(b.skip, b.slow) for b in slow] == [(None, False), (None, True), (None, False)]
     with pytest.raises(ValueError, match="not run"):
         extract(SYNTHETIC.replace("```python\nimport urllib", "```bash\nimport urllib"), "page.md")
 
@@ -201,7 +211,7 @@ def test_the_extractor_finds_the_blocks_and_a_failing_one_fails():
     pages = {"backbone-and-weights", "tasks-and-data", "predictions", "inference-and-export", "sharing",
              "reliability"}
     assert {f"docs/{page}.md" for page in pages} <= set(DOC_FILES), DOC_FILES
-    assert sum(b.skip is not None for b in BLOCKS) < len(BLOCKS) / 2  # marks are the exception
+    assert sum(b.skip is not None or b.slow for b in BLOCKS) < len(BLOCKS) / 2  # marks are the exception
 
 
 def heading_anchors(text: str) -> set:

@@ -1,6 +1,6 @@
 import pytest
 import torch
-from conftest import randomize_norm_stats
+from helpers import randomize_norm_stats
 from torchvision.models.detection import FCOS, FasterRCNN, MaskRCNN, RetinaNet
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import resnet_fpn_backbone

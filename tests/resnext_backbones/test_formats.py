@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 import torchvision
-from conftest import randomize_norm_stats
+from helpers import randomize_norm_stats
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torchvision.models.detection.backbone_utils import resnet_fpn_backbone

@@ -7,17 +7,16 @@ import subprocess
 import sys
 import textwrap
 import urllib.parse
-from pathlib import Path
 
 import pytest
 import torch
 import torchvision
-from conftest import randomize_norm_stats
+from helpers import REPO, randomize_norm_stats
 
 import resnext_backbones as rb
 from resnext_backbones import registry
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = REPO
 
 # The digests torchvision puts in its file names, as the issue and torchvision's resnet.py give them.
 TORCHVISION_PREFIXES = {"resnext50_32x4d.tv_in1k": "7cdf4587", "resnext50_32x4d.tv2_in1k": "1a0047aa",

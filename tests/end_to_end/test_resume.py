@@ -11,15 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from test_cli import detection_config
+from helpers import REPO, detection_config
 
 from tasks.checkpoint_io import AtomicCheckpointIO
 
-TESTS = Path(__file__).resolve().parent
-
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
-    path = [str(TESTS), str(TESTS.parent), os.environ.get("PYTHONPATH", "")]
+    path = [str(REPO / "tests"), str(REPO), os.environ.get("PYTHONPATH", "")]  # helpers.KillAtStep, the packages
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(path)}
     return subprocess.run([sys.executable, "-m", "tasks", *args], env=env, capture_output=True, text=True,
                           timeout=600)
@@ -34,7 +32,7 @@ def resumable_config(tmp_path, data, kill_at=None) -> str:
     config["trainer"]["callbacks"] = [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": {
         "dirpath": str(tmp_path / "ckpt"), "every_n_train_steps": 1, "save_top_k": 0, "save_last": True}}]
     if kill_at is not None:
-        config["trainer"]["callbacks"].append({"class_path": "conftest.KillAtStep", "init_args": {"step": kill_at}})
+        config["trainer"]["callbacks"].append({"class_path": "helpers.KillAtStep", "init_args": {"step": kill_at}})
     Path(path).write_text(yaml.safe_dump(config))
     return path
 
@@ -128,7 +126,7 @@ def test_the_lightning_command_saves_atomically(tmp_path, tiny_coco):
     assert isinstance(built.trainer.strategy.checkpoint_io, AtomicCheckpointIO)
 
 
-SHIPPED_CONFIGS = sorted(p for p in (Path(__file__).parents[1] / "configs").rglob("*.yaml")
+SHIPPED_CONFIGS = sorted(p for p in (REPO / "configs").rglob("*.yaml")
                          if "ModelCheckpoint" in p.read_text())
 
 

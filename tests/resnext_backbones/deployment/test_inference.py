@@ -6,8 +6,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import assert_same_detections, randomize_norm_stats
-from test_deployment_exporting import ARCHITECTURES, Classifier, bare_detector
+from helpers import ARCHITECTURES, Classifier, assert_same_detections, bare_detector, randomize_norm_stats
 from torch import nn
 from torchvision.ops import MultiScaleRoIAlign
 
