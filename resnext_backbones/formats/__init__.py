@@ -8,17 +8,20 @@ detectron2     ``stem``/``res2..5``/``convN.norm``/``shortcut`` names; BGR stem 
 torchvision    flat torchvision/timm state dicts, and anything that nests one (detectors, ``BackboneWithFPN``)
 ============== ==================================================================================================
 
-A format module has ``NAME``, ``detect(content, meta) -> bool``, ``read(content, meta, source, pinned=...) ->
-(tensors with torchvision names, conversion notes)`` and ``WRITERS`` (``{export name: write(state, path, spec,
+A format module has ``NAME``, ``detect(...) -> bool``, ``read(...) -> (tensors with torchvision names, conversion
+notes)`` and ``WRITERS`` (``{export name: write(state, path, spec,
 normalization)}``; only formats with a place for it record ``normalization``). A format whose files record their
-input normalisation also has ``normalization(content, meta) -> {"mean", "std"} or None`` (RGB, images in [0, 1],
-as the trunk takes them once read).
+input normalisation also has ``normalization(...) -> {"mean", "std"} or None`` (RGB, images in [0, 1], as the
+trunk takes them once read). Each of them takes, by name, only those of ``content`` (the file's content), ``meta``
+(its safetensors metadata, or ``{}``), ``source`` (its name in messages) and ``pinned`` (whether the caller checked
+the file's digest) that it reads: :func:`_call` passes them.
 The format of a file is the first entry of :data:`READERS` that detects it, from the content, never the file
 name. Adding a format is its module plus one line in each table below.
 """
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 from typing import Callable, Dict, List, Mapping, NamedTuple, Optional, Union
 
@@ -48,9 +51,14 @@ class Source(NamedTuple):
     normalization: Optional[Dict[str, tuple]] = None  # mean/std (RGB, [0, 1]) the weights were trained with
 
 
+def _call(function: Callable, **available):
+    """``function`` called with those of ``available`` that it names as parameters."""
+    return function(**{k: v for k, v in available.items() if k in inspect.signature(function).parameters})
+
+
 def detect(content: Mapping, meta: Optional[Mapping[str, str]] = None):
     """The format module that reads ``content`` (a file's content, and its safetensors metadata if any)."""
-    return next(module for module in READERS if module.detect(content, meta or {}))
+    return next(module for module in READERS if _call(module.detect, content=content, meta=meta or {}))
 
 
 def read(source: Union[PathLike, Mapping, Source], *, expected_sha256: Optional[str] = None,
@@ -76,11 +84,11 @@ def read(source: Union[PathLike, Mapping, Source], *, expected_sha256: Optional[
             content = {**entry.file_hints, **content}
     module = detect(content, meta)
     pinned = expected_sha256 is not None or entry is not None
-    state, notes = module.read(content, meta, name, pinned=pinned)
+    state, notes = _call(module.read, content=content, meta=meta, source=name, pinned=pinned)
     if expected_sha256 is not None:
         notes = [f"file sha256 matches the pinned {expected_sha256.strip().lower()}"] + notes
     elif entry is not None:
         notes = [f"file sha256 matches the registry's {entry.sha256}"] + notes
     normalization = entry.normalization() if entry is not None else \
-        getattr(module, "normalization", lambda content, meta: None)(content, meta)
+        _call(getattr(module, "normalization", lambda: None), content=content, meta=meta)
     return Source(state, module.NAME, notes, name, normalization)

@@ -113,13 +113,12 @@ def from_detectron2(content: Mapping, source: str = "<memory>") -> Tuple[Dict[st
 
 # -------------------------------------------------------------------------------------------------- reader
 
-def detect(content: Mapping, meta: Mapping[str, str]) -> bool:
+def detect(content: Mapping) -> bool:
     model = content.get("model")
     return find_prefix(model if isinstance(model, Mapping) else content, "stem.conv1.weight") is not None
 
 
-def read(content: Mapping, meta: Mapping[str, str], source: str, *, pinned: bool = False
-         ) -> Tuple[Dict[str, Tensor], List[str]]:
+def read(content: Mapping, source: str) -> Tuple[Dict[str, Tensor], List[str]]:
     return from_detectron2(content if isinstance(content.get("model"), Mapping) else {"model": content}, source)
 
 

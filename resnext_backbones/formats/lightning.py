@@ -18,12 +18,11 @@ __all__ = ["NAME", "detect", "read", "WRITERS"]
 NAME = "lightning"
 
 
-def detect(content: Mapping, meta: Mapping[str, str]) -> bool:
+def detect(content: Mapping) -> bool:
     return "pytorch-lightning_version" in content or "lightning_version" in content
 
 
-def read(content: Mapping, meta: Mapping[str, str], source: str, *, pinned: bool = False
-         ) -> Tuple[Dict[str, Tensor], List[str]]:
+def read(content: Mapping, source: str) -> Tuple[Dict[str, Tensor], List[str]]:
     state = content.get("state_dict")
     if not isinstance(state, Mapping):
         raise WeightsError(f"{source}: a Lightning checkpoint without a 'state_dict' (keys: {list(content)[:8]}); "

@@ -19,12 +19,11 @@ __all__ = ["NAME", "detect", "read", "WRITERS"]
 NAME = "mmdet"
 
 
-def detect(content: Mapping, meta: Mapping[str, str]) -> bool:
+def detect(content: Mapping) -> bool:
     return isinstance(content.get("state_dict"), Mapping)
 
 
-def read(content: Mapping, meta: Mapping[str, str], source: str, *, pinned: bool = False
-         ) -> Tuple[Dict[str, Tensor], List[str]]:
+def read(content: Mapping) -> Tuple[Dict[str, Tensor], List[str]]:
     return dict(content["state_dict"]), []
 
 

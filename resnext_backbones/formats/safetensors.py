@@ -42,7 +42,7 @@ def tensors_sha256(state: Mapping[str, Tensor]) -> str:
 
 # -------------------------------------------------------------------------------------------------- reader
 
-def detect(content: Mapping, meta: Mapping[str, str]) -> bool:
+def detect(meta: Mapping[str, str]) -> bool:
     return meta.get("format") == FORMAT_TAG
 
 
@@ -112,7 +112,7 @@ def backbone_metadata(path: PathLike) -> Dict:
             "input_format": meta.get("input_format", "RGB")}
 
 
-def normalization(content: Mapping, meta: Mapping[str, str]) -> Optional[Dict[str, tuple]]:
+def normalization(meta: Mapping[str, str]) -> Optional[Dict[str, tuple]]:
     """The recorded mean/std (RGB images in [0, 1])."""
     if "mean" not in meta or "std" not in meta:
         return None

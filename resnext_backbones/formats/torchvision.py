@@ -50,13 +50,12 @@ def trunk_tensors(state: Mapping[str, Tensor]) -> Dict[str, Tensor]:
 
 # -------------------------------------------------------------------------------------------------- reader
 
-def detect(content: Mapping, meta: Mapping[str, str]) -> bool:
+def detect() -> bool:
     """Anything else: the last entry of the detection table."""
     return True
 
 
-def read(content: Mapping, meta: Mapping[str, str], source: str, *, pinned: bool = False
-         ) -> Tuple[Dict[str, Tensor], List[str]]:
+def read(content: Mapping) -> Tuple[Dict[str, Tensor], List[str]]:
     model = content.get("model")
     return dict(model if isinstance(model, Mapping) else content), []
 
