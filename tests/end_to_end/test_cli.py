@@ -23,8 +23,6 @@ from tasks.classes import ClassesError
 from tasks.cli import cli as lightning_cli
 from tasks.data import LabelMap
 
-REPO = REPO
-
 
 @pytest.fixture(scope="module")
 def fitted(tmp_path_factory, tiny_coco):

@@ -4,8 +4,6 @@ import re
 
 from helpers import REPO
 
-REPO = REPO
-
 
 def test_readme_test_command_is_exactly_what_ci_runs_and_it_lints():
     ci_command = (REPO / ".ci/run").read_text().strip().splitlines()[-1]

@@ -16,8 +16,6 @@ from helpers import REPO, randomize_norm_stats
 import resnext_backbones as rb
 from resnext_backbones import registry
 
-REPO = REPO
-
 # The digests torchvision puts in its file names, as the issue and torchvision's resnet.py give them.
 TORCHVISION_PREFIXES = {"resnext50_32x4d.tv_in1k": "7cdf4587", "resnext50_32x4d.tv2_in1k": "1a0047aa",
                         "resnext101_32x8d.tv_in1k": "8ba56ff5", "resnext101_32x8d.tv2_in1k": "110c445d",
