@@ -181,7 +181,7 @@ def merge_groups(weight: Tensor, groups: int, merge: int) -> Tensor:
 def pack_convolutions(module: nn.Module) -> nn.Module:
     """Every ``nn.Conv2d`` of ``module`` (an FPN, a detector's heads) as a :class:`FusedConv2d` without norm, in place:
     on the CPU with channels_last input, one oneDNN kernel on a weight reordered once per input shape instead of at
-    every call (3x faster for a 256-channel 3x3 on small maps); elsewhere the same ``F.conv2d``. For inference
+    every call (benchmarks/README.md has the timings); elsewhere the same ``F.conv2d``. For inference
     (the weights no longer train). Convolutions with other padding modes or string padding are left as they are."""
     for name, child in module.named_children():
         if isinstance(child, nn.Conv2d) and child.padding_mode == "zeros" and not isinstance(child.padding, str):
