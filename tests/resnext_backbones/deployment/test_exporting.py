@@ -99,7 +99,11 @@ def traced(request):
     return trace(request.param)
 
 
-@pytest.mark.parametrize("traced", ARCHITECTURES, indirect=True)
+# one architecture of each family outside slow: Mask R-CNN (Faster R-CNN's path, and masks) and RetinaNet (FCOS's)
+IN_CI = [pytest.param(a, marks=[] if a in ("retinanet", "mask_rcnn") else [pytest.mark.slow]) for a in ARCHITECTURES]
+
+
+@pytest.mark.parametrize("traced", IN_CI, indirect=True)
 def test_a_detector_exported_to_onnx_gives_the_models_detections_at_sizes_other_than_traced(traced, tiny_coco,
                                                                                            tmp_path):
     ort = pytest.importorskip("onnxruntime")
@@ -116,12 +120,11 @@ def test_a_detector_exported_to_onnx_gives_the_models_detections_at_sizes_other_
         assert_same_detections(got, want, box_tolerance=1e-3, score_tolerance=1e-4)  # masks too, where predicted
 
 
-@pytest.mark.parametrize("traced", ["retinanet", "mask_rcnn", pytest.param("faster_rcnn", marks=pytest.mark.slow),
-                                    pytest.param("fcos", marks=pytest.mark.slow)], indirect=True)
+@pytest.mark.parametrize("traced", ["retinanet", *(pytest.param(a, marks=pytest.mark.slow)
+                                                   for a in ("faster_rcnn", "fcos", "mask_rcnn"))], indirect=True)
 def test_a_detector_exported_as_a_torch_export_program_gives_the_models_detections_at_any_size(traced, tiny_coco,
                                                                                               tmp_path):
-    """The saved program of the ONNX test's trace: one architecture of each family (Mask R-CNN's outputs include
-    masks) outside ``slow``."""
+    """The saved program of the ONNX test's trace (the ONNX file is its translation: masks are proven there)."""
     architecture, model, exported = traced
     torch.export.save(exported, str(tmp_path / "detector.pt2"))
     loaded = torch.export.load(str(tmp_path / "detector.pt2")).module()
