@@ -19,6 +19,7 @@ def task_checkpoint(task, path):
     return str(path)
 
 
+@pytest.mark.slow  # a whole-detector trace; in CI, test_the_export_command_hands_the_detector_its_category_ids
 def test_the_export_command_writes_a_detector_whose_labels_are_the_datasets_category_ids(tmp_path, capsys):
     """In process, as ``python -m tasks export`` runs it: the program gives the task's own detections (labels as
     the dataset's sparse category ids), at sizes other than the traced one, and the class names beside it."""
@@ -71,3 +72,24 @@ def test_a_classifier_checkpoint_exports_its_class_probabilities_in_the_checkpoi
         assert want.max() - want.min() > 0.05  # probabilities that differ
         got = torch.from_numpy(session.run(None, {"images": images.numpy()})[0])
         torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+
+
+def test_the_export_command_hands_the_detector_its_category_ids(tmp_path, monkeypatch, capsys):
+    """The wiring without a trace (rb.export's own tests prove the files): the checkpoint's torchvision detector,
+    ``category_ids`` mapping its classes (background first) to the dataset's ids, the class names beside the file."""
+    import resnext_backbones as rb
+    from tasks import ObjectDetector
+    from tasks.export import main
+
+    calls = []
+    monkeypatch.setattr(rb, "export", lambda model, path, fmt, size, **kw: calls.append((model, fmt, size, kw)) or path)
+    task = ObjectDetector(architecture="faster_rcnn", backbone="resnet18", num_classes=3, min_size=160, max_size=224,
+                          categories={3: "square", 5: "disk", 9: "triangle"}, norm="bn", trainable_stages=5)
+    checkpoint = task_checkpoint(task, tmp_path / "detector.ckpt")
+    main([checkpoint, "--format", "onnx", "--output", str(tmp_path / "out.onnx"), "--image-size", "170", "210"])
+    ((model, fmt, size, kwargs),) = calls
+    assert type(model).__name__ == "FasterRCNN" and (fmt, list(size)) == ("onnx", [170, 210])
+    assert kwargs == {"category_ids": [0, 3, 5, 9]}  # class 0 is Faster R-CNN's background
+    classes = json.loads((tmp_path / "out.onnx.classes.json").read_text())
+    assert classes["category_ids"] == [3, 5, 9] and classes["names"] == ["square", "disk", "triangle"]
+    assert f"wrote {tmp_path / 'out.onnx'} (onnx)" in capsys.readouterr().out
