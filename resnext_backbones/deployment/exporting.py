@@ -43,6 +43,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torchvision.models.detection import FCOS, RetinaNet
 from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
+from torchvision.ops import roi_align
 
 from ..fpn import ResNeXtFPN
 from ..trunk import ResNeXt
@@ -273,8 +274,6 @@ def _multiscale_roi_align(features: List[Tensor], boxes: List[Tensor], output_si
                           scales: Optional[List[float]], mapper) -> Tensor:
     """RoIAlign of each box on the pyramid level ``mapper`` assigns it (torchvision's values), gathered with an
     out-of-place ``index_put`` instead of a Python-sized result filled in place."""
-    from torchvision.ops import roi_align
-
     rois = tv.convert_to_roi_format(boxes)
     if len(features) == 1:
         return roi_align(features[0], rois, output_size, scales[0], sampling_ratio)
