@@ -152,16 +152,20 @@ needs_native_bf16 = pytest.mark.skipif(not BF16_NATIVE, reason="this CPU has no 
                                        "would be the same computation")
 
 
-def top_detections_have_partners(got, want, count=10):
+def top_detections_have_partners(got, want, count=10, score_threshold=0.05):
     """Each of ``want``'s ``count`` best detections has one in ``got`` of its label, with IoU >= 0.95 and a score
-    within 0.01 (bf16 moves the scores of this checkpoint by < 1e-3 and its boxes by < 0.5% of their size)."""
+    within 0.01 (bf16 moves the scores of this checkpoint by < 1e-3 and its boxes by < 0.5% of their size). Only
+    detections that clear the detector's score threshold (torchvision's ``box_score_thresh``) by 0.01 are asked for:
+    one just above it in one precision may be just below it, and so gone, in the other. Returns how many were."""
     from torchvision.ops import box_iou
 
     top = want["scores"].argsort(descending=True)[:count]
+    top = top[want["scores"][top] >= score_threshold + 0.01]
     iou = box_iou(want["boxes"][top], got["boxes"].float())
     close = (want["labels"][top, None] == got["labels"][None]) & (iou >= 0.95) & \
         ((want["scores"][top, None] - got["scores"][None]).abs() <= 0.01)
     assert bool(close.any(1).all()), f"{int((~close.any(1)).sum())} of {len(top)} without a partner"
+    return len(top)
 
 
 @needs_native_bf16
@@ -192,8 +196,7 @@ def test_bf16_inference_gives_the_float32_detections_and_map(fitted, large_objec
     moved = 0.0
     for low, full in zip(detections["bf16"], detections["32"], strict=True):
         assert low["boxes"].dtype == low["scores"].dtype == torch.float32
-        top_detections_have_partners(low, full)
-        top_detections_have_partners(full, low)
+        assert top_detections_have_partners(low, full) >= 2 and top_detections_have_partners(full, low) >= 2
         moved = max(moved, float((low["scores"].sort(descending=True).values[:10]
                                   - full["scores"].sort(descending=True).values[:10]).abs().max()))
     assert moved > 1e-5  # bf16 was computed, not float32 again (scores moved by up to 1e-3 here)
