@@ -1,8 +1,11 @@
+import os
 
 import pytest
 import torch
 
-torch.set_num_threads(2)
+# The suite's threads share the machine's cores (2 in CI): under pytest-xdist (-n N) each of the N workers takes its
+# share, so that the workers do not oversubscribe the cores.
+torch.set_num_threads(max(1, (os.cpu_count() or 2) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
 
 
 @pytest.fixture(scope="session", autouse=True)

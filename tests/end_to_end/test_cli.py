@@ -591,6 +591,11 @@ def run_cli(*args, cwd):
     return result
 
 
+def run_on_two_processes(args):
+    """The command under DDP on two CPU processes (Lightning launches them: a subprocess of its own)."""
+    return run_cli(*args, "--trainer.devices", "2", "--trainer.strategy", "ddp", cwd=Path(args[2]).parent)
+
+
 def test_ddp_on_two_processes_trains_with_frozen_stages(fitted, tmp_path):
     """DDP needs no find_unused_parameters with frozen stages. (That each image is evaluated once under DDP, its mAP
     the single process's, is test_ddp_on_two_processes_gives_the_single_process_segm_map's, for boxes and masks.)"""
@@ -607,11 +612,11 @@ def test_predict_on_two_processes_writes_what_one_process_writes(fitted, tiny_co
     files equal those of one process."""
     _, config, tmp = fitted
     written = {}
-    for name, processes in (("one", []), ("two", ["--trainer.devices", "2", "--trainer.strategy", "ddp"])):
+    for name, run in (("one", lightning_cli), ("two", run_on_two_processes)):  # the reference in this process
         output = tmp_path / name / "predictions.json"
-        run_cli("predict", "--config", config, "--ckpt_path", str(tmp / "ckpt" / "last.ckpt"), *processes,
-                "--data.init_args.predict_images", tiny_coco["val_images"], "--data.init_args.batch_size", "1",
-                "--trainer.callbacks.init_args.output", str(output), cwd=tmp_path)
+        run(["predict", "--config", config, "--ckpt_path", str(tmp / "ckpt" / "last.ckpt"),
+             "--data.init_args.predict_images", tiny_coco["val_images"], "--data.init_args.batch_size", "1",
+             "--trainer.callbacks.init_args.output", str(output)])
         assert sorted(p.name for p in output.parent.iterdir()) == ["predictions.json", "predictions_images.json"]
         written[name] = (json.loads(output.read_text()), json.loads((output.parent / "predictions_images.json")
                                                                    .read_text()))
@@ -752,10 +757,9 @@ def test_ddp_on_two_processes_gives_the_single_process_segm_map(box_filling_mask
     """Masks travel between the processes (as RLE) and each image is evaluated once."""
     config = detection_config(tmp_path, large_object_coco, architecture="mask_rcnn")
     single, ddp = tmp_path / "single", tmp_path / "ddp"
-    run_cli("validate", "--config", config, "--ckpt_path", box_filling_mask_checkpoint,
-            "--trainer.logger.init_args.save_dir", str(single), cwd=tmp_path)
-    run_cli("validate", "--config", config, "--ckpt_path", box_filling_mask_checkpoint, "--trainer.devices", "2",
-            "--trainer.strategy", "ddp", "--trainer.logger.init_args.save_dir", str(ddp), cwd=tmp_path)
+    for run, log_dir in ((lightning_cli, single), (run_on_two_processes, ddp)):  # the reference in this process
+        run(["validate", "--config", config, "--ckpt_path", box_filling_mask_checkpoint,
+             "--trainer.logger.init_args.save_dir", str(log_dir)])
     one, two = last_metrics(single), last_metrics(ddp)
     assert one["val/segm_map"] > 0 and one["val/segm_map_50"] > 0, one
     for key in ("val/segm_map", "val/segm_map_50", "val/segm_map_75", "val/map", "val/segm_ap/square"):
