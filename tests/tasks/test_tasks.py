@@ -163,6 +163,24 @@ def test_uint8_images_from_the_data_modules_detect_as_their_float_equivalent():
     torch.testing.assert_close(from_uint8["scores"], from_float["scores"], atol=1e-5, rtol=0)
 
 
+def test_a_tiled_detector_on_an_image_of_one_tile_detects_as_untiled_and_on_larger_ones_in_image_pixels():
+    tiled = detector("faster_rcnn", detector_kwargs={"box_score_thresh": 0.0}, tile={"overlap": 16}).eval()
+    plain = detector("faster_rcnn", detector_kwargs={"box_score_thresh": 0.0}).eval()
+    plain.load_state_dict(tiled.state_dict())
+    generator = torch.Generator().manual_seed(3)
+    small, large = (torch.randint(0, 256, size, dtype=torch.uint8, generator=generator)
+                    for size in ((3, 64, 48), (3, 100, 150)))
+    with torch.no_grad():
+        (mine,), (theirs,) = tiled([small]), plain([small])  # tiles of min_size, 64: one
+        (big,) = tiled([large])  # 3 x 2 tiles
+    assert len(theirs["boxes"]) > 0 and all(torch.equal(mine[k], theirs[k]) for k in theirs)
+    assert set(big["labels"].tolist()) <= {3, 5, 9}  # category ids, as untiled
+    assert big["boxes"][:, 2].max() > 64 and big["boxes"][:, 3].max() > 64  # shifted out of the first tile
+    assert (big["boxes"] >= 0).all() and (big["boxes"][:, 2] <= 150).all() and (big["boxes"][:, 3] <= 100).all()
+    with pytest.raises(ValueError, match="model.tile.overlap=64 must be below model.tile.size=64"):
+        detector("fcos", tile={"size": 64, "overlap": 64})
+
+
 def test_frozen_stages_have_no_gradient_so_ddp_needs_no_unused_parameter_search():
     model = detector("faster_rcnn", trainable_stages=2)
     trunk = model.model.backbone.body
