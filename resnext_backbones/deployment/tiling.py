@@ -173,7 +173,7 @@ def _merged(parts: List[Tuple[Dict[str, Tensor], int, int]], image_size: Tuple[i
     labels = torch.cat([p["labels"] for p, _, _ in parts])
     sources = torch.cat([torch.full((len(p["boxes"]),), s, dtype=torch.int64, device=boxes.device)
                          for s, (p, _, _) in enumerate(parts)])
-    keepers, keeper_of = merge_detections(boxes, scores, labels, sources, tiling.merge, tiling.iou, tiling.match)
+    keepers, keeper_of = merge_detections(boxes, scores, labels, sources, tiling.iou, tiling.match)
     if tiling.merge == "nmm":
         boxes = union_boxes(boxes, keeper_of)
     result = {"boxes": boxes[keepers], "scores": scores[keepers], "labels": labels[keepers]}
@@ -182,19 +182,17 @@ def _merged(parts: List[Tuple[Dict[str, Tensor], int, int]], image_size: Tuple[i
     return result
 
 
-def merge_detections(boxes: Tensor, scores: Tensor, labels: Tensor, sources: Tensor, merge: str = "nms",
-                     threshold: float = 0.5, match: str = "ios") -> Tuple[Tensor, Tensor]:
+def merge_detections(boxes: Tensor, scores: Tensor, labels: Tensor, sources: Tensor, threshold: float = 0.5,
+                     match: str = "ios") -> Tuple[Tensor, Tensor]:
     """Which detections stay, and which each stands for: ``(keepers, keeper_of)``, the indices of the kept
-    detections in descending score order, and for every detection the index of the kept one it was dropped for
-    (``nms``) or merged into (``nmm``; a kept detection's is its own).
+    detections in descending score order, and for every detection the index of the kept one it goes into (a kept
+    detection's is its own).
 
     Greedy, highest score first, class by class: a detection whose ``match`` (``iou`` | ``ios``) with a kept
-    detection of another source exceeds ``threshold`` is dropped for it, or merged into it (SAHI's greedy NMM: the
-    members are those matching the keeper's own box, not the growing union). Detections of the same ``source`` never
-    match. ``boxes`` xyxy ``(N, 4)``; ``scores``, ``labels``, ``sources`` ``(N,)``. ``merge`` decides nothing here
-    but is checked: :func:`union_boxes` makes NMM's boxes from ``keeper_of``."""
-    if merge not in MERGES:
-        raise ValueError(f"merge={merge!r} is not supported; choose one of {list(MERGES)}")
+    detection of another source exceeds ``threshold`` goes into it. NMS keeps the keepers as they are; NMM (SAHI's
+    greedy NMM) grows each to the union of the boxes that went into it (:func:`union_boxes`): those that match the
+    keeper's own box, not the growing union, so both merges keep the same detections. Detections of the same
+    ``source`` never match. ``boxes`` xyxy ``(N, 4)``; ``scores``, ``labels``, ``sources`` ``(N,)``."""
     order = scores.argsort(descending=True, stable=True)
     keeper_of = torch.arange(len(scores), device=scores.device)
     for label in labels.unique().tolist():

@@ -4,6 +4,7 @@ import torchvision
 from helpers import randomize_norm_stats
 from lightning.pytorch import Callback, Trainer
 
+from resnext_backbones.deployment import Tiling, tiled_detections
 from tasks import ImageClassifier, ObjectDetector
 from tasks.data import CocoDetectionDataModule, ImageFolderDataModule
 from tasks.detection import ARCHITECTURES
@@ -172,11 +173,13 @@ def test_a_tiled_detector_on_an_image_of_one_tile_detects_as_untiled_and_on_larg
                     for size in ((3, 64, 48), (3, 100, 150)))
     with torch.no_grad():
         (mine,), (theirs,) = tiled([small]), plain([small])  # tiles of min_size, 64: one
-        (big,) = tiled([large])  # 3 x 2 tiles
+        (big,), (whole,) = tiled([large]), plain([large])  # 3 x 2 tiles
+        (library,) = tiled_detections(plain.model, plain._inputs([large]), Tiling(size=64, overlap=16))
     assert len(theirs["boxes"]) > 0 and all(torch.equal(mine[k], theirs[k]) for k in theirs)
-    assert set(big["labels"].tolist()) <= {3, 5, 9}  # category ids, as untiled
-    assert big["boxes"][:, 2].max() > 64 and big["boxes"][:, 3].max() > 64  # shifted out of the first tile
-    assert (big["boxes"] >= 0).all() and (big["boxes"][:, 2] <= 150).all() and (big["boxes"][:, 3] <= 100).all()
+    # the large image by the library's tiling of the same network, labels in category ids: not the whole image's
+    assert torch.equal(big["boxes"], library["boxes"]) and torch.equal(big["scores"], library["scores"])
+    assert big["labels"].tolist() == [[3, 5, 9][c - 1] for c in library["labels"].tolist()]
+    assert len(big["boxes"]) != len(whole["boxes"]) or not torch.equal(big["boxes"], whole["boxes"])
     with pytest.raises(ValueError, match="model.tile.overlap=64 must be below model.tile.size=64"):
         detector("fcos", tile={"size": 64, "overlap": 64})
 

@@ -63,16 +63,16 @@ A, B, C, D, E, F = range(6)
 
 
 def test_nms_drops_matches_from_other_tiles_only_class_by_class():
-    keepers, keeper_of = merge_detections(*CASE, merge="nms", threshold=0.5, match="iou")
+    keepers, keeper_of = merge_detections(*CASE, threshold=0.5, match="iou")
     # B goes for A; C is in A's own tile and B was dropped before it could take C; F's IoU with A is 0.4
     assert keepers.tolist() == [E, A, C, F, D]
     assert keeper_of.tolist() == [A, A, C, D, E, F]
-    keepers, keeper_of = merge_detections(*CASE, merge="nms", threshold=0.5, match="ios")
+    keepers, keeper_of = merge_detections(*CASE, threshold=0.5, match="ios")
     assert keepers.tolist() == [E, A, C, D] and keeper_of[F] == A  # by IoS, F lies inside A
 
 
 def test_nmm_merges_into_the_highest_score_the_union_box():
-    keepers, keeper_of = merge_detections(*CASE, merge="nmm", threshold=0.5, match="ios")
+    keepers, keeper_of = merge_detections(*CASE, threshold=0.5, match="ios")
     merged = union_boxes(CASE[0], keeper_of)[keepers]
     # E alone; A with B and F: x from min(0, 2, 0) to max(10, 12, 4), y 0..10; C (A's own tile) and D stay
     assert merged.tolist() == [[20, 20, 30, 30], [0, 0, 12, 10], [1, 1, 11, 11], [0, 0, 10, 10]]
