@@ -165,8 +165,9 @@ def test_uint8_images_from_the_data_modules_detect_as_their_float_equivalent():
 
 
 def test_a_tiled_detector_on_an_image_of_one_tile_detects_as_untiled_and_on_larger_ones_in_image_pixels():
-    tiled = detector("faster_rcnn", detector_kwargs={"box_score_thresh": 0.0}, tile={"overlap": 16}).eval()
-    plain = detector("faster_rcnn", detector_kwargs={"box_score_thresh": 0.0}).eval()
+    heads = {"box_score_thresh": 0.0, "rpn_pre_nms_top_n_test": 100, "rpn_post_nms_top_n_test": 50}
+    tiled = detector("faster_rcnn", detector_kwargs=heads, tile={"overlap": 16}).eval()
+    plain = detector("faster_rcnn", detector_kwargs=heads).eval()
     plain.load_state_dict(tiled.state_dict())
     generator = torch.Generator().manual_seed(3)
     small, large = (torch.randint(0, 256, size, dtype=torch.uint8, generator=generator)
