@@ -416,10 +416,10 @@ def test_with_a_checkpoint_the_run_arguments_of_the_command_line_stand(fitted):
     cli = lightning_cli(["validate", "--config", config, "--ckpt_path", str(tmp / "ckpt" / "last.ckpt"),
                          "--model.init_args.inference_precision", "bf16", "--model.init_args.fused_inference",
                          "false", "--model.init_args.log_images", "0", "--model.init_args.min_size", "96",
-                         "--model.init_args.tile", "{overlap: 16}"])
+                         "--model.init_args.tile", "{size: 128, overlap: 16}"])
     runner = cli.model.inference_runner
     assert (runner.precision, runner.fused, cli.model.log_images) == ("bf16", False, 0)
-    assert cli.model.tiling == Tiling(overlap=16) and "val/map" in cli.trainer.callback_metrics  # validated by tiles
+    assert cli.model.tiling == Tiling(size=128, overlap=16) and "val/map" in cli.trainer.callback_metrics  # by tiles
     assert cli.model.hparams.min_size == 64  # the checkpoint's
 
 
