@@ -18,6 +18,7 @@ rounds, the variants alternating.
 
 from __future__ import annotations
 
+import argparse
 import math
 import time
 from typing import Callable, Dict, List
@@ -71,7 +72,7 @@ def trained_detector(tile: int, steps: int, batch: int, seed: int = 0) -> torch.
         torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)
         optimizer.step()
         if step % 50 == 0 or step == steps - 1:
-            print(f"training step {step}: loss {float(loss):.3f}", flush=True)
+            print(f"training step {step}: loss {float(loss.detach()):.3f}", flush=True)
     return model.eval()
 
 
@@ -127,6 +128,8 @@ def main(argv=None) -> str:
     parser.add_argument("--train-steps", type=int, default=300)
     parser.add_argument("--train-batch", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=True,
+                        help="run each variant once on a corner of an image first (first-call costs)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = parser.parse_args(argv)
     if args.threads:
@@ -158,7 +161,7 @@ def main(argv=None) -> str:
         return go
 
     with torch.no_grad():  # warm up each on a corner of one image (first-call costs), not a whole pass
-        for predict in variants.values():
+        for predict in variants.values() if args.warmup else ():
             predict([images[0][:, :args.tile * 2, :args.tile * 2]])
     seconds = median_seconds_alternating({name: run(name) for name in variants}, repeats=args.repeats, warmup=0)
     rows = ["| variant | mAP | mAP@0.5 | detections | images/s | vs SAHI |", "|---|---|---|---|---|---|"]
