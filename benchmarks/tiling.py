@@ -3,8 +3,8 @@
     python -m benchmarks.tiling [--images 4] [--image-size 1024] [--objects 40] [--tile 128] [--overlap 48]
                                 [--merge nms] [--match ios] [--train-steps 300] [--repeats 1]
 
-A resnet18 Faster R-CNN (from scratch, its input ``--tile`` pixels: ``min_size = max_size``) trains for
-``--train-steps`` SGD steps on tile-sized crops of the shapes set's scenes (objects 16-48 px,
+A resnet18 Faster R-CNN (FPN of 64 channels, from scratch, its input ``--tile`` pixels: ``min_size = max_size``)
+trains for ``--train-steps`` SGD steps on tile-sized crops of the shapes set's scenes (objects 16-48 px,
 :func:`tasks.data.shapes.draw_scene`, fresh crops every step), then predicts on ``--images`` large scenes of the same
 shapes: whole (each image resized to the model's input, as without tiling), by our tiles
 (:func:`resnext_backbones.deployment.tiled_detections`: the tiles batched ``--tile-batch`` at a time), the same on the
@@ -56,7 +56,8 @@ def trained_detector(tile: int, steps: int, batch: int, seed: int = 0) -> torch.
 
     torch.manual_seed(seed)
     task = ObjectDetector(backbone="resnet18", num_classes=len(CATEGORIES), categories=dict(CATEGORIES), norm="bn",
-                          trainable_stages=5, min_size=tile, max_size=tile, anchor_size=16, detector_kwargs=HEADS)
+                          trainable_stages=5, min_size=tile, max_size=tile, anchor_size=16, fpn_channels=64,
+                          detector_kwargs=HEADS)
     model = task.model.train()
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01, momentum=0.9,
                                 weight_decay=1e-4)
@@ -179,13 +180,14 @@ def main(argv=None) -> str:
                f"{args.objects} --tile {args.tile} --overlap {args.overlap} --merge {args.merge} --match {args.match} "
                f"--iou {args.iou}{' --full-image' if args.full_image else ''} --tile-batch {args.tile_batch} "
                f"--train-steps {args.train_steps} --train-batch {args.train_batch} --repeats {args.repeats}")
-    body = (f"## Tiled prediction on large images, beside SAHI\n\n`{command}`: a resnet18 Faster R-CNN (input "
-            f"{args.tile} px) trained from scratch for {args.train_steps} steps of {args.train_batch} crops of "
-            f"{args.tile} px ({train_seconds:.0f} s), then {args.images} images of {args.image_size}x{args.image_size} "
-            f"with {args.objects} shapes of 16-48 px each: {tiles} tiles an image, merged by {args.merge} on "
-            f"{args.match} > {args.iou}{', with the whole-image pass' if args.full_image else ''}. mAP: COCO's, up to "
-            f"{MAX_DETECTIONS} detections an image; images/s: median of {args.repeats} alternating rounds.{sahi_note}"
-            f"\nMachine: {machine()}; ISA: {isa_flags()}.\n\n" + "\n".join(rows) + "\n")
+    whole_pass = ", with the whole-image pass" if args.full_image else ""
+    body = (f"## Tiled prediction on large images, beside SAHI\n\n`{command}`: a resnet18 Faster R-CNN (FPN of 64 "
+            f"channels, input {args.tile} px) trained from scratch for {args.train_steps} steps of {args.train_batch} "
+            f"crops of {args.tile} px ({train_seconds:.0f} s), then {args.images} images of {args.image_size}x"
+            f"{args.image_size} with {args.objects} shapes of 16-48 px each: {tiles} tiles an image, merged by "
+            f"{args.merge} on {args.match} > {args.iou}{whole_pass}. mAP: COCO's, up to {MAX_DETECTIONS} detections "
+            f"an image; images/s: median of {args.repeats} alternating rounds.{sahi_note}\nMachine: {machine()}; "
+            f"ISA: {isa_flags()}.\n\n" + "\n".join(rows) + "\n")
     return publish("tiling", body, args)
 
 
