@@ -179,7 +179,8 @@ def main(argv=None) -> str:
     command = (f"python -m benchmarks.tiling --images {args.images} --image-size {args.image_size} --objects "
                f"{args.objects} --tile {args.tile} --overlap {args.overlap} --merge {args.merge} --match {args.match} "
                f"--iou {args.iou}{' --full-image' if args.full_image else ''} --tile-batch {args.tile_batch} "
-               f"--train-steps {args.train_steps} --train-batch {args.train_batch} --repeats {args.repeats}")
+               f"--train-steps {args.train_steps} --train-batch {args.train_batch} --repeats {args.repeats}"
+               f"{f' --threads {args.threads}' if args.threads else ''}")
     whole_pass = ", with the whole-image pass" if args.full_image else ""
     body = (f"## Tiled prediction on large images, beside SAHI\n\n`{command}`: a resnet18 Faster R-CNN (FPN of 64 "
             f"channels, input {args.tile} px) trained from scratch for {args.train_steps} steps of {args.train_batch} "
