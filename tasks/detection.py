@@ -17,6 +17,7 @@ from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredic
 from torchvision.transforms.v2.functional import to_dtype
 
 import resnext_backbones as rb
+from resnext_backbones.deployment import Tiling, tiled_detections
 
 from .base import BackboneTask, gather_objects, log, sgd
 from .data.masks import EncodedMasks, binary_masks
@@ -119,6 +120,10 @@ class ObjectDetector(BackboneTask):
             for torchmetrics' ``MeanAveragePrecision`` (of boxes, and for Mask R-CNN of masks too).
         log_images: how many validation images to send, each epoch, to the loggers that show pictures (TensorBoard):
             ground truth and predictions side by side, boxes labelled with category names (and scores); 0 for none.
+        tile: validate, test and predict by overlapping tiles (images larger than the model's input, small objects):
+            ``{size, overlap, merge: nms | nmm, iou, match: ios | iou, full_image, batch}``, the settings of
+            :class:`resnext_backbones.deployment.Tiling` (``size`` unset: ``min_size``, the model's own input size);
+            ``null`` (default): whole images. Training is untouched: train on crops of the tile size.
         optimizer: default SGD, lr 0.02 for 16 images, momentum 0.9, weight decay 1e-4 (the detection 1x recipe).
         lr_schedule: ``multistep`` | ``cosine`` | ``constant``, after a linear warmup.
         warmup_steps: optimizer steps of linear warmup from ``0.001 x lr``.
@@ -131,8 +136,9 @@ class ObjectDetector(BackboneTask):
                  anchor_size: Optional[int] = None, fpn_channels: int = 256, detections_per_image: int = 100,
                  mask_head_layers: Optional[List[int]] = None, detector_kwargs: Optional[Dict[str, Any]] = None,
                  categories: Optional[Dict[int, str]] = None, map_backend: str = "faster_coco_eval",
-                 log_images: int = 4, optimizer: OptimizerCallable = sgd, lr_schedule: str = "multistep",
-                 warmup_steps: int = 500, milestones: Sequence[float] = (0.667, 0.917), **kwargs) -> None:
+                 log_images: int = 4, tile: Optional[Dict[str, Any]] = None, optimizer: OptimizerCallable = sgd,
+                 lr_schedule: str = "multistep", warmup_steps: int = 500,
+                 milestones: Sequence[float] = (0.667, 0.917), **kwargs) -> None:
         if architecture not in ARCHITECTURES:
             raise ValueError(f"model.architecture={architecture!r} is not supported; "
                              f"choose one of {list(ARCHITECTURES)}")
@@ -159,6 +165,7 @@ class ObjectDetector(BackboneTask):
             sync_on_compute=False, extended_summary=True))
         self._eval_batches: List = []
         self.log_images, self._pictures_sent = log_images, 0
+        self.tiling = None if tile is None else Tiling.from_config(tile, key="model.tile")
 
     def _size_mask_head(self, layers: List[int], in_channels: int, classes: int) -> None:
         if not self.predicts_masks:
@@ -196,8 +203,10 @@ class ObjectDetector(BackboneTask):
     def forward(self, images: Sequence[Tensor]) -> List[Dict[str, Tensor]]:
         """Detections per image (uint8 images, or float in [0, 1]): ``boxes`` (xyxy, input pixels), ``scores``,
         ``labels`` (dataset category ids); Mask R-CNN's also ``masks`` (N x H x W bool, in the input's pixels: its soft
-        masks thresholded at 0.5, as torchvision's references and COCO evaluations take them)."""
-        detections = self.model(self._inputs(images))
+        masks thresholded at 0.5, as torchvision's references and COCO evaluations take them). With ``tile`` set, by
+        tiles (:func:`resnext_backbones.deployment.tiled_detections`)."""
+        inputs = self._inputs(images)
+        detections = self.model(inputs) if self.tiling is None else tiled_detections(self.model, inputs, self.tiling)
         for d in detections:
             d["labels"] = self.label_map.category_ids_of_model(d["labels"])
             if "masks" in d:

@@ -47,7 +47,7 @@ def test_the_benchmark_command_runs_each_benchmark_in_a_fresh_process(monkeypatc
     calls = []
     monkeypatch.setattr(subprocess, "run", lambda cmd, check: calls.append(cmd))
     runpy.run_module("benchmarks", run_name="__main__")
-    expected = ["backbone", "inference", "detector", "precision", "data", "evaluation", "predict"]
+    expected = ["backbone", "inference", "detector", "precision", "data", "evaluation", "predict", "tiling"]
     expected += ["gpu"] if torch.cuda.is_available() else []
     assert calls == [[sys.executable, "-m", f"benchmarks.{name}"] for name in expected]
 
@@ -133,3 +133,20 @@ def test_data_benchmark_measures_worker_memory_with_and_without_masks_on_tiny_sh
     assert rows == [["| ours", "boxes"], ["| torchvision", "boxes"], ["| ours", "boxes, masks"],
                     ["| torchvision", "boxes, masks"]]
     assert "Ours keeps the 120 segmentations in " in body
+
+
+def test_tiling_benchmark_gives_the_whole_image_our_tiles_and_sahis_where_installed_on_tiny_shapes():
+    import importlib.util
+
+    from benchmarks import tiling
+
+    body = tiling.main(["--images", "1", "--image-size", "96", "--objects", "3", "--tile", "64", "--overlap", "16",
+                        "--train-steps", "0", "--no-warmup", "--no-write"])
+    rows = [line.split(" | ") for line in body.splitlines() if line.startswith(("| whole", "| ours", "| SAHI"))]
+    expected = ["| whole image (resized to the model's input)", "| ours: tiles batched",
+                "| ours: tiles batched, inference copy"]
+    sahi = importlib.util.find_spec("sahi") is not None
+    assert [row[0] for row in rows] == expected + (["| SAHI: TorchVisionDetectionModel, get_sliced_prediction"]
+                                                   if sahi else [])
+    assert all(0 <= float(row[1]) <= 1 and float(row[4]) > 0 for row in rows)  # an mAP and a speed each
+    assert "4 tiles an image" in body and ("SAHI is not installed" in body) != sahi

@@ -17,7 +17,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 import resnext_backbones as rb
-from resnext_backbones.deployment import native_support
+from resnext_backbones.deployment import Tiling, native_support
 from tasks import ImageClassifier, ObjectDetector
 from tasks.classes import ClassesError
 from tasks.cli import cli as lightning_cli
@@ -410,14 +410,16 @@ def test_the_checkpoints_classes_win_over_other_training_data_where_no_labels_ar
 
 def test_with_a_checkpoint_the_run_arguments_of_the_command_line_stand(fitted):
     """Lightning puts a --ckpt_path checkpoint's model arguments over the command line (Lightning issue #20801): for
-    what the model is (its min_size here) that stays so; how the run uses it (precision, fusion, pictures) is the
-    command line's."""
+    what the model is (its min_size here) that stays so; how the run uses it (precision, fusion, pictures, tiles) is
+    the command line's."""
     _, config, tmp = fitted
     cli = lightning_cli(["validate", "--config", config, "--ckpt_path", str(tmp / "ckpt" / "last.ckpt"),
                          "--model.init_args.inference_precision", "bf16", "--model.init_args.fused_inference",
-                         "false", "--model.init_args.log_images", "0", "--model.init_args.min_size", "96"])
+                         "false", "--model.init_args.log_images", "0", "--model.init_args.min_size", "96",
+                         "--model.init_args.tile", "{size: 128, overlap: 16}"])
     runner = cli.model.inference_runner
     assert (runner.precision, runner.fused, cli.model.log_images) == ("bf16", False, 0)
+    assert cli.model.tiling == Tiling(size=128, overlap=16) and "val/map" in cli.trainer.callback_metrics  # by tiles
     assert cli.model.hparams.min_size == 64  # the checkpoint's
 
 
