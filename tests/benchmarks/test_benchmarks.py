@@ -1,5 +1,6 @@
 """The benchmarks run at toy sizes on the CPU: their code paths, rows and wiring (the figures come from real runs)."""
 
+import pytest
 import torch
 
 from benchmarks import gpu
@@ -132,3 +133,13 @@ def test_data_benchmark_measures_worker_memory_with_and_without_masks_on_tiny_sh
     assert rows == [["| ours", "boxes"], ["| torchvision", "boxes"], ["| ours", "boxes, masks"],
                     ["| torchvision", "boxes, masks"]]
     assert "Ours keeps the 120 segmentations in " in body
+
+
+@pytest.mark.slow
+def test_rare_class_benchmark_trains_both_ways_and_gives_every_row_on_a_toy_set():
+    from benchmarks import rare_classes
+
+    body = rare_classes.main(["--train", "24", "--val", "6", "--rare-images", "2", "--steps", "2", "--seeds", "0",
+                              "--no-write"])
+    rows = [line.split(" | ")[1] for line in body.splitlines() if line.startswith(("| 0 |", "| mean |"))]
+    assert rows == ["every image once", "repeat_threshold 0.3", "without repeat factors", "with repeat factors"]
