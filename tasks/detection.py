@@ -128,6 +128,10 @@ class ObjectDetector(BackboneTask):
         lr_schedule: ``multistep`` | ``cosine`` | ``constant``, after a linear warmup.
         warmup_steps: optimizer steps of linear warmup from ``0.001 x lr``.
         milestones: for ``multistep``, fractions of training where the lr drops by ``gamma`` (1x: [0.667, 0.917]).
+        in_channels: channels of the input images (1 gray, 4 RGB-D, 13 multispectral, ...; the data's
+            ``channels``); RGB weights are adapted to them (:func:`resnext_backbones.loading.adapt_input_conv`).
+        normalization: ``{mean: [...], std: [...]}``, one value per input channel, of images in [0, 1]; unset: the
+            weights' (ImageNet's, adapted to ``in_channels``).
     """
 
     def __init__(self, architecture: str = "faster_rcnn", backbone: str = "resnext50_32x4d", num_classes: int = 91,
@@ -138,7 +142,8 @@ class ObjectDetector(BackboneTask):
                  categories: Optional[Dict[int, str]] = None, map_backend: str = "faster_coco_eval",
                  log_images: int = 4, tile: Optional[Dict[str, Any]] = None, optimizer: OptimizerCallable = sgd,
                  lr_schedule: str = "multistep", warmup_steps: int = 500,
-                 milestones: Sequence[float] = (0.667, 0.917), **kwargs) -> None:
+                 milestones: Sequence[float] = (0.667, 0.917), in_channels: int = 3,
+                 normalization: Optional[Dict[str, Sequence[float]]] = None, **kwargs) -> None:
         if architecture not in ARCHITECTURES:
             raise ValueError(f"model.architecture={architecture!r} is not supported; "
                              f"choose one of {list(ARCHITECTURES)}")
@@ -150,7 +155,8 @@ class ObjectDetector(BackboneTask):
         self.predicts_masks = arch.masks  # the data module reads this to give masks (data.masks unset)
         self.label_map = self.label_map.with_offset(arch.background_classes)
         fpn = rb.resnext_fpn(backbone, returned_features=arch.returned_features, extra_blocks=arch.extra_blocks,
-                             trainable_stages=trainable_stages, norm=norm, out_channels=fpn_channels)
+                             trainable_stages=trainable_stages, norm=norm, out_channels=fpn_channels,
+                             in_channels=in_channels)
         if weights is not None:
             rb.load_weights(fpn, weights, strict=strict_weights)  # logs its report
         min_size = tuple(min_size) if isinstance(min_size, (list, tuple)) else min_size
@@ -158,7 +164,8 @@ class ObjectDetector(BackboneTask):
                                 max_size=max_size, **(detector_kwargs or {}))
         if mask_head_layers is not None:
             self._size_mask_head(list(mask_head_layers), fpn_channels, num_classes + arch.background_classes)
-        self.set_normalization(fpn.body.normalization)  # the transform's copy of the weights' input convention
+        # the config's, else the weights' input convention, into the transform's copy
+        self.set_normalization(normalization or fpn.body.normalization)
         # extended_summary: the precision array, from which AP and AP50 per category come (tasks.per_class)
         self.metrics = self.stage_metrics(MeanAveragePrecision(
             box_format="xyxy", iou_type=("bbox", "segm") if arch.masks else "bbox", backend=map_backend,

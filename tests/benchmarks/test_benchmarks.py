@@ -1,5 +1,6 @@
 """The benchmarks run at toy sizes on the CPU: their code paths, rows and wiring (the figures come from real runs)."""
 
+import pytest
 import torch
 
 from benchmarks import gpu
@@ -150,3 +151,13 @@ def test_tiling_benchmark_gives_the_whole_image_our_tiles_and_sahis_where_instal
                                                    if sahi else [])
     assert all(0 <= float(row[1]) <= 1 and float(row[4]) > 0 for row in rows)  # an mAP and a speed each
     assert "4 tiles an image" in body and ("SAHI is not installed" in body) != sahi
+
+
+@pytest.mark.slow
+def test_rare_class_benchmark_trains_both_ways_and_gives_every_row_on_a_toy_set():
+    from benchmarks import rare_classes
+
+    body = rare_classes.main(["--train", "24", "--val", "6", "--rare-images", "2", "--steps", "2", "--seeds", "0",
+                              "--no-write"])
+    rows = [line.split(" | ")[1] for line in body.splitlines() if line.startswith(("| 0 |", "| mean |"))]
+    assert rows == ["every image once", "repeat_threshold 0.3", "without repeat factors", "with repeat factors"]
