@@ -11,6 +11,7 @@ import sys
 import torch
 
 names = ["backbone", "inference", "detector", "precision", "data", "evaluation", "predict"]
+names += ["segmentation"]
 names += ["gpu"] if torch.cuda.is_available() else []
 for name in names:
     print(f"== python -m benchmarks.{name}", flush=True)

@@ -246,7 +246,7 @@ class SemanticSegmenter(BackboneTask):
 
     def normalized(self, images: Tensor) -> Tensor:
         """RGB images (uint8, or float in [0, 1]) as the trunk takes them."""
-        images = to_dtype(images.as_subclass(Tensor), torch.float32, scale=True)
+        images = to_dtype(images, torch.float32, scale=True)  # the loaders give plain tensors
         return ((images - self.mean) / self.std).contiguous(memory_format=self.memory_format())
 
     def forward(self, images: Tensor) -> Tensor:
