@@ -11,7 +11,7 @@ import sys
 import torch
 
 names = ["backbone", "inference", "detector", "precision", "data", "evaluation", "predict", "tiling",
-         "rare_classes"]
+         "rare_classes", "segmentation"]
 names += ["gpu"] if torch.cuda.is_available() else []
 for name in names:
     print(f"== python -m benchmarks.{name}", flush=True)

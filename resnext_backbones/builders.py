@@ -50,11 +50,14 @@ def _model_name(name: Optional[str], depth: Optional[int], weights: Optional[Pat
 def resnext(name: Optional[str] = None, *, depth: Optional[int] = None, cardinality: Optional[int] = None,
             base_width: Optional[int] = None, norm: str = "bn", trainable_stages: int = 5,
             returned_features: Optional[Sequence[str]] = None, zero_init_residual: bool = False,
+            replace_stride_with_dilation: Optional[Sequence[bool]] = None,
             weights: Optional[PathLike] = None, strict: bool = True,
             expected_sha256: Optional[str] = None, in_channels: int = 3) -> ResNeXt:
     """Build a ResNeXt trunk from a name in :func:`list_models` or from ``depth``/``cardinality``/``base_width``.
 
     ``returned_features``: the features to return (default all of c2..c5).
+    ``replace_stride_with_dilation``: three bools (C3, C4, C5), torchvision's: ``(False, True, True)`` keeps C4 and
+    C5 at stride 8 with dilated convolutions (DeepLabV3, FCN); the weights are the undilated trunk's.
     ``weights`` is a local file in any format :func:`resnext_backbones.load_weights` reads, or a registered name
     (:func:`resnext_backbones.list_weights`: ``"resnext50_32x4d.tv2_in1k"``, which also names the model; the tag
     alone, ``"tv2_in1k"``, with a model name; ``"DEFAULT"``), downloaded once, verified and cached.
@@ -65,7 +68,8 @@ def resnext(name: Optional[str] = None, *, depth: Optional[int] = None, cardinal
     name = _model_name(name, depth, weights, expected_sha256)
     spec = resolve_spec(name, depth=depth, cardinality=cardinality, base_width=base_width)
     model = ResNeXt(spec, norm=norm, trainable_stages=trainable_stages, returned_features=returned_features,
-                    zero_init_residual=zero_init_residual, in_channels=in_channels)
+                    zero_init_residual=zero_init_residual, in_channels=in_channels,
+                    replace_stride_with_dilation=replace_stride_with_dilation)
     if weights is not None:
         load_weights(model, weights, strict=strict, expected_sha256=expected_sha256)
     return model

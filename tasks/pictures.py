@@ -145,3 +145,24 @@ def write_png(picture: Tensor, path: Path) -> None:
 
     path.parent.mkdir(parents=True, exist_ok=True)
     write(picture, str(path))
+
+
+def segmentation_picture(image: Tensor, labels: Optional[Tensor], ignore_index: int = 255, alpha: float = 0.6
+                         ) -> Tensor:
+    """``image`` (uint8, or float in [0, 1]) with each class of ``labels`` (H x W class indices; ``None``: the image
+    alone) over it in the class's colour (:func:`colour`), ``ignore_index`` pixels left as they are; enlarged as
+    :func:`enlarged` says; uint8 RGB."""
+    from torchvision.utils import draw_segmentation_masks
+
+    picture, factor = enlarged(image)
+    if labels is None:
+        return picture
+    labels = labels.detach().cpu().as_subclass(Tensor).long()
+    if factor > 1:
+        labels = labels.repeat_interleave(factor, -2).repeat_interleave(factor, -1)
+    classes = [int(c) for c in labels.unique().tolist() if int(c) != ignore_index]
+    if not classes:
+        return picture
+    masks = labels[None] == torch.tensor(classes)[:, None, None]
+    return draw_segmentation_masks(picture, masks, alpha=alpha, colors=[colour(c) for c in classes])
+
