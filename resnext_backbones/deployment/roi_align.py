@@ -100,14 +100,9 @@ class _SparseProduct(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        return None, torch.mm(_transposed(ctx.weights), grad)
-
-
-def _transposed(weights: Tensor) -> Tensor:
-    """The CSR matrix of ``weights^T``."""
-    with warnings.catch_warnings():  # "Sparse CSR tensor support is in beta state"
-        warnings.simplefilter("ignore", UserWarning)
-        return weights.t().to_sparse_csr()
+        # weights.t() is the CSC form of the same arrays, no copy: MKL multiplies it as it is, where converting it to
+        # CSR first would sort every entry by pixel
+        return None, torch.mm(ctx.weights.t(), grad.contiguous())
 
 
 def roi_align_weights(rois: Tensor, shape: torch.Size, scale: float, output_size: Tuple[int, int],
