@@ -121,6 +121,18 @@ class BackboneTask(LightningModule):
     def on_train_epoch_start(self) -> None:
         self.inference_runner.release()  # its weights are about to change: no copy held through training
 
+    # Each evaluation and prediction epoch makes its inference copy from the weights the model holds as it starts: a
+    # weight-averaging callback (Lightning's EMAWeightAveraging) has swapped the averaged weights in by then (callbacks'
+    # hooks run before the module's), and out again when it ends.
+    def on_validation_epoch_start(self) -> None:
+        self.inference_runner.release()
+
+    def on_test_epoch_start(self) -> None:
+        self.inference_runner.release()
+
+    def on_predict_epoch_start(self) -> None:
+        self.inference_runner.release()
+
     def training_loss(self, batch, batch_idx: int) -> Tensor:
         """The loss of a training batch (log its parts here; ``train/loss`` is logged by the base)."""
         raise NotImplementedError

@@ -157,6 +157,7 @@ class ImageClassifier(BackboneTask):
         self._pictures_sent += count
 
     def on_validation_epoch_start(self) -> None:
+        super().on_validation_epoch_start()
         self._pictures_sent = 0
 
     def on_validation_epoch_end(self) -> None:

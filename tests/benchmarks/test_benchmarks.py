@@ -48,7 +48,8 @@ def test_the_benchmark_command_runs_each_benchmark_in_a_fresh_process(monkeypatc
     calls = []
     monkeypatch.setattr(subprocess, "run", lambda cmd, check: calls.append(cmd))
     runpy.run_module("benchmarks", run_name="__main__")
-    expected = ["backbone", "inference", "detector", "precision", "data", "evaluation", "predict", "tiling"]
+    expected = ["backbone", "inference", "detector", "precision", "profile", "data", "evaluation", "predict", "tiling",
+                "rare_classes", "segmentation"]
     expected += ["gpu"] if torch.cuda.is_available() else []
     assert calls == [[sys.executable, "-m", f"benchmarks.{name}"] for name in expected]
 
@@ -161,3 +162,20 @@ def test_rare_class_benchmark_trains_both_ways_and_gives_every_row_on_a_toy_set(
                               "--no-write"])
     rows = [line.split(" | ")[1] for line in body.splitlines() if line.startswith(("| 0 |", "| mean |"))]
     assert rows == ["every image once", "repeat_threshold 0.3", "without repeat factors", "with repeat factors"]
+
+
+def test_profile_benchmark_lists_the_top_ops_of_each_phase_and_roi_align_only_without_the_sparse_option():
+    from benchmarks import profile
+
+    body = profile.main(["--configs", "detection.yaml", "classification.yaml", "--batch-size", "1", "--steps", "1",
+                         "--top", "1000", "--no-write"])
+    sections = {s.split("\n", 1)[0]: s for s in body.split("### ")[1:]}
+    assert list(sections) == ["configs/detection.yaml, sparse_roi_align: false",
+                              "configs/detection.yaml, sparse_roi_align: true", "configs/classification.yaml"]
+    for section in sections.values():
+        phases = [line.split(" | ")[0] for line in section.splitlines() if line.startswith("| **")]
+        assert phases == ["| **forward**", "| **backward**", "| **optimizer step**"]
+        assert "`aten::convolution_backward`" in section or "`aten::mkldnn_convolution_backward`" in section
+    torchvision_kernel = [s for s in sections.values() if "torchvision::roi_align" in s]
+    assert torchvision_kernel == [sections["configs/detection.yaml, sparse_roi_align: false"]]
+    assert "torchvision::_roi_align_backward" in torchvision_kernel[0]

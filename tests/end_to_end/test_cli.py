@@ -578,6 +578,24 @@ def test_fit_advises_the_precision_this_cpu_trains_fastest_in(precision, native,
     assert (advice in message) if advice else ("--trainer.precision" not in message)
 
 
+def test_precision_auto_is_chosen_before_the_trainer_is_built_and_logged_and_an_explicit_one_kept(
+        tmp_path, tiny_coco, caplog, monkeypatch):
+    config = detection_config(tmp_path, tiny_coco)
+    with caplog.at_level(logging.INFO, logger="tasks"):
+        trainer = lightning_cli(["--config", config, "--trainer.precision", "auto"], run=False).trainer
+    # this machine's answer by the rule: bf16-mixed only where bf16 is native (and measured faster: both kinds are)
+    assert trainer.precision == ("bf16-mixed" if native_support(torch.bfloat16, torch.device("cpu")) else "32-true")
+    (line,) = [r.message for r in caplog.records if r.message.startswith("trainer.precision=auto: ")]
+    assert line.startswith(f"trainer.precision=auto: {trainer.precision}, as cpu (CPU flags: ")
+    import tasks.cli
+
+    monkeypatch.setattr(tasks.cli, "auto_training_precision", lambda device: ("bf16-mixed", f"{device} said so"))
+    assert lightning_cli(["--config", config, "--trainer.precision", "auto"], run=False).trainer.precision == \
+        "bf16-mixed"
+    assert lightning_cli(["--config", config, "--trainer.precision", "32-true"], run=False).trainer.precision == \
+        "32-true"
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("precision", ["16-mixed", "bf16-mixed"])
 def test_detection_trains_in_mixed_precision_on_cuda(tmp_path, tiny_coco, precision):
