@@ -99,8 +99,8 @@ def traced(request):
     return trace(request.param)
 
 
-# one ONNX translation in CI, Mask R-CNN's (Faster R-CNN's path, and masks; each is a whole trace and translation); RetinaNet's
-# program runs in CI in the no-detection test, its ONNX translation and saved .pt2 under slow with the rest
+# one ONNX translation in CI, Mask R-CNN's (Faster R-CNN's path, and masks; each is a whole trace and translation);
+# RetinaNet's program runs in CI in the no-detection test, its ONNX translation and saved .pt2 under slow
 IN_CI = [pytest.param(a, marks=[] if a == "mask_rcnn" else [pytest.mark.slow]) for a in ARCHITECTURES]
 
 
