@@ -18,7 +18,8 @@ from typing import Optional
 import torch
 from lightning.pytorch import Trainer
 
-from resnext_backbones.deployment import isa_flags
+from resnext_backbones.deployment import auto_training_precision, isa_flags
+from resnext_backbones.deployment.device import has_cpu_flag
 from tasks import ImageClassifier, ObjectDetector
 
 from .common import benchmark_parser, machine, publish
@@ -75,12 +76,16 @@ def main(argv=None) -> str:
         rows.append(f"| configs/{name} | {t['32-true']:.3f} | {t['bf16-mixed']:.3f} | "
                     f"{t['32-true'] / t['bf16-mixed']:.2f}x |")
         print(rows[-1], flush=True)
-    body = (f"## Training precision on this CPU: the quick starts under 32-true and bf16-mixed\n\n"
+    kind = next((flag for flag in ("amx_bf16", "avx512_bf16") if has_cpu_flag(flag)), "no_native_bf16")
+    auto, why = auto_training_precision("cpu")
+    body = (f"## Training precision on this CPU ({kind}): the quick starts under 32-true and bf16-mixed\n\n"
             f"`python -m benchmarks.precision --configs {' '.join(args.configs)} --steps {args.steps} "
             f"--repeats {args.repeats} --threads {args.threads}`"
             f"; Trainer.fit on one fixed batch of each config's size, median s/step of {args.repeats} alternating "
-            f"rounds. Machine: {machine()}; ISA: {isa_flags()}.\n\n" + "\n".join(rows))
-    return publish("precision", body, args)
+            f"rounds. Machine: {machine()}; ISA: {isa_flags()}.\n\n" + "\n".join(rows)
+            + f"\n\n`trainer.precision: auto` picks {auto} here: {why}.")
+    # one section per kind of CPU, so that each kind's figures stay beside the others (the AMX one is "precision")
+    return publish("precision" if kind == "amx_bf16" else f"precision_{kind}", body, args)
 
 
 if __name__ == "__main__":

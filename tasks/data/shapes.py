@@ -1,6 +1,6 @@
 """The embedded default data: a small deterministic set of coloured shapes, generated once into a cache folder in
-COCO (detection) and image-folder (classification) formats, so the shipped configs exercise the real loaders
-with no download.
+COCO (detection), image-folder (classification) and index-mask (semantic segmentation) formats, so the shipped
+configs exercise the real loaders with no download.
 
 The cache folder is ``$RESNEXT_BACKBONES_DATA`` or ``~/.cache/resnext_backbones``. Category ids are sparse on
 purpose (3, 5, 9): the loaders must map them to contiguous labels and back. Each detection annotation also has
@@ -169,6 +169,30 @@ def _generate_detection(out: Path, split: str, count: int, seed: int) -> None:
                                                    "categories": categories}))
 
 
+def _generate_segmentation(out: Path, split: str, count: int, seed: int) -> None:
+    """``split/images/NNNNN.jpg`` and ``split/masks/NNNNN.png``: the detection set's kind of images, each pixel labelled
+    by the shape it shows (square 1, disk 2, triangle 3; background 0) in a palette PNG, as VOC stores masks."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    names = list(CATEGORIES.values())
+    (out / split / "images").mkdir(parents=True)
+    (out / split / "masks").mkdir(parents=True)
+    palette = [0, 0, 0, 255, 99, 71, 50, 205, 50, 30, 144, 255]
+    for i in range(count):
+        h, w = int(rng.choice([112, 128, 144])), int(rng.choice([112, 128, 144]))
+        n = 0 if i % 20 == 7 else int(rng.integers(1, 4))
+        kinds = [names[k] for k in rng.integers(0, len(names), n)]
+        image, _, masks = draw_instances(rng, h, w, kinds, min_size=20, max_size=56)
+        labels = np.zeros((h, w), dtype=np.uint8)
+        for kind, mask in zip(kinds, masks, strict=True):
+            labels[mask] = names.index(kind) + 1
+        _write(image, out / split / "images" / f"{i:05d}.jpg")
+        mask_image = Image.fromarray(labels, mode="P")
+        mask_image.putpalette(palette)
+        mask_image.save(out / split / "masks" / f"{i:05d}.png")
+
+
 def _generate_classification(out: Path, split: str, per_class: int, seed: int) -> None:
     rng = np.random.default_rng(seed)
     for name in CATEGORIES.values():
@@ -212,3 +236,20 @@ def shapes_classification() -> List[str]:
 
     root = _ensure("classification", build)
     return [str(root / "train"), str(root / "val")]
+
+
+SEGMENTATION_CLASSES = ["background", *CATEGORIES.values()]
+
+
+def shapes_segmentation() -> List:
+    """``[train_images, train_masks, val_images, val_masks, classes file]`` of the embedded semantic segmentation set:
+    240 training and 61 validation images of 0-3 shapes, masks of class indices (background 0, then the shapes in
+    category id order) as palette PNGs."""
+    def build(out: Path) -> None:
+        _generate_segmentation(out, "train", 240, seed=4)
+        _generate_segmentation(out, "val", 61, seed=5)
+        (out / "classes.json").write_text(json.dumps(SEGMENTATION_CLASSES))
+
+    root = _ensure("segmentation", build)
+    return [str(root / "train" / "images"), str(root / "train" / "masks"), str(root / "val" / "images"),
+            str(root / "val" / "masks"), str(root / "classes.json")]

@@ -5,14 +5,21 @@ import json
 import logging
 import math
 import subprocess
-import sys
 import warnings
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from helpers import REPO, SMALL_HEADS, classification_args, detection_config, last_metrics
+from helpers import (
+    REPO,
+    SMALL_HEADS,
+    classification_args,
+    detection_config,
+    last_metrics,
+    run_cli,
+    run_on_two_processes,
+)
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
@@ -452,11 +459,13 @@ def test_augmentations_from_a_config_train_through_lightning_fit(tmp_path, tiny_
 
 
 @pytest.mark.parametrize("config", sorted(str(p.relative_to(REPO)) for p in (REPO / "configs").rglob("*.yaml")
-                                          if p.name != "base_1x.yaml"))
+                                          if p.name not in ("base_1x.yaml", "base_ade20k.yaml")))
 def test_every_shipped_config_parses(config, capsys):
     configs = ["--config", str(REPO / config)]
     if "coco/" in config:
         configs = ["--config", str(REPO / "configs/coco/base_1x.yaml")] + configs
+    if "ade20k/" in config:
+        configs = ["--config", str(REPO / "configs/ade20k/base_ade20k.yaml")] + configs
     if "augment/" in config:  # additions to the quick start
         configs = ["--config", str(REPO / "configs/detection.yaml")] + configs
     with pytest.raises(SystemExit) as exit_:
@@ -569,6 +578,24 @@ def test_fit_advises_the_precision_this_cpu_trains_fastest_in(precision, native,
     assert (advice in message) if advice else ("--trainer.precision" not in message)
 
 
+def test_precision_auto_is_chosen_before_the_trainer_is_built_and_logged_and_an_explicit_one_kept(
+        tmp_path, tiny_coco, caplog, monkeypatch):
+    config = detection_config(tmp_path, tiny_coco)
+    with caplog.at_level(logging.INFO, logger="tasks"):
+        trainer = lightning_cli(["--config", config, "--trainer.precision", "auto"], run=False).trainer
+    # this machine's answer by the rule: bf16-mixed only where bf16 is native (and measured faster: both kinds are)
+    assert trainer.precision == ("bf16-mixed" if native_support(torch.bfloat16, torch.device("cpu")) else "32-true")
+    (line,) = [r.message for r in caplog.records if r.message.startswith("trainer.precision=auto: ")]
+    assert line.startswith(f"trainer.precision=auto: {trainer.precision}, as cpu (CPU flags: ")
+    import tasks.cli
+
+    monkeypatch.setattr(tasks.cli, "auto_training_precision", lambda device: ("bf16-mixed", f"{device} said so"))
+    assert lightning_cli(["--config", config, "--trainer.precision", "auto"], run=False).trainer.precision == \
+        "bf16-mixed"
+    assert lightning_cli(["--config", config, "--trainer.precision", "32-true"], run=False).trainer.precision == \
+        "32-true"
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("precision", ["16-mixed", "bf16-mixed"])
 def test_detection_trains_in_mixed_precision_on_cuda(tmp_path, tiny_coco, precision):
@@ -584,18 +611,6 @@ def test_classification_trains_in_mixed_precision_on_cuda(tmp_path, tiny_folder,
                                backbone="resnext26_32x4d", image_size=64)
     cli = lightning_cli(args)
     assert math.isfinite(float(cli.trainer.callback_metrics["train/loss"]))
-
-
-def run_cli(*args, cwd):
-    result = subprocess.run([sys.executable, "-m", "tasks", *args], cwd=cwd, capture_output=True, text=True,
-                            timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result
-
-
-def run_on_two_processes(args):
-    """The command under DDP on two CPU processes (Lightning launches them: a subprocess of its own)."""
-    return run_cli(*args, "--trainer.devices", "2", "--trainer.strategy", "ddp", cwd=Path(args[2]).parent)
 
 
 def test_ddp_on_two_processes_trains_with_frozen_stages(fitted, tmp_path):

@@ -1,7 +1,7 @@
 import pytest
 import torch
 import torchvision
-from helpers import randomize_norm_stats
+from helpers import SMALL_HEADS, randomize_norm_stats
 from lightning.pytorch import Callback, Trainer
 
 from resnext_backbones.deployment import Tiling, tiled_detections
@@ -490,3 +490,19 @@ def test_classification_logs_accuracy_per_class_a_table_worst_first_and_the_conf
     tags = EventAccumulator(str(tmp_path / "lightning_logs" / "version_0")).Reload().Tags()["images"]
     assert sorted(tags) == (["val/confusion_matrix", "val/predictions_0", "val/predictions_4", "val/predictions_8"]
                             if log_images else [])  # a grid per batch (4, 4, 1 images); log_images: 0, none
+
+
+@pytest.mark.parametrize("sparse", [True, False])
+def test_the_training_forward_of_mask_rcnn_runs_sparse_roi_poolers_on_the_cpu_unless_told_not_to(sparse, monkeypatch):
+    from torchvision.ops import MultiScaleRoIAlign, poolers
+
+    model = detector("mask_rcnn", sparse_roi_align=sparse, fpn_channels=32, mask_head_layers=[16],
+                     detector_kwargs=SMALL_HEADS).train()
+    calls, kernel = [], poolers.roi_align
+    monkeypatch.setattr(poolers, "roi_align", lambda *a, **k: calls.append(1) or kernel(*a, **k))
+    target = with_masks({"boxes": torch.tensor([[8.0, 8.0, 40.0, 40.0]]), "labels": torch.tensor([1]),
+                         "image_id": 1}, 64, 64)
+    loss = model.training_step(([torch.rand(3, 64, 64)], [target]), 0)
+    loss.backward()
+    assert torch.isfinite(loss) and bool(calls) == (not sparse)  # torchvision's kernel only where told
+    assert type(model.model.roi_heads.box_roi_pool) is type(model.model.roi_heads.mask_roi_pool) is MultiScaleRoIAlign

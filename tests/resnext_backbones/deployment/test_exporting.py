@@ -144,9 +144,9 @@ def test_export_refuses_an_unknown_format_with_the_choices(tmp_path):
     assert not (tmp_path / "x").exists()
 
 
-@pytest.mark.parametrize("architecture", [
-    "faster_rcnn", "retinanet",
-    pytest.param("fcos", marks=pytest.mark.slow), pytest.param("mask_rcnn", marks=pytest.mark.slow)])
+# one trace in CI (RetinaNet: the sentinel boxes go through the NMS every architecture shares); the rest under slow
+@pytest.mark.parametrize("architecture", ["retinanet", *(pytest.param(a, marks=pytest.mark.slow)
+                                                         for a in ("faster_rcnn", "fcos", "mask_rcnn"))])
 def test_an_exported_detector_gives_no_detections_where_the_model_gives_none(architecture):
     model = bare_detector(architecture, score_thresh=0.99)  # random weights: no score passes
     image = torch.rand(3, 120, 90, generator=torch.Generator().manual_seed(0))
@@ -157,9 +157,19 @@ def test_an_exported_detector_gives_no_detections_where_the_model_gives_none(arc
     assert [m.shape for m in masks] == ([(0, 1, 120, 90)] if architecture == "mask_rcnn" else [])
 
 
-def test_a_torchvision_detector_in_another_thread_runs_torchvision_itself_while_an_export_traces():
+def run_the_traceable_copy(model):
+    """What the export runs, without torch.export's trace: the twins on their copy, a few times over."""
+    copy = exporting.traceable_copy(model)
+    with torch.no_grad():
+        for seed in range(2):
+            copy([torch.rand(3, 100, 130, generator=torch.Generator().manual_seed(seed))])
+
+
+@pytest.mark.parametrize("export", [run_the_traceable_copy, pytest.param(program, marks=pytest.mark.slow)])
+def test_a_torchvision_detector_in_another_thread_runs_torchvision_itself_while_an_export_traces(export):
     """The twins live on the traced copy: a detector run meanwhile by another thread (two images at once, which the
-    export's one-image padding twin refuses) gives torchvision's own detections, every time."""
+    export's one-image padding twin refuses) gives torchvision's own detections, every time. In CI the main thread
+    runs the twins' copy eagerly (what the trace runs); the whole trace is under slow."""
     other = bare_detector("faster_rcnn", min_size=96, max_size=128)
     images = [torch.rand(3, 90, 120, generator=torch.Generator().manual_seed(i)) for i in range(2)]
     with torch.no_grad():
@@ -174,7 +184,7 @@ def test_a_torchvision_detector_in_another_thread_runs_torchvision_itself_while_
                 with torch.no_grad():
                     got = other(images)
                 for g, w in zip(got, want, strict=True):
-                    assert_same_detections(g, w, box_tolerance=1e-5, score_tolerance=1e-6)
+                    assert_same_detections(g, w, box_tolerance=1e-4, score_tolerance=1e-5)  # threads: other sums
                 runs.append(1)
             except Exception as error:  # noqa: BLE001 - any error is a failure, reported below
                 failures.append(repr(error))
@@ -183,7 +193,7 @@ def test_a_torchvision_detector_in_another_thread_runs_torchvision_itself_while_
     thread.start()
     tracing.set()
     try:
-        program(bare_detector("faster_rcnn"))
+        export(bare_detector("faster_rcnn"))
     finally:
         tracing.clear()
         thread.join()
