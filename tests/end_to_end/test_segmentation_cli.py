@@ -114,12 +114,12 @@ def test_the_trunk_is_shared_with_the_detector_and_the_classifier_both_ways(fitt
                                segmenter.model.backbone.fpn.state_dict()["inner_blocks.0.0.weight"])
     torch.save({"state_dict": classifier.state_dict(), "pytorch-lightning_version": "2.6.6"}, tmp_path / "cls.ckpt")
     for head in ("fpn", "upernet"):
-        started = SemanticSegmenter(head=head, backbone="resnet18", num_classes=3, weights=str(tmp_path / "cls.ckpt"))
+        started = SemanticSegmenter(head=head, backbone="resnet18", num_classes=3, weights=str(tmp_path / "cls.ckpt"),
+                                    fpn_channels=32, head_channels=32)
         trunk = started.trunk_module().state_dict()
         for key, value in classifier.trunk.state_dict().items():
             torch.testing.assert_close(trunk[key], value)
-    assert not torch.equal(trained["conv1.weight"], SemanticSegmenter(backbone="resnet18", num_classes=3)
-                           .trunk_module().conv1.weight)  # it did train
+    assert trained["bn1.running_mean"].abs().sum() > 0  # it did train (the norms start at zero mean)
 
 
 @pytest.mark.slow  # a whole-model trace and its ONNX translation: a minute on 2 shared cores

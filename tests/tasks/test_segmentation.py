@@ -87,7 +87,7 @@ def test_cross_entropy_averages_over_labelled_pixels_with_class_weights_and_igno
     keep = y != IGNORE
     log_p = x - np.log(np.exp(x).sum(1, keepdims=True))
     w = weights.double().numpy()[y[keep]]
-    assert float(loss) == pytest.approx(-(w * log_p[keep, y[keep]]).sum() / w.sum(), rel=1e-6)
+    assert loss.item() == pytest.approx(-(w * log_p[keep, y[keep]]).sum() / w.sum(), rel=1e-6)
     loss.backward()
     assert logits.grad[0, :, :2].abs().sum() == 0 and logits.grad[1].abs().sum() > 0
     everything_ignored = torch.full((2, 5, 4), IGNORE, dtype=torch.uint8)
@@ -134,19 +134,19 @@ def segmenter():
 
 
 def test_sliding_window_averages_overlapping_windows_as_mmsegmentation(segmenter):
-    images = torch.rand(2, 3, 80, 100, generator=torch.Generator().manual_seed(2))
+    images = torch.rand(2, 3, 56, 76, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
-        got = sliding_window(segmenter, images, (64, 64), (32, 24), windows_per_forward=3)
-        want = torch.cat([_mmseg_slide(segmenter, im[None], (64, 64), (32, 24)) for im in images])
+        got = sliding_window(segmenter, images, (40, 48), (24, 20), windows_per_forward=3)  # 2 x 3 windows
+        want = torch.cat([_mmseg_slide(segmenter, im[None], (40, 48), (24, 20)) for im in images])
         whole = segmenter(images)
-    assert got.shape == (2, 4, 80, 100) and (got - whole).abs().amax() > 1e-3  # the windows do differ from one pass
+    assert got.shape == (2, 4, 56, 76) and (got - whole).abs().amax() > 1e-3  # the windows do differ from one pass
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_a_window_that_covers_the_image_is_the_whole_image_forward(segmenter):
-    images = torch.rand(1, 3, 64, 72, generator=torch.Generator().manual_seed(3))
+    images = torch.rand(1, 3, 40, 48, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
-        for size in [(64, 72), (96, 128)]:
+        for size in [(40, 48), (64, 64)]:
             torch.testing.assert_close(sliding_window(segmenter, images, size, (32, 32)), segmenter(images))
 
 
@@ -157,19 +157,19 @@ def test_every_head_trains_and_gives_logits_at_the_input_size(head, aux):
     model = SemanticSegmenter(head=head, backbone=backbone, num_classes=3, fpn_channels=32, head_channels=32,
                               loss="ce+dice")
     assert (model.model.aux_head is not None) == aux and model.aux_weight == (0.4 if aux else 0.0)
-    images = torch.randint(0, 256, (2, 3, 50, 66), dtype=torch.uint8)
-    masks = torch.randint(0, 3, (2, 50, 66), dtype=torch.uint8)
+    images = torch.randint(0, 256, (2, 3, 34, 42), dtype=torch.uint8)  # dilated heads: slow aten kernels
+    masks = torch.randint(0, 3, (2, 34, 42), dtype=torch.uint8)
     loss = model.training_loss((images, masks), 0)
     loss.backward()
     assert math.isfinite(float(loss)) and next(model.model.decode_head.parameters()).grad is not None
     with torch.no_grad():
-        assert model.eval()(images).shape == (2, 3, 50, 66)
+        assert model.eval()(images).shape == (2, 3, 34, 42)
 
 
 def test_validation_runs_the_inference_copy_and_it_equals_the_model(segmenter):
     from resnext_backbones.deployment.inference import Native
 
-    images = torch.rand(2, 3, 64, 80, generator=torch.Generator().manual_seed(4))
+    images = torch.rand(2, 3, 48, 64, generator=torch.Generator().manual_seed(4))
     model = segmenter.model
     with torch.no_grad():
         eager = segmenter(images)

@@ -90,12 +90,18 @@ def test_training_crops_move_the_mask_with_its_image_and_pad_it_with_ignore_inde
     assert bool((image[:, ~inside] == 0).all())
 
 
-def test_the_default_training_crop_is_crop_size_with_labels_from_the_mask(folder):
-    data = module(folder, crop_size=16)
-    torch.manual_seed(0)
-    image, mask = data._dataset(data.train, data.train_transforms())[2]
-    assert image.shape == (3, 16, 16) and mask.dtype == torch.uint8
-    assert set(mask.unique().tolist()) <= {0, 1, 2, IGNORE}
+def test_the_default_training_crop_is_crop_size_padded_with_ignore_index_where_the_image_is_smaller(folder):
+    """The shorter side resized to 16-64 px, a 32-px crop: some draws are smaller than the crop, and padded."""
+    data = module(folder, crop_size=32)
+    dataset = data._dataset(data.train, data.train_transforms())
+    padded = 0
+    for seed in range(8):
+        torch.manual_seed(seed)
+        image, mask = dataset[0]
+        assert image.shape == (3, 32, 32) and mask.dtype == torch.uint8
+        assert set(mask.unique().tolist()) <= {0, 1, 2, IGNORE}  # the mask's labels (0's mask has no 255)
+        padded += bool((mask == IGNORE).any())
+    assert 0 < padded < 8
 
 
 def test_errors_name_the_file_at_fault(folder, tmp_path_factory):
