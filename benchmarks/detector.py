@@ -183,15 +183,20 @@ def main(argv=None) -> str:
         steps += rows
         pairs.append(pair)
         print("\n".join([*rows, pair]), flush=True)
+    command = (f"`python -m benchmarks.detector --configs {' '.join(args.configs)} --steps {args.steps} --repeats "
+               f"{args.repeats}{' --compile' if args.compile else ''}{' --no-steps' if args.no_steps else ''}`")
+    machine_line = f"Machine: {machine()}; ISA: {isa_flags()}."
+    forward_backward = ("Forward+backward of the bare torchvision detector alone (no optimizer, no Lightning), its "
+                        f"own RoIAlign vs the sparse one, median of {args.repeats * 2} alternating runs:\n\n"
+                        + "\n".join(pairs))
+    if args.no_steps:  # a section of its own: the whole-step table stays as it was measured
+        body = (f"## Detector forward+backward: torchvision's RoIAlign vs the sparse one\n\n{command}. {machine_line}"
+                f"\n\n{forward_backward}")
+        return publish("detector_forward_backward", body, args)
     body = (f"## Detector training: `ObjectDetector` in Lightning vs a bare loop over the same torchvision detector"
-            f"\n\n`python -m benchmarks.detector --configs {' '.join(args.configs)} --steps {args.steps} "
-            f"--repeats {args.repeats}{' --compile' if args.compile else ''}"
-            f"{' --no-steps' if args.no_steps else ''}`: SGD steps on one fixed batch of each "
-            f"config's size, median s/step of {args.repeats} alternating rounds; speed-up = bare / ours (> 1: ours "
-            f"faster; the bare loop is NCHW eager, with torchvision's RoIAlign).\nMachine: {machine()}; ISA: "
-            f"{isa_flags()}.\n\n" + "\n".join(steps) + "\n\nForward+backward of the bare torchvision detector "
-            f"alone (no optimizer, no Lightning), its own RoIAlign vs the sparse one, median of {args.repeats * 2} "
-            "alternating runs:\n\n" + "\n".join(pairs))
+            f"\n\n{command}: SGD steps on one fixed batch of each config's size, median s/step of {args.repeats} "
+            f"alternating rounds; speed-up = bare / ours (> 1: ours faster; the bare loop is NCHW eager, with "
+            f"torchvision's RoIAlign).\n{machine_line}\n\n" + "\n".join(steps) + f"\n\n{forward_backward}")
     return publish("detector", body, args)
 
 
