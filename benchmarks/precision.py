@@ -86,7 +86,8 @@ def main(argv=None) -> str:
     auto, why = auto_training_precision("cpu")
     body = (f"## Training precision on this CPU ({kind}): the quick starts under 32-true and bf16-mixed\n\n"
             f"`python -m benchmarks.precision --configs {' '.join(args.configs)} --steps {args.steps} "
-            f"--repeats {args.repeats} --threads {args.threads}`"
+            f"--repeats {args.repeats} --threads {args.threads}"
+            f"{f' --batch-size {args.batch_size}' if args.batch_size else ''}`"
             f"; Trainer.fit on one fixed batch of each config's size, median s/step of {args.repeats} alternating "
             f"rounds. Machine: {machine()}; ISA: {isa_flags()}.\n\n" + "\n".join(rows)
             + f"\n\n`trainer.precision: auto` picks {auto} here: {why}.")
