@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 import statistics
 import time
 from functools import partial
@@ -141,7 +142,8 @@ def config_rows(name: str, args) -> tuple:
 
     reference = ours()
     times = {name: [] for name in ["bare", *options]}
-    for r in range(args.repeats):  # every variant in every round, the order reversed every other round
+    # every variant in every round, the order reversed every other round
+    for r in range(0 if args.no_steps else args.repeats):
         bare = copy.deepcopy(reference.model)  # the same torchvision detector, trained by a bare loop
         runs = [("bare", partial(bare_step_seconds, bare, batch, args.steps))]
         for option_name, option in options.items():
@@ -150,11 +152,11 @@ def config_rows(name: str, args) -> tuple:
             runs.append((option_name, partial(lightning_step_seconds, model, batch, args.steps)))
         for option_name, run in runs if r % 2 == 0 else runs[::-1]:
             times[option_name].append(run())
-    t = {option_name: statistics.median(v) for option_name, v in times.items()}
+    t = {option_name: statistics.median(v) if v else math.nan for option_name, v in times.items()}
     detector = (f"{init.get('architecture', 'faster_rcnn')} ({init['backbone']}, {len(batch[0])} x "
                 f"{init['min_size']} px)")
     steps = [f"| configs/{name}: {detector} | {option_name} | {t[option_name]:.3f} | {t['bare']:.3f} | "
-             f"{t['bare'] / t[option_name]:.2f}x |" for option_name in options]
+             f"{t['bare'] / t[option_name]:.2f}x |" for option_name in options if not args.no_steps]
     model = copy.deepcopy(reference.model).train()
     fb = median_seconds_alternating({"torchvision": forward_backward(model, batch, False),
                                      "sparse": forward_backward(model, batch, True)}, repeats=args.repeats * 2)
@@ -171,6 +173,7 @@ def main(argv=None) -> str:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--compile", action="store_true", help="add the compile: true row (minutes on a CPU)")
+    parser.add_argument("--no-steps", action="store_true", help="only the forward+backward table (a loaded machine)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     steps = ["| detector | ours (Lightning) | ours s/step | bare loop s/step | speed-up |", "|---|---|---|---|---|"]
@@ -180,14 +183,20 @@ def main(argv=None) -> str:
         steps += rows
         pairs.append(pair)
         print("\n".join([*rows, pair]), flush=True)
+    command = (f"`python -m benchmarks.detector --configs {' '.join(args.configs)} --steps {args.steps} --repeats "
+               f"{args.repeats}{' --compile' if args.compile else ''}{' --no-steps' if args.no_steps else ''}`")
+    machine_line = f"Machine: {machine()}; ISA: {isa_flags()}."
+    forward_backward = ("Forward+backward of the bare torchvision detector alone (no optimizer, no Lightning), its "
+                        f"own RoIAlign vs the sparse one, median of {args.repeats * 2} alternating runs:\n\n"
+                        + "\n".join(pairs))
+    if args.no_steps:  # a section of its own: the whole-step table stays as it was measured
+        body = (f"## Detector forward+backward: torchvision's RoIAlign vs the sparse one\n\n{command}. {machine_line}"
+                f"\n\n{forward_backward}")
+        return publish("detector_forward_backward", body, args)
     body = (f"## Detector training: `ObjectDetector` in Lightning vs a bare loop over the same torchvision detector"
-            f"\n\n`python -m benchmarks.detector --configs {' '.join(args.configs)} --steps {args.steps} "
-            f"--repeats {args.repeats}{' --compile' if args.compile else ''}`: SGD steps on one fixed batch of each "
-            f"config's size, median s/step of {args.repeats} alternating rounds; speed-up = bare / ours (> 1: ours "
-            f"faster; the bare loop is NCHW eager, with torchvision's RoIAlign).\nMachine: {machine()}; ISA: "
-            f"{isa_flags()}.\n\n" + "\n".join(steps) + "\n\nForward+backward of the bare torchvision detector "
-            f"alone (no optimizer, no Lightning), its own RoIAlign vs the sparse one, median of {args.repeats * 2} "
-            "alternating runs:\n\n" + "\n".join(pairs))
+            f"\n\n{command}: SGD steps on one fixed batch of each config's size, median s/step of {args.repeats} "
+            f"alternating rounds; speed-up = bare / ours (> 1: ours faster; the bare loop is NCHW eager, with "
+            f"torchvision's RoIAlign).\n{machine_line}\n\n" + "\n".join(steps) + f"\n\n{forward_backward}")
     return publish("detector", body, args)
 
 

@@ -2,7 +2,7 @@
 torch.profiler, the top ops by self CPU time in the forward, the backward and the optimizer step.
 
     python -m benchmarks.profile [--configs detection.yaml classification.yaml] [--steps 3] [--top 12]
-                                 [--threads 2] [--batch-size N]
+                                 [--threads 2] [--batch-size N] [--backbone NAME] [--size PIXELS]
 
 The models and batches are the quick starts' (:func:`benchmarks.precision.quick_start`: the configs' model sections,
 one fixed batch of their size), the step is the task's own (``training_loss``, backward, SGD step), in the config's
@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 import warnings
 from collections import defaultdict
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List
 
 import torch
 from torch.profiler import ProfilerActivity, profile, record_function
@@ -57,10 +57,11 @@ def step_phases(model, batch, optimizer) -> Dict[str, Callable[[], object]]:
     return {"forward": forward, "backward": backward, "optimizer step": optimizer.step}
 
 
-def profile_step(name: str, settings: dict, steps: int, batch_size: Optional[int]) -> Dict[str, tuple]:
+def profile_step(name: str, settings: dict, args: argparse.Namespace) -> Dict[str, tuple]:
     """Per phase: its CPU time per step, and (op, self CPU µs per step, calls per step) of each op run in it, the
     slowest first."""
-    model, batch = quick_start(name, batch_size)
+    steps = args.steps
+    model, batch = quick_start(name, args.batch_size, args.backbone, args.size)
     for key, value in settings.items():
         setattr(model, key, value)
     model.train()
@@ -108,6 +109,8 @@ def main(argv=None) -> str:
     parser.add_argument("--configs", nargs="+", default=["detection.yaml", "classification.yaml"],
                         help="quick-start configs under configs/")
     parser.add_argument("--batch-size", type=int, help="instead of each config's (tests use a tiny one)")
+    parser.add_argument("--backbone", help="instead of each config's (tests use resnet18)")
+    parser.add_argument("--size", type=int, help="image side instead of each config's (tests use a tiny one)")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--top", type=int, default=12, help="ops listed per phase")
     parser.add_argument("--threads", type=int, default=2)
@@ -117,11 +120,12 @@ def main(argv=None) -> str:
     with warnings.catch_warnings():  # the step outside a Trainer: its self.log calls say there is none
         warnings.filterwarnings("ignore", message=".*self.log.*")
         for title, (name, settings) in variants(args.configs).items():
-            sections.append(table(title, profile_step(name, settings, args.steps, args.batch_size), args.top))
+            sections.append(table(title, profile_step(name, settings, args), args.top))
             print(sections[-1], flush=True)
-    batch = f", batch {args.batch_size}" if args.batch_size else ""
+    batch = "".join(f" --{k.replace('_', '-')} {v}" for k, v in vars(args).items()
+                    if k in ("batch_size", "backbone", "size") and v)
     body = (f"## Profile of the quick starts' training step\n\n`python -m benchmarks.profile --configs "
-            f"{' '.join(args.configs)} --steps {args.steps} --top {args.top} --threads {args.threads}`{batch}: "
+            f"{' '.join(args.configs)} --steps {args.steps} --top {args.top} --threads {args.threads}{batch}`: "
             f"torch.profiler, self CPU time per step of each op, mean of {args.steps} steps after one warm-up. "
             f"Machine: {machine()}; ISA: {isa_flags()}.\n\n" + "\n\n".join(sections))
     return publish("profile", body, args)

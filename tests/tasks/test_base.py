@@ -56,18 +56,20 @@ def tensors(n=4, shuffle=False):
 def trainer(tmp_path, *callbacks, checkpoint=True, **kwargs):
     """A Trainer with the averaging callback, ``callbacks`` and, with ``checkpoint``, last.ckpt in ``tmp_path``."""
     saving = [ModelCheckpoint(dirpath=tmp_path, save_last="link")] if checkpoint else []  # one file per epoch
+    kwargs.setdefault("num_sanity_val_steps", 0)
     return Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
-                   num_sanity_val_steps=0, enable_checkpointing=checkpoint,
+                   enable_checkpointing=checkpoint,
                    callbacks=[EMAWeightAveraging(decay=DECAY), *callbacks, *saving], **kwargs)
 
 
 def test_classifier_validates_on_the_averaged_weights_and_its_checkpoint_keeps_both(tmp_path):
     model, weights, loader = classifier(), Weights(), tensors()
-    trainer(tmp_path, weights, max_epochs=1).fit(model, loader, loader)
+    # the sanity check validates first, on the initial weights: the copy it makes must not be the one validation uses
+    trainer(tmp_path, weights, max_epochs=1, num_sanity_val_steps=1).fit(model, loader, loader)
     average = hand_ema(weights.steps)
     assert len(weights.steps) == 2 and max((average[k] - weights.steps[-1][k]).abs().max() for k in average) > 1e-2
     for k in average:
-        torch.testing.assert_close(weights.validated[0][k], average[k], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(weights.validated[-1][k], average[k], rtol=1e-5, atol=1e-6)
     # the logged validation loss is that of the averaged weights, computed here in plain eager mode
     images, labels = next(iter(DataLoader(loader.dataset, batch_size=4)))
     losses = {}
