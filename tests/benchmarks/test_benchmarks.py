@@ -26,6 +26,7 @@ def test_forward_flops_are_the_papers_multiply_adds_times_two():
     assert abs(gpu.forward_flops(rb.resnext("resnext50_32x4d"), 224) / 2 / 1e9 - 4.23) < 0.01  # 4.2 GMACs, Table 1
 
 
+@pytest.mark.slow  # suite time: a benchmark's wiring at toy size, over 10 CPU-seconds
 def test_trunk_benchmark_gives_every_row_and_equal_features_on_tiny_shapes():
     from benchmarks import backbone
 
@@ -54,6 +55,7 @@ def test_the_benchmark_command_runs_each_benchmark_in_a_fresh_process(monkeypatc
     assert calls == [[sys.executable, "-m", f"benchmarks.{name}"] for name in expected]
 
 
+@pytest.mark.slow  # suite time: a benchmark's wiring at toy size, over 10 CPU-seconds
 def test_predict_benchmark_reports_memory_and_speed_per_count_on_tiny_shapes():
     from benchmarks import predict
 
@@ -95,6 +97,7 @@ def test_inference_benchmark_times_a_bare_torchvision_detector_against_its_infer
     assert "rb.inference_copy" in body and "ISA: " in body
 
 
+@pytest.mark.slow  # suite time: a benchmark's wiring at toy size, over 10 CPU-seconds
 def test_inference_benchmark_under_a_onednn_isa_limit_has_its_own_sections_and_says_so(monkeypatch):
     """ONEDNN_MAX_CPU_ISA=AVX2 measures this CPU as one without bf16 units: no bf16 rows, the limit in the header
     and the command, and README sections of their own (the unrestricted tables stay)."""
@@ -116,6 +119,7 @@ def test_inference_benchmark_under_a_onednn_isa_limit_has_its_own_sections_and_s
     assert "oneDNN limited to AVX2 (ONEDNN_MAX_CPU_ISA)" in body and "`ONEDNN_MAX_CPU_ISA=AVX2 python -m" in body
 
 
+@pytest.mark.slow  # suite time: a benchmark's wiring at toy size, over 10 CPU-seconds
 def test_precision_benchmark_times_both_precisions_on_a_tiny_batch():
     from benchmarks import precision
 
@@ -164,6 +168,7 @@ def test_rare_class_benchmark_trains_both_ways_and_gives_every_row_on_a_toy_set(
     assert rows == ["every image once", "repeat_threshold 0.3", "without repeat factors", "with repeat factors"]
 
 
+@pytest.mark.slow  # suite time: a benchmark's wiring at toy size, over 10 CPU-seconds
 def test_profile_benchmark_lists_the_top_ops_of_each_phase_and_roi_align_only_without_the_sparse_option():
     from benchmarks import profile
 

@@ -83,6 +83,7 @@ def test_predict_writes_an_index_png_per_image_at_its_size_with_the_class_names(
     assert len(list((tmp / "drawn").glob("*.png"))) == 5
 
 
+@pytest.mark.slow  # suite time: a DDP launch; CI keeps the detector's DDP tests
 def test_validate_on_two_processes_gives_the_single_process_miou(fitted, tmp_path):
     """Each process evaluates its share of the 5 images (no padding); the confusion matrices are summed, so mIoU,
     pixel accuracy and every class's IoU equal one process's."""

@@ -1,6 +1,7 @@
 """BackboneTask's hooks with Lightning's weight averaging (EMAWeightAveraging): validation runs the averaged weights
 through the fused inference copy, checkpoints keep the averaged and the trained weights, resuming continues exactly."""
 
+import pytest
 import torch
 import torch.nn.functional as F
 from helpers import SMALL_HEADS
@@ -109,6 +110,7 @@ def test_detector_validates_on_the_averaged_weights_and_its_checkpoint_keeps_bot
     assert "val/map" in model.trainer.callback_metrics
 
 
+@pytest.mark.slow  # suite time: two fits; CI keeps the classifier's EMA validation and checkpoint test
 def test_resuming_with_weight_averaging_continues_exactly(tmp_path):
     whole, whole_weights = classifier(), Weights()
     trainer(tmp_path, whole_weights, checkpoint=False, max_epochs=2, limit_val_batches=0).fit(whole, tensors())
