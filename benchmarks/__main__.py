@@ -10,8 +10,8 @@ import sys
 
 import torch
 
-names = ["backbone", "inference", "detector", "precision", "data", "evaluation", "predict"]
-names += ["segmentation"]
+names = ["backbone", "inference", "detector", "precision", "profile", "data", "evaluation", "predict", "tiling",
+         "rare_classes", "segmentation"]
 names += ["gpu"] if torch.cuda.is_available() else []
 for name in names:
     print(f"== python -m benchmarks.{name}", flush=True)

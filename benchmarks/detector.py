@@ -1,21 +1,26 @@
-"""Detector training step: our ObjectDetector through Lightning vs a bare PyTorch loop over torchvision's
-FasterRCNN, on the same backbone, weights and batch.
+"""Detector training: our ObjectDetector through Lightning vs a bare PyTorch loop over the same torchvision detector,
+and the detector's forward+backward with torchvision's RoIAlign vs the sparse one.
 
-    python -m benchmarks.detector [--config configs/detection.yaml] [--steps 8] [--repeats 5] [--compile]
+    python -m benchmarks.detector [--configs detection.yaml instance_segmentation.yaml] [--steps 6] [--repeats 3]
+                                  [--compile]
 
-The detector is the one the config builds (default: the quick start's); the bare loop trains a copy of the
-torchvision ``FasterRCNN`` inside it. Both run SGD steps (forward, backward, optimizer step) on one fixed batch
-(the config's batch size, images of its ``min_size``, 3 boxes each).
+The detectors are the ones the quick-start configs build (Faster R-CNN and Mask R-CNN); the bare loop trains a copy of
+the torchvision detector inside ours. Both run SGD steps (forward, backward, optimizer step) on one fixed batch (the
+config's batch size, images of its ``min_size``, 3 boxes each, and a mask filling each box for Mask R-CNN).
 Ours is timed inside ``Trainer.fit`` from the second step's start to the last step's end, so the rows include
-everything Lightning does per step (hooks, logging of 5 losses, the lr scheduler); the bare loop does the same
-steps and a scheduler step. Every round runs the bare loop and each of our variants (``channels_last: false``,
-``channels_last: true``, with ``--compile`` also ``compile: true``), in reversed order every other round; the
-per-step median is reported, each variant against the same bare-loop (NCHW eager) timings.
+everything Lightning does per step (hooks, logging of the losses, the lr scheduler); the bare loop does the same
+steps and a scheduler step. Every round runs the bare loop and each of our variants (``sparse_roi_align`` on, as by
+default, and off; ``channels_last: true``; with ``--compile`` also ``compile: true``), in reversed order every other
+round; the per-step median is reported, each variant against the same bare-loop (NCHW eager) timings. The
+forward+backward table times the bare torchvision detector alone (no optimizer, no Lightning) with its own
+``MultiScaleRoIAlign`` and with the sparse one (:func:`resnext_backbones.deployment.sparse_roi_poolers`), alternating.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import math
 import statistics
 import time
 from functools import partial
@@ -24,13 +29,14 @@ from pathlib import Path
 import torch
 import yaml
 from lightning.pytorch import Callback, Trainer
-from torchvision.models.detection import FasterRCNN
+from torch import nn
 
+from resnext_backbones.deployment import isa_flags, sparse_roi_poolers
 from tasks import ObjectDetector
 
-from .common import benchmark_parser, machine, publish
+from .common import benchmark_parser, machine, median_seconds_alternating, publish
 
-CONFIG = Path(__file__).resolve().parents[1] / "configs" / "detection.yaml"
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 class StepTimer(Callback):
@@ -57,13 +63,27 @@ class Repeat:
         return self.times
 
 
-def make_batch(n: int, size: int):
+def make_batch(n: int, size: int, masks: bool = False):
+    """``n`` random uint8 images of ``size`` squared, 3 boxes each (labels 0, 1, 2); with ``masks``, a mask filling each
+    box."""
     g = torch.Generator().manual_seed(0)
     images = [torch.randint(0, 256, (3, size, size), generator=g, dtype=torch.uint8) for _ in range(n)]
     xy = torch.rand(n, 3, 2, generator=g) * size * 0.6
     boxes = torch.cat([xy, xy + 8 + torch.rand(n, 3, 2, generator=g) * size * 0.3], -1)
     targets = [{"boxes": b, "labels": torch.tensor([0, 1, 2]), "image_id": i} for i, b in enumerate(boxes)]
+    if masks:
+        ys, xs = torch.arange(size)[:, None], torch.arange(size)
+        for t in targets:
+            t["masks"] = torch.stack([((ys >= y0) & (ys < y1) & (xs >= x0) & (xs < x1)).to(torch.uint8)
+                                      for x0, y0, x1, y1 in t["boxes"].tolist()])
     return images, targets
+
+
+def bare_inputs(batch):
+    """The batch as a bare torchvision loop gives it: float images in [0, 1], labels with the background first."""
+    images, targets = batch
+    return ([im.float() / 255 for im in images],
+            [{**{k: v for k, v in t.items() if k != "image_id"}, "labels": t["labels"] + 1} for t in targets])
 
 
 def lightning_step_seconds(model: ObjectDetector, batch, steps: int) -> float:
@@ -75,10 +95,8 @@ def lightning_step_seconds(model: ObjectDetector, batch, steps: int) -> float:
     return timer.seconds
 
 
-def bare_step_seconds(model: FasterRCNN, batch, steps: int) -> float:
-    images, targets = batch
-    images = [im.float() / 255 for im in images]
-    targets = [{"boxes": t["boxes"], "labels": t["labels"] + 1} for t in targets]
+def bare_step_seconds(model: nn.Module, batch, steps: int) -> float:
+    images, targets = bare_inputs(batch)
     model.train()
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01, momentum=0.9,
                                 weight_decay=1e-4)
@@ -94,50 +112,91 @@ def bare_step_seconds(model: FasterRCNN, batch, steps: int) -> float:
     return (time.perf_counter() - start) / (steps - 1)
 
 
-def main(argv=None) -> str:
-    parser = benchmark_parser(__doc__)
-    parser.add_argument("--config", default=str(CONFIG.relative_to(CONFIG.parents[1])))
-    parser.add_argument("--steps", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--compile", action="store_true", help="add the compile: true row (minutes on a CPU)")
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
+def forward_backward(model: nn.Module, batch, sparse: bool):
+    """One forward+backward of the bare torchvision detector, with torchvision's poolers or the sparse ones."""
+    images, targets = bare_inputs(batch)
+
+    def run():
+        model.zero_grad(set_to_none=True)
+        with sparse_roi_poolers(model.roi_heads) if sparse else contextlib.nullcontext():
+            sum(model(images, targets).values()).backward()
+    return run
+
+
+def config_rows(name: str, args) -> tuple:
+    """The whole-step rows and the forward+backward row of the detector of config ``name``."""
     torch.manual_seed(0)
-    config = yaml.safe_load((CONFIG.parents[1] / args.config).read_text())  # relative to the repository
+    config = yaml.safe_load((CONFIGS / name).read_text())
     init = {k: v for k, v in config["model"]["init_args"].items() if k not in ("optimizer", "channels_last", "compile")}
-    batch = make_batch(config["data"]["init_args"]["batch_size"], init["min_size"])
-    options = {"channels_last: false": {"channels_last": False}, "channels_last: true": {"channels_last": True}}
+    masks = init.get("architecture") == "mask_rcnn"
+    batch = make_batch(config["data"]["init_args"]["batch_size"], init["min_size"], masks)
+    options = {"sparse_roi_align: true (default)": {}, "sparse_roi_align: false": {"sparse_roi_align": False},
+               "channels_last: true": {"channels_last": True}}
     if args.compile:
         options["compile: true"] = {"compile": True}
 
     def ours(**option) -> ObjectDetector:
-        return ObjectDetector(**{**init, "num_classes": 3, "warmup_steps": 0, "lr_schedule": "constant"},
-                              optimizer=lambda p: torch.optim.SGD(p, lr=0.01, momentum=0.9, weight_decay=1e-4),
-                              **option)
+        settings = {**init, "num_classes": 3, "warmup_steps": 0, "lr_schedule": "constant", "log_images": 0}
+        return ObjectDetector(**settings, **option,
+                              optimizer=lambda p: torch.optim.SGD(p, lr=0.01, momentum=0.9, weight_decay=1e-4))
 
     reference = ours()
     times = {name: [] for name in ["bare", *options]}
-    for r in range(args.repeats):  # every variant in every round, the order reversed every other round
-        bare = copy.deepcopy(reference.model)  # the same torchvision FasterRCNN, trained by a bare loop
+    # every variant in every round, the order reversed every other round
+    for r in range(0 if args.no_steps else args.repeats):
+        bare = copy.deepcopy(reference.model)  # the same torchvision detector, trained by a bare loop
         runs = [("bare", partial(bare_step_seconds, bare, batch, args.steps))]
-        for name, option in options.items():
+        for option_name, option in options.items():
             model = ours(**option)
             model.model.load_state_dict(reference.model.state_dict())
-            runs.append((name, partial(lightning_step_seconds, model, batch, args.steps)))
-        for name, run in runs if r % 2 == 0 else runs[::-1]:
-            times[name].append(run())
-    t = {name: statistics.median(v) for name, v in times.items()}
-    rows = ["| ours (Lightning) | ours s/step | bare loop s/step | ratio |", "|---|---|---|---|"]
-    for name in options:
-        rows.append(f"| {name} | {t[name]:.3f} | {t['bare']:.3f} | {t['bare'] / t[name]:.3f} |")
-        print(rows[-1], flush=True)
-    body = (f"## Detector training step: `ObjectDetector` in Lightning vs a bare loop over torchvision `FasterRCNN`"
-            f"\n\n`python -m benchmarks.detector --config {args.config} --steps {args.steps} --repeats {args.repeats}"
-            f"{' --compile' if args.compile else ''}`: the config's detector ({init['backbone']}, "
-            f"{len(batch[0])} images of {init['min_size']}x{init['min_size']}), SGD, median s/step of "
-            f"{args.repeats} alternating rounds; ratio = bare / ours (> 1: ours faster; the bare loop is NCHW eager)."
-            f"\nMachine: {machine()}.\n\n" + "\n".join(rows))
+            runs.append((option_name, partial(lightning_step_seconds, model, batch, args.steps)))
+        for option_name, run in runs if r % 2 == 0 else runs[::-1]:
+            times[option_name].append(run())
+    t = {option_name: statistics.median(v) if v else math.nan for option_name, v in times.items()}
+    detector = (f"{init.get('architecture', 'faster_rcnn')} ({init['backbone']}, {len(batch[0])} x "
+                f"{init['min_size']} px)")
+    steps = [f"| configs/{name}: {detector} | {option_name} | {t[option_name]:.3f} | {t['bare']:.3f} | "
+             f"{t['bare'] / t[option_name]:.2f}x |" for option_name in options if not args.no_steps]
+    model = copy.deepcopy(reference.model).train()
+    fb = median_seconds_alternating({"torchvision": forward_backward(model, batch, False),
+                                     "sparse": forward_backward(model, batch, True)}, repeats=args.repeats * 2)
+    pair = (f"| configs/{name}: {detector} | {fb['torchvision']:.3f} | {fb['sparse']:.3f} | "
+            f"{fb['torchvision'] / fb['sparse']:.2f}x |")
+    return steps, pair
+
+
+def main(argv=None) -> str:
+    parser = benchmark_parser(__doc__)
+    parser.add_argument("--configs", nargs="+", default=["detection.yaml", "instance_segmentation.yaml"],
+                        help="quick-start configs under configs/")
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--compile", action="store_true", help="add the compile: true row (minutes on a CPU)")
+    parser.add_argument("--no-steps", action="store_true", help="only the forward+backward table (a loaded machine)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    steps = ["| detector | ours (Lightning) | ours s/step | bare loop s/step | speed-up |", "|---|---|---|---|---|"]
+    pairs = ["| detector | torchvision RoIAlign s | sparse RoIAlign s | speed-up |", "|---|---|---|---|"]
+    for name in args.configs:
+        rows, pair = config_rows(name, args)
+        steps += rows
+        pairs.append(pair)
+        print("\n".join([*rows, pair]), flush=True)
+    command = (f"`python -m benchmarks.detector --configs {' '.join(args.configs)} --steps {args.steps} --repeats "
+               f"{args.repeats}{' --compile' if args.compile else ''}{' --no-steps' if args.no_steps else ''}`")
+    machine_line = f"Machine: {machine()}; ISA: {isa_flags()}."
+    forward_backward = ("Forward+backward of the bare torchvision detector alone (no optimizer, no Lightning), its "
+                        f"own RoIAlign vs the sparse one, median of {args.repeats * 2} alternating runs:\n\n"
+                        + "\n".join(pairs))
+    if args.no_steps:  # a section of its own: the whole-step table stays as it was measured
+        body = (f"## Detector forward+backward: torchvision's RoIAlign vs the sparse one\n\n{command}. {machine_line}"
+                f"\n\n{forward_backward}")
+        return publish("detector_forward_backward", body, args)
+    body = (f"## Detector training: `ObjectDetector` in Lightning vs a bare loop over the same torchvision detector"
+            f"\n\n{command}: SGD steps on one fixed batch of each config's size, median s/step of {args.repeats} "
+            f"alternating rounds; speed-up = bare / ours (> 1: ours faster; the bare loop is NCHW eager, with "
+            f"torchvision's RoIAlign).\n{machine_line}\n\n" + "\n".join(steps) + f"\n\n{forward_backward}")
     return publish("detector", body, args)
 
 

@@ -18,7 +18,8 @@ from typing import Optional
 import torch
 from lightning.pytorch import Trainer
 
-from resnext_backbones.deployment import isa_flags
+from resnext_backbones.deployment import auto_training_precision, isa_flags
+from resnext_backbones.deployment.device import has_cpu_flag
 from tasks import ImageClassifier, ObjectDetector
 
 from .common import benchmark_parser, machine, publish
@@ -37,12 +38,18 @@ def step_seconds(model, batch, steps: int, precision: str) -> float:
     return timer.seconds
 
 
-def quick_start(name: str, batch_size: Optional[int] = None):
-    """A fresh model of the quick-start config ``name`` and one batch of its size (or ``batch_size``)."""
+def quick_start(name: str, batch_size: Optional[int] = None, backbone: Optional[str] = None,
+                size: Optional[int] = None):
+    """A fresh model of the quick-start config ``name`` and one batch of its size (or ``batch_size``); ``backbone``
+    and ``size`` (the detector's ``min_size`` and ``max_size``, the classifier's ``image_size``) replace the config's,
+    for tests at toy sizes."""
     config = quick_start_config(name)
     init = {k: v for k, v in config["model"]["init_args"].items() if k != "optimizer"}
-    init.update(warmup_steps=0, lr_schedule="constant")
+    init.update(warmup_steps=0, lr_schedule="constant", **({"backbone": backbone} if backbone else {}))
     data = {**config["data"]["init_args"], **({"batch_size": batch_size} if batch_size else {})}
+    if size:
+        init.update({"min_size": size, "max_size": size} if "min_size" in init else {})
+        data["image_size"] = size
     optimizer = lambda params: torch.optim.SGD(params, lr=0.001, momentum=0.9)  # noqa: E731
     torch.manual_seed(0)
     if name == "detection.yaml":
@@ -75,12 +82,17 @@ def main(argv=None) -> str:
         rows.append(f"| configs/{name} | {t['32-true']:.3f} | {t['bf16-mixed']:.3f} | "
                     f"{t['32-true'] / t['bf16-mixed']:.2f}x |")
         print(rows[-1], flush=True)
-    body = (f"## Training precision on this CPU: the quick starts under 32-true and bf16-mixed\n\n"
+    kind = next((flag for flag in ("amx_bf16", "avx512_bf16") if has_cpu_flag(flag)), "no_native_bf16")
+    auto, why = auto_training_precision("cpu")
+    body = (f"## Training precision on this CPU ({kind}): the quick starts under 32-true and bf16-mixed\n\n"
             f"`python -m benchmarks.precision --configs {' '.join(args.configs)} --steps {args.steps} "
-            f"--repeats {args.repeats} --threads {args.threads}`"
+            f"--repeats {args.repeats} --threads {args.threads}"
+            f"{f' --batch-size {args.batch_size}' if args.batch_size else ''}`"
             f"; Trainer.fit on one fixed batch of each config's size, median s/step of {args.repeats} alternating "
-            f"rounds. Machine: {machine()}; ISA: {isa_flags()}.\n\n" + "\n".join(rows))
-    return publish("precision", body, args)
+            f"rounds. Machine: {machine()}; ISA: {isa_flags()}.\n\n" + "\n".join(rows)
+            + f"\n\n`trainer.precision: auto` picks {auto} here: {why}.")
+    # one section per kind of CPU, so that each kind's figures stay beside the others (the AMX one is "precision")
+    return publish("precision" if kind == "amx_bf16" else f"precision_{kind}", body, args)
 
 
 if __name__ == "__main__":

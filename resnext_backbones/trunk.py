@@ -18,7 +18,8 @@ from torchvision.ops import FrozenBatchNorm2d
 from .fused import FusedBlock, FusedConv2d
 
 __all__ = ["ResNeXt", "ResNeXtSpec", "Bottleneck", "BasicBlock", "MODELS", "FEATURES", "NORMS", "STAGE_BLOCKS",
-           "IMAGENET_MEAN", "IMAGENET_STD", "list_models", "make_norm", "resolve_returned_features"]
+           "IMAGENET_MEAN", "IMAGENET_STD", "list_models", "make_norm", "resolve_returned_features",
+           "normalization_for_channels"]
 
 FEATURES = ("c2", "c3", "c4", "c5")
 NORMS = ("bn", "frozen_bn", "sync_bn", "gn")
@@ -26,6 +27,24 @@ NORMS = ("bn", "frozen_bn", "sync_bn", "gn")
 # The input normalisation of ImageNet-pretrained trunks (RGB in [0, 1]), torchvision's and timm's default.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+
+def normalization_for_channels(normalization: Dict[str, Sequence[float]], channels: int) -> Dict[str, tuple]:
+    """An RGB mean/std for ``channels`` input channels, following what :func:`~resnext_backbones.loading.
+    adapt_input_conv` does to an RGB stem: 1 channel (its weights summed over RGB) the average of the three; more
+    than 3 (RGB's weights repeated) RGB's values repeated, channel ``k`` taking RGB channel ``k % 3``'s. A mean/std
+    that already has ``channels`` entries is kept."""
+    mean, std = (tuple(float(v) for v in normalization[k]) for k in ("mean", "std"))
+    if len(mean) == channels and len(std) == channels:
+        return {"mean": mean, "std": std}
+    if len(mean) != 3 or len(std) != 3:
+        raise ValueError(f"a normalisation of {len(mean)} channels (mean {list(mean)}) cannot be adapted to "
+                         f"{channels} input channels; give one mean and std per channel")
+    if channels == 1:
+        return {"mean": (sum(mean) / 3,), "std": (sum(std) / 3,)}
+    return {"mean": tuple(mean[k % 3] for k in range(channels)), "std": tuple(std[k % 3] for k in range(channels))}
+
 
 # depth -> (bottleneck?, blocks per stage). Bottleneck depth = 3 * sum(blocks) + 2, two-layer: 2 * sum + 2.
 STAGE_BLOCKS: Dict[int, tuple] = {
@@ -201,15 +220,21 @@ class ResNeXt(nn.Module):
     (``(False, True, True)``: output stride 8, the DeepLabV3 / FCN trunk). ``strides`` tells the result; the
     weights and the state dict are those of the undilated trunk.
 
-    ``normalization`` (``{"mean", "std"}``, RGB images in [0, 1]) is the input normalisation the trunk's weights
-    expect: ImageNet's, until weights that record another are loaded (a registry entry, our safetensors). Data
-    pipelines and the tasks read it; it is not part of the state dict.
+    ``normalization`` (``{"mean", "std"}``, one entry per input channel, images in [0, 1]) is the input
+    normalisation the trunk's weights expect: ImageNet's, until weights that record another are loaded (a registry
+    entry, our safetensors). Data pipelines and the tasks read it; it is not part of the state dict.
+
+    ``in_channels``: channels of the input images (1 gray, 4 RGB-D or RGB-NIR, 13 Sentinel-2, ...). RGB weights
+    load into another count with the stem adapted (:func:`~resnext_backbones.loading.adapt_input_conv`), and the
+    default normalisation follows (:func:`normalization_for_channels`).
     """
 
     def __init__(self, spec: ResNeXtSpec, *, norm: str = "bn", trainable_stages: int = 5,
                  returned_features: Optional[Sequence[str]] = None, zero_init_residual: bool = False,
-                 replace_stride_with_dilation: Optional[Sequence[bool]] = None) -> None:
+                 in_channels: int = 3, replace_stride_with_dilation: Optional[Sequence[bool]] = None) -> None:
         super().__init__()
+        if not isinstance(in_channels, int) or in_channels < 1:
+            raise ValueError(f"in_channels={in_channels!r} must be a positive integer (3 for RGB)")
         features = resolve_returned_features(returned_features)
         dilate = (False, False, False) if replace_stride_with_dilation is None else \
             tuple(bool(d) for d in replace_stride_with_dilation)
@@ -221,13 +246,14 @@ class ResNeXt(nn.Module):
             raise ValueError(f"trainable_stages={trainable_stages!r} must be an integer in 0..5 "
                              "(0 freezes everything, 5 trains the stem too)")
         self.spec, self.norm = spec, norm
-        self.normalization = {"mean": IMAGENET_MEAN, "std": IMAGENET_STD}
+        self.in_channels = in_channels
+        self.normalization = normalization_for_channels({"mean": IMAGENET_MEAN, "std": IMAGENET_STD}, in_channels)
         self.returned_features = features
         self.trainable_stages = trainable_stages
         norm_layer = make_norm(norm)
         block = Bottleneck if spec.bottleneck else BasicBlock
 
-        self.conv1 = nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False)
+        self.conv1 = nn.Conv2d(in_channels, 64, 7, stride=2, padding=3, bias=False)
         self.bn1 = norm_layer(64)
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
@@ -316,7 +342,7 @@ class ResNeXt(nn.Module):
             raise ValueError("norm='gn' cannot be fused: GroupNorm's statistics depend on the input")
         with torch.device("meta"):  # no initialisation: every tensor comes from this trunk's state dict
             copy = ResNeXt(self.spec, norm="frozen_bn" if self.norm == "frozen_bn" else "bn",  # sync_bn: bn in eval
-                           returned_features=self.returned_features,
+                           returned_features=self.returned_features, in_channels=self.in_channels,
                            replace_stride_with_dilation=self.replace_stride_with_dilation)
         copy.load_state_dict(self.state_dict(), assign=True)  # shares tensors until fuse() folds them into new ones
         copy.normalization = dict(self.normalization)

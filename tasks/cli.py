@@ -10,19 +10,45 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import Dict, List, Optional
+from typing import Dict, List, Literal, Optional, Union
 
+import torch
+from lightning.fabric.plugins.precision.precision import _PRECISION_INPUT  # the Trainer's own type of precision
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
+from lightning.pytorch.accelerators import Accelerator, CPUAccelerator, CUDAAccelerator
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from resnext_backbones.deployment import training_precision_advice
+from resnext_backbones.deployment import auto_training_precision, training_precision_advice
 
 from .checkpoint_io import AtomicCheckpointIO
 from .classes import ClassesError, classes_for_model
 
 # Model arguments that say how a run uses the model, not what the model is: with --ckpt_path, the run's values stand
-RUN_ARGUMENTS = ("inference_precision", "fused_inference", "log_images")
+RUN_ARGUMENTS = ("inference_precision", "fused_inference", "log_images", "tile")
+
+
+class TaskTrainer(Trainer):
+    """Lightning's ``Trainer``, also with ``precision="auto"`` (the shipped quick starts'): the precision that trains
+    fastest on the device the accelerator picks (:func:`resnext_backbones.deployment.auto_training_precision`),
+    chosen before Lightning's Trainer is built and logged with the reason. An explicit precision is kept as it is."""
+
+    def __init__(self, *, precision: Union[_PRECISION_INPUT, Literal["auto"], None] = None, **kwargs) -> None:
+        if precision == "auto":
+            precision, why = auto_training_precision(training_device(kwargs.get("accelerator", "auto")))
+            logging.getLogger("tasks").info("trainer.precision=auto: %s, as %s", precision, why)
+        super().__init__(precision=precision, **kwargs)
+
+
+def training_device(accelerator: Union[str, Accelerator, None]) -> str:
+    """The device type Lightning trains on for ``trainer.accelerator`` (``auto``: CUDA where there is a GPU)."""
+    if isinstance(accelerator, Accelerator):
+        kinds = {CPUAccelerator: "cpu", CUDAAccelerator: "cuda"}
+        return next((k for cls, k in kinds.items() if isinstance(accelerator, cls)), type(accelerator).__name__)
+    name = accelerator or "auto"
+    if name in ("gpu", "cuda") or (name == "auto" and torch.cuda.is_available()):
+        return "cuda"
+    return "cpu" if name == "auto" else name
 
 
 class TaskCLI(LightningCLI):
@@ -88,8 +114,8 @@ def cli(args: Optional[List[str]] = None, run: bool = True) -> TaskCLI:
             handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
             logger.addHandler(handler)
             logger.setLevel(logging.INFO)
-    return TaskCLI(LightningModule, LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
-                   args=args, run=run, save_config_kwargs={"overwrite": True})
+    return TaskCLI(LightningModule, LightningDataModule, trainer_class=TaskTrainer, subclass_mode_model=True,
+                   subclass_mode_data=True, args=args, run=run, save_config_kwargs={"overwrite": True})
 
 
 def main(args: Optional[List[str]] = None) -> None:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence, Type, Union
@@ -17,6 +18,7 @@ from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredic
 from torchvision.transforms.v2.functional import to_dtype
 
 import resnext_backbones as rb
+from resnext_backbones.deployment import Tiling, sparse_roi_poolers, tiled_detections
 
 from .base import BackboneTask, gather_objects, log, sgd
 from .data.masks import EncodedMasks, binary_masks
@@ -112,6 +114,10 @@ class ObjectDetector(BackboneTask):
             ``MaskRCNNHeads`` ``layers``; detectron2's ``NUM_CONV`` x ``CONV_DIM``); default torchvision's four of 256.
             The mask head runs on every positive RoI and is most of a training step on a CPU: the CPU quick start
             takes two of 128.
+        sparse_roi_align: Faster and Mask R-CNN training on the CPU runs the RoI poolers as sparse matrix products,
+            forward and backward on all threads (:func:`resnext_backbones.deployment.sparse_roi_align`: torchvision's
+            values and gradients; its CPU kernel runs on one thread); ``false`` runs torchvision's. Validate, test and
+            predict take the inference copy's poolers, sparse already (``fused_inference``).
         detector_kwargs: further keyword arguments of torchvision's detector class (``box_batch_size_per_image``,
             ``rpn_post_nms_top_n_train``, ``score_thresh``, ...), e.g. to size the heads to small images.
         categories: dataset category id -> name (set by the data module); metrics and predictions use these ids.
@@ -119,20 +125,31 @@ class ObjectDetector(BackboneTask):
             for torchmetrics' ``MeanAveragePrecision`` (of boxes, and for Mask R-CNN of masks too).
         log_images: how many validation images to send, each epoch, to the loggers that show pictures (TensorBoard):
             ground truth and predictions side by side, boxes labelled with category names (and scores); 0 for none.
+        tile: validate, test and predict by overlapping tiles (images larger than the model's input, small objects):
+            ``{size, overlap, merge: nms | nmm, iou, match: ios | iou, full_image, batch}``, the settings of
+            :class:`resnext_backbones.deployment.Tiling` (``size`` unset: ``min_size``, the model's own input size);
+            ``null`` (default): whole images. Training is untouched: train on crops of the tile size.
         optimizer: default SGD, lr 0.02 for 16 images, momentum 0.9, weight decay 1e-4 (the detection 1x recipe).
         lr_schedule: ``multistep`` | ``cosine`` | ``constant``, after a linear warmup.
         warmup_steps: optimizer steps of linear warmup from ``0.001 x lr``.
         milestones: for ``multistep``, fractions of training where the lr drops by ``gamma`` (1x: [0.667, 0.917]).
+        in_channels: channels of the input images (1 gray, 4 RGB-D, 13 multispectral, ...; the data's
+            ``channels``); RGB weights are adapted to them (:func:`resnext_backbones.loading.adapt_input_conv`).
+        normalization: ``{mean: [...], std: [...]}``, one value per input channel, of images in [0, 1]; unset: the
+            weights' (ImageNet's, adapted to ``in_channels``).
     """
 
     def __init__(self, architecture: str = "faster_rcnn", backbone: str = "resnext50_32x4d", num_classes: int = 91,
                  weights: Optional[str] = None, strict_weights: bool = True, trainable_stages: int = 3,
                  norm: str = "frozen_bn", min_size: Union[int, List[int]] = 800, max_size: int = 1333,
                  anchor_size: Optional[int] = None, fpn_channels: int = 256, detections_per_image: int = 100,
-                 mask_head_layers: Optional[List[int]] = None, detector_kwargs: Optional[Dict[str, Any]] = None,
+                 mask_head_layers: Optional[List[int]] = None, sparse_roi_align: bool = True,
+                 detector_kwargs: Optional[Dict[str, Any]] = None,
                  categories: Optional[Dict[int, str]] = None, map_backend: str = "faster_coco_eval",
-                 log_images: int = 4, optimizer: OptimizerCallable = sgd, lr_schedule: str = "multistep",
-                 warmup_steps: int = 500, milestones: Sequence[float] = (0.667, 0.917), **kwargs) -> None:
+                 log_images: int = 4, tile: Optional[Dict[str, Any]] = None, optimizer: OptimizerCallable = sgd,
+                 lr_schedule: str = "multistep", warmup_steps: int = 500,
+                 milestones: Sequence[float] = (0.667, 0.917), in_channels: int = 3,
+                 normalization: Optional[Dict[str, Sequence[float]]] = None, **kwargs) -> None:
         if architecture not in ARCHITECTURES:
             raise ValueError(f"model.architecture={architecture!r} is not supported; "
                              f"choose one of {list(ARCHITECTURES)}")
@@ -144,7 +161,8 @@ class ObjectDetector(BackboneTask):
         self.predicts_masks = arch.masks  # the data module reads this to give masks (data.masks unset)
         self.label_map = self.label_map.with_offset(arch.background_classes)
         fpn = rb.resnext_fpn(backbone, returned_features=arch.returned_features, extra_blocks=arch.extra_blocks,
-                             trainable_stages=trainable_stages, norm=norm, out_channels=fpn_channels)
+                             trainable_stages=trainable_stages, norm=norm, out_channels=fpn_channels,
+                             in_channels=in_channels)
         if weights is not None:
             rb.load_weights(fpn, weights, strict=strict_weights)  # logs its report
         min_size = tuple(min_size) if isinstance(min_size, (list, tuple)) else min_size
@@ -152,13 +170,16 @@ class ObjectDetector(BackboneTask):
                                 max_size=max_size, **(detector_kwargs or {}))
         if mask_head_layers is not None:
             self._size_mask_head(list(mask_head_layers), fpn_channels, num_classes + arch.background_classes)
-        self.set_normalization(fpn.body.normalization)  # the transform's copy of the weights' input convention
+        # the config's, else the weights' input convention, into the transform's copy
+        self.set_normalization(normalization or fpn.body.normalization)
         # extended_summary: the precision array, from which AP and AP50 per category come (tasks.per_class)
         self.metrics = self.stage_metrics(MeanAveragePrecision(
             box_format="xyxy", iou_type=("bbox", "segm") if arch.masks else "bbox", backend=map_backend,
             sync_on_compute=False, extended_summary=True))
         self._eval_batches: List = []
         self.log_images, self._pictures_sent = log_images, 0
+        self.tiling = None if tile is None else Tiling.from_config(tile, key="model.tile")
+        self.sparse_roi_align = sparse_roi_align
 
     def _size_mask_head(self, layers: List[int], in_channels: int, classes: int) -> None:
         if not self.predicts_masks:
@@ -196,8 +217,10 @@ class ObjectDetector(BackboneTask):
     def forward(self, images: Sequence[Tensor]) -> List[Dict[str, Tensor]]:
         """Detections per image (uint8 images, or float in [0, 1]): ``boxes`` (xyxy, input pixels), ``scores``,
         ``labels`` (dataset category ids); Mask R-CNN's also ``masks`` (N x H x W bool, in the input's pixels: its soft
-        masks thresholded at 0.5, as torchvision's references and COCO evaluations take them)."""
-        detections = self.model(self._inputs(images))
+        masks thresholded at 0.5, as torchvision's references and COCO evaluations take them). With ``tile`` set, by
+        tiles (:func:`resnext_backbones.deployment.tiled_detections`)."""
+        inputs = self._inputs(images)
+        detections = self.model(inputs) if self.tiling is None else tiled_detections(self.model, inputs, self.tiling)
         for d in detections:
             d["labels"] = self.label_map.category_ids_of_model(d["labels"])
             if "masks" in d:
@@ -207,9 +230,18 @@ class ObjectDetector(BackboneTask):
     def training_loss(self, batch, batch_idx: int) -> Tensor:
         images, targets = batch
         targets = [self._training_target(t) for t in targets]
-        losses = self.model(self._inputs(images), targets)
+        with self._training_poolers():
+            losses = self.model(self._inputs(images), targets)
         self.log_dict({f"train/{k}": v for k, v in losses.items()}, batch_size=len(images))
         return sum(losses.values())
+
+    def _training_poolers(self) -> contextlib.AbstractContextManager:
+        """Where the training forward's RoI poolers run as sparse products: on the CPU, for the detectors with RoI
+        heads (Faster and Mask R-CNN), with ``sparse_roi_align``."""
+        roi_heads = getattr(self.model, "roi_heads", None)
+        if self.sparse_roi_align and roi_heads is not None and self.device.type == "cpu":
+            return sparse_roi_poolers(roi_heads)
+        return contextlib.nullcontext()
 
     def _training_target(self, target: Dict) -> Dict[str, Tensor]:
         model_target = {"boxes": target["boxes"].as_subclass(Tensor),
@@ -255,9 +287,12 @@ class ObjectDetector(BackboneTask):
         return kept
 
     def on_validation_epoch_start(self) -> None:
+        super().on_validation_epoch_start()
         self._eval_batches, self._pictures_sent = [], 0
 
-    on_test_epoch_start = on_validation_epoch_start
+    def on_test_epoch_start(self) -> None:
+        super().on_test_epoch_start()
+        self._eval_batches, self._pictures_sent = [], 0
 
     def on_validation_epoch_end(self) -> None:
         self._log_epoch_map("val")

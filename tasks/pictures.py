@@ -26,11 +26,16 @@ def colour(category_id: int) -> tuple:
 
 
 def enlarged(image: Tensor) -> tuple:
-    """``(uint8 RGB image, factor)``: the image as uint8, enlarged by a whole factor (nearest neighbour, so pixels
+    """``(uint8 RGB image, factor)``: the image as uint8 (1 or 2 channels: the first as gray; more than 3: the first
+    three), enlarged by a whole factor (nearest neighbour, so pixels
     stay crisp) until its shorter side reaches :data:`LEGIBLE_SIDE` or its longer side would pass :data:`MAX_SIDE`."""
     image = to_dtype(image.detach().cpu().as_subclass(Tensor), torch.uint8, scale=True)
     if image.shape[0] == 1:
         image = image.expand(3, -1, -1)
+    elif image.shape[0] > 3:  # RGB-D, multispectral: the first three channels, which are RGB by convention
+        image = image[:3]
+    elif image.shape[0] == 2:
+        image = image[:1].expand(3, -1, -1)
     height, width = image.shape[-2:]
     factor = max(1, min(math.ceil(LEGIBLE_SIDE / max(1, min(height, width))), MAX_SIDE // max(height, width)))
     if factor > 1:

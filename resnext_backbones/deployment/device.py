@@ -12,19 +12,22 @@ import logging
 import os
 import warnings
 from pathlib import Path
-from typing import Optional, Tuple
+from typing import Optional, Tuple, Union
 
 import torch
 
 from ..onednn import onednn_isa_limit, onednn_reaches
 
-__all__ = ["ISA_FLAGS", "cpu_flags", "describe_device", "isa_flags", "native_dtype", "native_support",
-           "training_precision_advice"]
+__all__ = ["BF16_TRAINING_FASTER", "ISA_FLAGS", "auto_training_precision", "cpu_flags", "describe_device", "isa_flags",
+           "native_dtype", "native_support", "training_precision_advice"]
 
 ISA_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_fp16")  # what decides the fast path
 # per low-precision dtype: the CPU flags that compute it, and oneDNN's first instruction set with its arithmetic
 _CPU_SUPPORT = {torch.bfloat16: (("amx_bf16", "avx512_bf16"), "AVX512_CORE_BF16"),
                 torch.float16: (("amx_fp16", "avx512_fp16"), "AVX10_1_512")}
+# The CPU kinds, by the flag that gives oneDNN native bf16, where bf16-mixed training was measured faster than 32-true
+# (benchmarks/README.md, "Training precision"): where a kind with native bf16 is not here, auto keeps float32
+BF16_TRAINING_FASTER = {"amx_bf16": "Intel Xeon with AMX", "avx512_bf16": "AMD EPYC (Zen 4) with AVX-512 BF16"}
 
 
 @functools.cache
@@ -52,11 +55,36 @@ def native_support(dtype: torch.dtype, device: torch.device) -> bool:
         return dtype == torch.float16 or torch.cuda.is_bf16_supported(including_emulation=False)
     if device.type == "cpu" and torch.backends.mkldnn.is_available():
         flags, isa = _CPU_SUPPORT[dtype]
-        if not onednn_reaches(isa):
-            return False
-        return bool(set(flags) & cpu_flags()) or any(getattr(torch.cpu, f"_is_{flag}_supported", bool)()
-                                                     for flag in flags)
+        return onednn_reaches(isa) and any(has_cpu_flag(flag) for flag in flags)
     return False
+
+
+def has_cpu_flag(flag: str) -> bool:
+    """Whether the CPU has ``flag`` (``/proc/cpuinfo``, or torch's own probe where it has one)."""
+    return flag in cpu_flags() or getattr(torch.cpu, f"_is_{flag}_supported", bool)()
+
+
+def auto_training_precision(device: Union[str, torch.device]) -> Tuple[str, str]:
+    """What ``trainer.precision: auto`` trains in on ``device``, and why: ``bf16-mixed`` on a CUDA GPU with bf16, and
+    on a CPU that computes bf16 natively (AMX or AVX-512 BF16, within oneDNN's limit) of a kind where it was measured
+    faster (:data:`BF16_TRAINING_FASTER`); elsewhere ``32-true`` (emulated bf16 is much slower than float32)."""
+    kind = device.type if isinstance(device, torch.device) else str(device).split(":")[0]
+    if kind not in ("cpu", "cuda"):
+        return "32-true", f"bf16 training was measured on CUDA GPUs and CPUs only, not on {device}"
+    device = torch.device(device)
+    where = f"{device.type} ({describe_device(device)})"
+    if device.type == "cuda":
+        if native_support(torch.bfloat16, device):
+            return "bf16-mixed", f"{where} computes bf16 natively"
+        return "32-true", f"{where} has no native bf16"
+    if not native_support(torch.bfloat16, device):
+        return "32-true", f"{where} has no native bf16: autocast would emulate it, much slower than float32"
+    kind = next((name for flag, name in BF16_TRAINING_FASTER.items() if has_cpu_flag(flag)), None)
+    if kind is None:
+        return "32-true", (f"{where} computes bf16 natively, but bf16-mixed training was not measured faster on this "
+                           "kind of CPU (resnext_backbones.deployment.BF16_TRAINING_FASTER)")
+    return "bf16-mixed", (f"{where} computes bf16 natively, and bf16-mixed trained faster than 32-true on this kind "
+                          f"({kind}: benchmarks/README.md, 'Training precision')")
 
 
 def native_dtype(dtype: torch.dtype, device: torch.device, asked: Optional[str] = None) -> torch.dtype:

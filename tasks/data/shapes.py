@@ -82,6 +82,32 @@ def draw_instances(rng: np.random.Generator, h: int, w: int, kinds: List[str], m
     return np.clip(image, 0, 255).astype(np.uint8), boxes, masks
 
 
+def draw_scene(rng: np.random.Generator, h: int, w: int, count: int, min_size: int, max_size: int):
+    """An HxWx3 uint8 image of ``count`` shapes of random kinds, with their tight xyxy boxes and category ids: the
+    shapes of :func:`draw_instances`, each drawn within its own box, so that a large image of many small objects (the
+    tiled-prediction benchmark's) costs its objects' area rather than the image's once per shape. Later shapes may
+    cover a little of earlier ones (their boxes overlap by an IoU under 0.2); boxes are of the whole shape."""
+    image = rng.integers(0, 256, 3) * 0.5 + rng.normal(0, 12, (h, w, 3))
+    ids = list(CATEGORIES)
+    boxes: List[Tuple[int, int, int, int]] = []
+    labels: List[int] = []
+    for _ in range(count):
+        category = ids[int(rng.integers(0, len(ids)))]
+        for _ in range(20):  # a few tries at a place that does not hide an earlier shape
+            bw, bh = (min(int(v), side - 2) for v, side in zip(rng.integers(min_size, max_size + 1, 2), (w, h),
+                                                               strict=True))
+            x0, y0 = int(rng.integers(0, w - bw + 1)), int(rng.integers(0, h - bh + 1))
+            box = (x0, y0, x0 + bw, y0 + bh)
+            if all(_iou(box, b) < 0.2 for b in boxes):
+                break
+        mask = _shape_mask(CATEGORIES[category], bh, bw, (0, 0, bw, bh))
+        image[y0:y0 + bh, x0:x0 + bw][mask] = rng.integers(128, 256, 3) * rng.permutation([1.0, 0.6, 0.2])
+        ys, xs = np.nonzero(mask)
+        boxes.append((x0 + int(xs.min()), y0 + int(ys.min()), x0 + int(xs.max()) + 1, y0 + int(ys.max()) + 1))
+        labels.append(category)
+    return np.clip(image, 0, 255).astype(np.uint8), boxes, labels
+
+
 def pixel_outline(mask: np.ndarray):
     """The polygon along the pixel edges of ``mask`` (x, y, x, y, ...), if each of its rows is one run and the rows are
     consecutive (squares, triangles, disks); else ``None``. pycocotools rasterises it to exactly ``mask``."""

@@ -24,7 +24,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 import resnext_backbones as rb
-from resnext_backbones.deployment import native_support
+from resnext_backbones.deployment import Tiling, native_support
 from tasks import ImageClassifier, ObjectDetector
 from tasks.classes import ClassesError
 from tasks.cli import cli as lightning_cli
@@ -417,14 +417,16 @@ def test_the_checkpoints_classes_win_over_other_training_data_where_no_labels_ar
 
 def test_with_a_checkpoint_the_run_arguments_of_the_command_line_stand(fitted):
     """Lightning puts a --ckpt_path checkpoint's model arguments over the command line (Lightning issue #20801): for
-    what the model is (its min_size here) that stays so; how the run uses it (precision, fusion, pictures) is the
-    command line's."""
+    what the model is (its min_size here) that stays so; how the run uses it (precision, fusion, pictures, tiles) is
+    the command line's."""
     _, config, tmp = fitted
     cli = lightning_cli(["validate", "--config", config, "--ckpt_path", str(tmp / "ckpt" / "last.ckpt"),
                          "--model.init_args.inference_precision", "bf16", "--model.init_args.fused_inference",
-                         "false", "--model.init_args.log_images", "0", "--model.init_args.min_size", "96"])
+                         "false", "--model.init_args.log_images", "0", "--model.init_args.min_size", "96",
+                         "--model.init_args.tile", "{size: 128, overlap: 16}"])
     runner = cli.model.inference_runner
     assert (runner.precision, runner.fused, cli.model.log_images) == ("bf16", False, 0)
+    assert cli.model.tiling == Tiling(size=128, overlap=16) and "val/map" in cli.trainer.callback_metrics  # by tiles
     assert cli.model.hparams.min_size == 64  # the checkpoint's
 
 
@@ -574,6 +576,24 @@ def test_fit_advises_the_precision_this_cpu_trains_fastest_in(precision, native,
     got_level, message = device.training_precision_advice(precision, torch.device("cpu"))
     assert got_level == level and message.startswith(f"trainer.precision={precision} on cpu")
     assert (advice in message) if advice else ("--trainer.precision" not in message)
+
+
+def test_precision_auto_is_chosen_before_the_trainer_is_built_and_logged_and_an_explicit_one_kept(
+        tmp_path, tiny_coco, caplog, monkeypatch):
+    config = detection_config(tmp_path, tiny_coco)
+    with caplog.at_level(logging.INFO, logger="tasks"):
+        trainer = lightning_cli(["--config", config, "--trainer.precision", "auto"], run=False).trainer
+    # this machine's answer by the rule: bf16-mixed only where bf16 is native (and measured faster: both kinds are)
+    assert trainer.precision == ("bf16-mixed" if native_support(torch.bfloat16, torch.device("cpu")) else "32-true")
+    (line,) = [r.message for r in caplog.records if r.message.startswith("trainer.precision=auto: ")]
+    assert line.startswith(f"trainer.precision=auto: {trainer.precision}, as cpu (CPU flags: ")
+    import tasks.cli
+
+    monkeypatch.setattr(tasks.cli, "auto_training_precision", lambda device: ("bf16-mixed", f"{device} said so"))
+    assert lightning_cli(["--config", config, "--trainer.precision", "auto"], run=False).trainer.precision == \
+        "bf16-mixed"
+    assert lightning_cli(["--config", config, "--trainer.precision", "32-true"], run=False).trainer.precision == \
+        "32-true"
 
 
 @pytest.mark.gpu

@@ -1,9 +1,10 @@
 import pytest
 import torch
 import torchvision
-from helpers import randomize_norm_stats
+from helpers import SMALL_HEADS, randomize_norm_stats
 from lightning.pytorch import Callback, Trainer
 
+from resnext_backbones.deployment import Tiling, tiled_detections
 from tasks import ImageClassifier, ObjectDetector
 from tasks.data import CocoDetectionDataModule, ImageFolderDataModule
 from tasks.detection import ARCHITECTURES
@@ -161,6 +162,27 @@ def test_uint8_images_from_the_data_modules_detect_as_their_float_equivalent():
     assert len(from_float["boxes"]) == len(from_uint8["boxes"]) > 0
     torch.testing.assert_close(from_uint8["boxes"], from_float["boxes"], atol=1e-3, rtol=0)
     torch.testing.assert_close(from_uint8["scores"], from_float["scores"], atol=1e-5, rtol=0)
+
+
+def test_a_tiled_detector_on_an_image_of_one_tile_detects_as_untiled_and_on_larger_ones_in_image_pixels():
+    heads = {"box_score_thresh": 0.0, "rpn_pre_nms_top_n_test": 100, "rpn_post_nms_top_n_test": 50}
+    tiled = detector("faster_rcnn", detector_kwargs=heads, tile={"overlap": 16}).eval()
+    plain = detector("faster_rcnn", detector_kwargs=heads).eval()
+    plain.load_state_dict(tiled.state_dict())
+    generator = torch.Generator().manual_seed(3)
+    small, large = (torch.randint(0, 256, size, dtype=torch.uint8, generator=generator)
+                    for size in ((3, 64, 48), (3, 100, 150)))
+    with torch.no_grad():
+        (mine,), (theirs,) = tiled([small]), plain([small])  # tiles of min_size, 64: one
+        (big,), (whole,) = tiled([large]), plain([large])  # 3 x 2 tiles
+        (library,) = tiled_detections(plain.model, plain._inputs([large]), Tiling(size=64, overlap=16))
+    assert len(theirs["boxes"]) > 0 and all(torch.equal(mine[k], theirs[k]) for k in theirs)
+    # the large image by the library's tiling of the same network, labels in category ids: not the whole image's
+    assert torch.equal(big["boxes"], library["boxes"]) and torch.equal(big["scores"], library["scores"])
+    assert big["labels"].tolist() == [[3, 5, 9][c - 1] for c in library["labels"].tolist()]
+    assert len(big["boxes"]) != len(whole["boxes"]) or not torch.equal(big["boxes"], whole["boxes"])
+    with pytest.raises(ValueError, match="model.tile.overlap=64 must be below model.tile.size=64"):
+        detector("fcos", tile={"size": 64, "overlap": 64})
 
 
 def test_frozen_stages_have_no_gradient_so_ddp_needs_no_unused_parameter_search():
@@ -468,3 +490,19 @@ def test_classification_logs_accuracy_per_class_a_table_worst_first_and_the_conf
     tags = EventAccumulator(str(tmp_path / "lightning_logs" / "version_0")).Reload().Tags()["images"]
     assert sorted(tags) == (["val/confusion_matrix", "val/predictions_0", "val/predictions_4", "val/predictions_8"]
                             if log_images else [])  # a grid per batch (4, 4, 1 images); log_images: 0, none
+
+
+@pytest.mark.parametrize("sparse", [True, False])
+def test_the_training_forward_of_mask_rcnn_runs_sparse_roi_poolers_on_the_cpu_unless_told_not_to(sparse, monkeypatch):
+    from torchvision.ops import MultiScaleRoIAlign, poolers
+
+    model = detector("mask_rcnn", sparse_roi_align=sparse, fpn_channels=32, mask_head_layers=[16],
+                     detector_kwargs=SMALL_HEADS).train()
+    calls, kernel = [], poolers.roi_align
+    monkeypatch.setattr(poolers, "roi_align", lambda *a, **k: calls.append(1) or kernel(*a, **k))
+    target = with_masks({"boxes": torch.tensor([[8.0, 8.0, 40.0, 40.0]]), "labels": torch.tensor([1]),
+                         "image_id": 1}, 64, 64)
+    loss = model.training_step(([torch.rand(3, 64, 64)], [target]), 0)
+    loss.backward()
+    assert torch.isfinite(loss) and bool(calls) == (not sparse)  # torchvision's kernel only where told
+    assert type(model.model.roi_heads.box_roi_pool) is type(model.model.roi_heads.mask_roi_pool) is MultiScaleRoIAlign
