@@ -10,7 +10,8 @@ import sys
 
 import torch
 
-names = ["backbone", "inference", "detector", "precision", "profile", "data", "evaluation", "predict"]
+names = ["backbone", "inference", "detector", "precision", "profile", "data", "evaluation", "predict", "tiling",
+         "rare_classes", "segmentation"]
 names += ["gpu"] if torch.cuda.is_available() else []
 for name in names:
     print(f"== python -m benchmarks.{name}", flush=True)

@@ -89,7 +89,7 @@ def detector_seconds(detector: FasterRCNN, images, targets, dtype, steps: int) -
             if images[0].is_cuda:
                 torch.cuda.synchronize()
             start = time.perf_counter()
-        with torch.autocast(images[0].device.type, dtype=dtype):
+        with torch.autocast(images[0].device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
             loss = sum(detector(images, targets).values())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -109,6 +109,8 @@ def main(argv=None) -> str:
     parser.add_argument("--detector-backbone", default="resnext101_32x8d")
     parser.add_argument("--detector-size", type=int, nargs=2, default=[800, 1333])
     parser.add_argument("--detector-steps", type=int, default=10)
+    parser.add_argument("--detector-precision", choices=["bf16", "fp32"], default="bf16",
+                        help="the detector row's autocast (fp32: none; for CPUs where bf16 is emulated)")
     parser.add_argument("--device", default="cuda")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
@@ -145,9 +147,10 @@ def main(argv=None) -> str:
     tv_fpn.load_state_dict(ours_fpn.state_dict())
     detectors = {k: FasterRCNN(fpn, num_classes=91, min_size=h, max_size=w).to(device)
                  for k, fpn in [("ours", ours_fpn), ("tv", tv_fpn)]}
-    seconds = {k: detector_seconds(d, images, targets, torch.bfloat16, args.detector_steps)
+    dtype = torch.bfloat16 if args.detector_precision == "bf16" else None
+    seconds = {k: detector_seconds(d, images, targets, dtype, args.detector_steps)
                for k, d in detectors.items()}
-    detector_row = (f"Faster R-CNN {args.detector_backbone}-FPN, 2 images of {h}x{w}, bf16 autocast: ours "
+    detector_row = (f"Faster R-CNN {args.detector_backbone}-FPN, 2 images of {h}x{w}, {args.detector_precision}: ours "
                     f"{seconds['ours']:.3f} s/iter, torchvision backbone {seconds['tv']:.3f} s/iter "
                     f"(ratio {seconds['tv'] / seconds['ours']:.3f}). Anchor: detectron2 X101-32x8d-FPN 0.638 s/iter "
                     "on 8 V100 (2 images per GPU).")

@@ -15,9 +15,9 @@ from torch import Tensor, nn
 from . import formats, registry
 from .files import PathLike, WeightsError
 from .formats.torchvision import SHOW, find_prefix, split_trunk
-from .trunk import STAGE_BLOCKS, ResNeXtSpec
+from .trunk import STAGE_BLOCKS, ResNeXtSpec, normalization_for_channels
 
-__all__ = ["LoadReport", "load_weights", "source_state_dict", "infer_spec"]
+__all__ = ["LoadReport", "load_weights", "source_state_dict", "infer_spec", "adapt_input_conv"]
 
 log = logging.getLogger("resnext_backbones")
 
@@ -48,6 +48,22 @@ class LoadReport:
             if keys:
                 lines.append(f"  {name} ({len(keys)}): {', '.join(keys[:SHOW])}{' ...' if len(keys) > SHOW else ''}")
         return "\n".join(lines)
+
+
+def adapt_input_conv(weight: Tensor, channels: int) -> Tensor:
+    """A stem convolution's weight ``(out, 3, k, k)`` for ``channels`` input channels, as timm's
+    ``adapt_input_conv``: 1 channel, the sum over RGB (a gray image fed to all three gives the same response);
+    more than 3 (or 2), RGB's weights repeated and scaled by ``3 / channels`` (the response to an input whose
+    channels are alike keeps its size)."""
+    if weight.shape[1] != 3:
+        raise WeightsError(f"a stem of {weight.shape[1]} input channels cannot be adapted to {channels}; only RGB "
+                           "(3) stems can")
+    original = weight.dtype
+    weight = weight.float()
+    if channels == 1:
+        return weight.sum(dim=1, keepdim=True).to(original)
+    repeats = -(-channels // 3)
+    return (weight.repeat(1, repeats, 1, 1)[:, :channels] * (3 / channels)).to(original)
 
 
 def source_state_dict(source: Union[PathLike, Mapping], *, expected_sha256: Optional[str] = None,
@@ -99,6 +115,13 @@ def load_weights(model: nn.Module, source: Union[PathLike, Mapping, formats.Sour
                     if not any(k.startswith(f"{body}layer{i}.") for k in target))
     usable: Dict[str, Tensor] = {}
     order = {k: i for i, k in enumerate(target)}  # report in network order, not the file's
+    stem = f"{body}conv1.weight"
+    if stem in picked and stem in target and picked[stem].dim() == 4 and picked[stem].shape[1] == 3 \
+            and target[stem].shape[1] != 3 and picked[stem].shape[0] == target[stem].shape[0]:
+        channels = target[stem].shape[1]
+        picked = {**picked, stem: adapt_input_conv(picked[stem], channels)}
+        report.converted.append(f"stem {stem} adapted from 3 to {channels} input channels (timm's adapt_input_conv: "
+                                + ("summed over RGB)" if channels == 1 else f"RGB repeated, scaled by 3/{channels})"))
     for key, value in sorted(picked.items(), key=lambda kv: order.get(kv[0], len(order))):
         if key.endswith("num_batches_tracked") and key not in target:
             continue
@@ -120,9 +143,12 @@ def load_weights(model: nn.Module, source: Union[PathLike, Mapping, formats.Sour
                            "Pick the matching model, or pass strict=False to load what fits.")
     model.load_state_dict(usable, strict=False)
     if normalization is not None:
-        trunk.normalization = dict(normalization)
+        trunk.normalization = normalization_for_channels(normalization, getattr(trunk, "in_channels", 3))
         report.converted.append(f"input normalisation of the weights: mean {normalization['mean']}, "
-                                f"std {normalization['std']} (RGB, [0, 1])")
+                                f"std {normalization['std']} (RGB, [0, 1])"
+                                + ("" if trunk.normalization["mean"] == tuple(normalization["mean"]) else
+                                   f", for {trunk.in_channels} channels mean {trunk.normalization['mean']}, "
+                                   f"std {trunk.normalization['std']}"))
     report.loaded = sorted(usable)
     log.info("%s", report)
     return report

@@ -18,15 +18,33 @@ from torchvision.ops import FrozenBatchNorm2d
 from .fused import FusedBlock, FusedConv2d
 
 __all__ = ["ResNeXt", "ResNeXtSpec", "Bottleneck", "BasicBlock", "MODELS", "FEATURES", "NORMS", "STAGE_BLOCKS",
-           "IMAGENET_MEAN", "IMAGENET_STD", "list_models", "make_norm", "resolve_returned_features"]
+           "IMAGENET_MEAN", "IMAGENET_STD", "list_models", "make_norm", "resolve_returned_features",
+           "normalization_for_channels"]
 
 FEATURES = ("c2", "c3", "c4", "c5")
-STRIDES = {"c2": 4, "c3": 8, "c4": 16, "c5": 32}
 NORMS = ("bn", "frozen_bn", "sync_bn", "gn")
 
 # The input normalisation of ImageNet-pretrained trunks (RGB in [0, 1]), torchvision's and timm's default.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+
+def normalization_for_channels(normalization: Dict[str, Sequence[float]], channels: int) -> Dict[str, tuple]:
+    """An RGB mean/std for ``channels`` input channels, following what :func:`~resnext_backbones.loading.
+    adapt_input_conv` does to an RGB stem: 1 channel (its weights summed over RGB) the average of the three; more
+    than 3 (RGB's weights repeated) RGB's values repeated, channel ``k`` taking RGB channel ``k % 3``'s. A mean/std
+    that already has ``channels`` entries is kept."""
+    mean, std = (tuple(float(v) for v in normalization[k]) for k in ("mean", "std"))
+    if len(mean) == channels and len(std) == channels:
+        return {"mean": mean, "std": std}
+    if len(mean) != 3 or len(std) != 3:
+        raise ValueError(f"a normalisation of {len(mean)} channels (mean {list(mean)}) cannot be adapted to "
+                         f"{channels} input channels; give one mean and std per channel")
+    if channels == 1:
+        return {"mean": (sum(mean) / 3,), "std": (sum(std) / 3,)}
+    return {"mean": tuple(mean[k % 3] for k in range(channels)), "std": tuple(std[k % 3] for k in range(channels))}
+
 
 # depth -> (bottleneck?, blocks per stage). Bottleneck depth = 3 * sum(blocks) + 2, two-layer: 2 * sum + 2.
 STAGE_BLOCKS: Dict[int, tuple] = {
@@ -123,8 +141,9 @@ def resolve_returned_features(returned: Optional[Sequence[str]] = None) -> Tuple
     return tuple(f for f in FEATURES if f in features)
 
 
-def _conv(cin: int, cout: int, kernel: int, stride: int = 1, groups: int = 1) -> nn.Conv2d:
-    return nn.Conv2d(cin, cout, kernel, stride=stride, padding=kernel // 2, groups=groups, bias=False)
+def _conv(cin: int, cout: int, kernel: int, stride: int = 1, groups: int = 1, dilation: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(cin, cout, kernel, stride=stride, padding=dilation * (kernel // 2), groups=groups, bias=False,
+                     dilation=dilation)
 
 
 class Bottleneck(nn.Module):
@@ -138,12 +157,12 @@ class Bottleneck(nn.Module):
     num_convs = 3  # conv1..conv3, each followed by bn1..bn3
 
     def __init__(self, cin: int, planes: int, stride: int, cardinality: int, base_width: int,
-                 norm: Callable[[int], nn.Module]) -> None:
+                 norm: Callable[[int], nn.Module], dilation: int = 1) -> None:
         super().__init__()
         width = int(planes * base_width / 64) * cardinality
         cout = planes * self.expansion
         self.conv1, self.bn1 = _conv(cin, width, 1), norm(width)
-        self.conv2, self.bn2 = _conv(width, width, 3, stride, cardinality), norm(width)
+        self.conv2, self.bn2 = _conv(width, width, 3, stride, cardinality, dilation), norm(width)
         self.conv3, self.bn3 = _conv(width, cout, 1), norm(cout)
         self.relu = nn.ReLU(inplace=True)
         self.downsample = _shortcut(cin, cout, stride, norm)
@@ -164,8 +183,11 @@ class BasicBlock(nn.Module):
     num_convs = 2
 
     def __init__(self, cin: int, planes: int, stride: int, cardinality: int, base_width: int,
-                 norm: Callable[[int], nn.Module]) -> None:
+                 norm: Callable[[int], nn.Module], dilation: int = 1) -> None:
         super().__init__()
+        if dilation > 1:
+            raise ValueError("replace_stride_with_dilation needs bottleneck blocks (depth 26 and up); the two-layer "
+                             "blocks of ResNet-18/34 take no dilation (as in torchvision)")
         self.conv1, self.bn1 = _conv(cin, planes, 3, stride), norm(planes)
         self.conv2, self.bn2 = _conv(planes, planes, 3), norm(planes)
         self.relu = nn.ReLU(inplace=True)
@@ -193,43 +215,67 @@ class ResNeXt(nn.Module):
     freezes exactly what torchvision's ``trainable_layers`` freezes: parameters get ``requires_grad=False`` and
     BatchNorm layers of frozen parts stay in eval mode under ``.train()``.
 
-    ``normalization`` (``{"mean", "std"}``, RGB images in [0, 1]) is the input normalisation the trunk's weights
-    expect: ImageNet's, until weights that record another are loaded (a registry entry, our safetensors). Data
-    pipelines and the tasks read it; it is not part of the state dict.
+    ``replace_stride_with_dilation`` (three bools, for C3, C4, C5; torchvision's argument of that name): each stage
+    set keeps the resolution of the one before and dilates its 3x3 convolutions instead, as torchvision does
+    (``(False, True, True)``: output stride 8, the DeepLabV3 / FCN trunk). ``strides`` tells the result; the
+    weights and the state dict are those of the undilated trunk.
+
+    ``normalization`` (``{"mean", "std"}``, one entry per input channel, images in [0, 1]) is the input
+    normalisation the trunk's weights expect: ImageNet's, until weights that record another are loaded (a registry
+    entry, our safetensors). Data pipelines and the tasks read it; it is not part of the state dict.
+
+    ``in_channels``: channels of the input images (1 gray, 4 RGB-D or RGB-NIR, 13 Sentinel-2, ...). RGB weights
+    load into another count with the stem adapted (:func:`~resnext_backbones.loading.adapt_input_conv`), and the
+    default normalisation follows (:func:`normalization_for_channels`).
     """
 
     def __init__(self, spec: ResNeXtSpec, *, norm: str = "bn", trainable_stages: int = 5,
-                 returned_features: Optional[Sequence[str]] = None, zero_init_residual: bool = False) -> None:
+                 returned_features: Optional[Sequence[str]] = None, zero_init_residual: bool = False,
+                 in_channels: int = 3, replace_stride_with_dilation: Optional[Sequence[bool]] = None) -> None:
         super().__init__()
+        if not isinstance(in_channels, int) or in_channels < 1:
+            raise ValueError(f"in_channels={in_channels!r} must be a positive integer (3 for RGB)")
         features = resolve_returned_features(returned_features)
+        dilate = (False, False, False) if replace_stride_with_dilation is None else \
+            tuple(bool(d) for d in replace_stride_with_dilation)
+        if len(dilate) != 3:
+            raise ValueError(f"replace_stride_with_dilation={replace_stride_with_dilation!r} must be three bools, "
+                             "for the stages of C3, C4 and C5 (e.g. [false, true, true]: output stride 8)")
+        self.replace_stride_with_dilation = dilate
         if not isinstance(trainable_stages, int) or not 0 <= trainable_stages <= 5:
             raise ValueError(f"trainable_stages={trainable_stages!r} must be an integer in 0..5 "
                              "(0 freezes everything, 5 trains the stem too)")
         self.spec, self.norm = spec, norm
-        self.normalization = {"mean": IMAGENET_MEAN, "std": IMAGENET_STD}
+        self.in_channels = in_channels
+        self.normalization = normalization_for_channels({"mean": IMAGENET_MEAN, "std": IMAGENET_STD}, in_channels)
         self.returned_features = features
         self.trainable_stages = trainable_stages
         norm_layer = make_norm(norm)
         block = Bottleneck if spec.bottleneck else BasicBlock
 
-        self.conv1 = nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False)
+        self.conv1 = nn.Conv2d(in_channels, 64, 7, stride=2, padding=3, bias=False)
         self.bn1 = norm_layer(64)
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
         self.num_stages = FEATURES.index(features[-1]) + 1
         self.out_channels: Dict[str, int] = {}
-        cin = 64
+        self.strides: Dict[str, int] = {}
+        cin, stride_so_far, dilation = 64, 4, 1
         for i, blocks in enumerate(spec.blocks[: self.num_stages]):
             planes, stride = 64 * 2**i, 1 if i == 0 else 2
+            first_dilation = dilation  # torchvision: a dilated stage's first block keeps the previous dilation
+            if i > 0 and dilate[i - 1]:
+                dilation, stride = dilation * stride, 1
+            stride_so_far *= stride
             layers: List[nn.Module] = []
             for j in range(blocks):
                 layers.append(block(cin, planes, stride if j == 0 else 1, spec.cardinality, spec.base_width,
-                                    norm_layer))
+                                    norm_layer, first_dilation if j == 0 else dilation))
                 cin = planes * block.expansion
             setattr(self, f"layer{i + 1}", nn.Sequential(*layers))
             if FEATURES[i] in features:
                 self.out_channels[FEATURES[i]] = cin
-        self.strides: Dict[str, int] = {f: STRIDES[f] for f in features}
+                self.strides[FEATURES[i]] = stride_so_far
 
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
@@ -296,7 +342,8 @@ class ResNeXt(nn.Module):
             raise ValueError("norm='gn' cannot be fused: GroupNorm's statistics depend on the input")
         with torch.device("meta"):  # no initialisation: every tensor comes from this trunk's state dict
             copy = ResNeXt(self.spec, norm="frozen_bn" if self.norm == "frozen_bn" else "bn",  # sync_bn: bn in eval
-                           returned_features=self.returned_features)
+                           returned_features=self.returned_features, in_channels=self.in_channels,
+                           replace_stride_with_dilation=self.replace_stride_with_dilation)
         copy.load_state_dict(self.state_dict(), assign=True)  # shares tensors until fuse() folds them into new ones
         copy.normalization = dict(self.normalization)
         return copy.eval().fuse().to(dtype=dtype, memory_format=torch.channels_last)

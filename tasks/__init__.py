@@ -2,6 +2,8 @@
 
 from .classification import ImageClassifier
 from .detection import ObjectDetector
-from .writers import ClassificationResultsWriter, CocoResultsWriter
+from .segmentation import SemanticSegmenter
+from .writers import ClassificationResultsWriter, CocoResultsWriter, SegmentationWriter
 
 __all__ = ["ClassificationResultsWriter", "CocoResultsWriter", "ImageClassifier", "ObjectDetector"]
+__all__ += ["SegmentationWriter", "SemanticSegmenter"]

@@ -214,12 +214,17 @@ class BackboneTask(LightningModule):
         raise NotImplementedError
 
     def set_normalization(self, normalization: Dict[str, Sequence[float]]) -> None:
-        """Normalise inputs with ``normalization`` (``mean``/``std`` of RGB images in [0, 1]): the convention of the
-        trunk's weights (registry entry, our safetensors), recorded in checkpoints. The trunk's ``normalization`` is
-        its one owner; a task that keeps a copy where its forward reads it (the classifier's buffers, the detector's
-        torchvision transform) extends this method to set that copy from the trunk's, so that this is the one place
-        the normalisation changes."""
-        self.trunk_module().normalization = {k: tuple(float(x) for x in normalization[k]) for k in ("mean", "std")}
+        """Normalise inputs with ``normalization`` (``mean``/``std``, one per input channel, of images in [0, 1]): the
+        convention of the trunk's weights (registry entry, our safetensors) or the config's, recorded in checkpoints.
+        The trunk's ``normalization`` is its one owner; a task that keeps a copy where its forward reads it (the
+        classifier's buffers, the detector's torchvision transform) extends this method to set that copy from the
+        trunk's, so that this is the one place the normalisation changes."""
+        channels = getattr(self.trunk_module(), "in_channels", 3)
+        values = {k: tuple(float(x) for x in normalization[k]) for k in ("mean", "std")}
+        if any(len(v) != channels for v in values.values()) or min(values["std"]) <= 0:
+            raise ValueError(f"model.normalization: mean {list(values['mean'])} and std {list(values['std'])} need "
+                             f"one value per input channel ({channels}, model.in_channels), std above 0")
+        self.trunk_module().normalization = values
         self.inference_runner.release()  # the copy holds the normalisation it was made with
 
     def configure_optimizers(self):

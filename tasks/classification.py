@@ -26,7 +26,8 @@ def imagenet_sgd(params, lr: float = 0.1, momentum: float = 0.9, weight_decay: f
 
 
 class ImageClassifier(BackboneTask):
-    """Image classification on a ResNeXt trunk. Inputs are RGB floats in [0, 1]; the model normalises them.
+    """Image classification on a ResNeXt trunk. Inputs are floats in [0, 1] (RGB, or ``in_channels``); the model
+    normalises them.
 
     Args:
         backbone: a name from ``resnext_backbones.list_models()``.
@@ -48,6 +49,12 @@ class ImageClassifier(BackboneTask):
         lr_schedule: ``multistep`` | ``cosine`` | ``constant``, after a linear warmup.
         warmup_steps: optimizer steps of linear warmup from ``0.001 x lr``.
         milestones: for ``multistep``, fractions of training where the lr drops by ``gamma``.
+        in_channels: channels of the input images (1 gray, 4 RGB-D, 13 multispectral, ...; the data's
+            ``channels``); RGB weights are adapted to them (:func:`resnext_backbones.loading.adapt_input_conv`).
+        normalization: ``{mean: [...], std: [...]}``, one value per input channel, of images in [0, 1]; unset: the
+            weights' (ImageNet's, adapted to ``in_channels``).
+        class_weights: a weight per class (in the order of the class names) for the training loss, as
+            ``torch.nn.functional.cross_entropy``'s ``weight``; e.g. inverse class frequencies for rare classes.
     """
 
     def __init__(self, backbone: str = "resnext50_32x4d", num_classes: int = 1000, weights: Optional[str] = None,
@@ -56,15 +63,22 @@ class ImageClassifier(BackboneTask):
                  log_images: int = 16, label_smoothing: float = 0.1, mixup_alpha: float = 0.0,
                  cutmix_alpha: float = 0.0,
                  optimizer: OptimizerCallable = imagenet_sgd, lr_schedule: str = "cosine", warmup_steps: int = 0,
-                 milestones: Sequence[float] = (), **kwargs) -> None:
+                 milestones: Sequence[float] = (), class_weights: Optional[Sequence[float]] = None,
+                 in_channels: int = 3, normalization: Optional[Dict[str, Sequence[float]]] = None,
+                 **kwargs) -> None:
         super().__init__(num_classes=num_classes, categories=categories, optimizer=optimizer,
                          lr_schedule=lr_schedule, warmup_steps=warmup_steps, milestones=milestones, **kwargs)
         self.trunk = rb.resnext(backbone, norm=norm, trainable_stages=trainable_stages, returned_features=("c5",),
-                                zero_init_residual=zero_init_residual)
+                                zero_init_residual=zero_init_residual, in_channels=in_channels)
         self.fc = nn.Linear(self.trunk.out_channels["c5"], num_classes)
         for name in ("mean", "std"):  # the trunk's normalization on the model's device: set by set_normalization
-            self.register_buffer(name, torch.empty(1, 3, 1, 1), persistent=False)
+            self.register_buffer(name, torch.empty(1, in_channels, 1, 1), persistent=False)
         self.label_smoothing = label_smoothing
+        if class_weights is not None and (len(class_weights) != num_classes or min(class_weights) < 0):
+            raise ValueError(f"model.class_weights has {len(class_weights)} entries {list(class_weights)}; give one "
+                             f"non-negative weight per class ({num_classes}, in the order of the class names)")
+        self.register_buffer("class_weights", None if class_weights is None else
+                             torch.tensor([float(w) for w in class_weights]), persistent=False)
         mixes = ([v2.MixUp(alpha=mixup_alpha, num_classes=num_classes)] if mixup_alpha > 0 else []) + \
                 ([v2.CutMix(alpha=cutmix_alpha, num_classes=num_classes)] if cutmix_alpha > 0 else [])
         self.mix = v2.RandomChoice(mixes) if mixes else None
@@ -75,7 +89,8 @@ class ImageClassifier(BackboneTask):
         self.log_images, self._pictures_sent = log_images, 0
         if weights is not None:
             self.load_trunk_and_head(weights, strict=strict_weights)
-        self.set_normalization(self.trunk.normalization)  # the weights' (ImageNet's by default), into the buffers
+        # the config's, else the weights' (ImageNet's by default), into the buffers
+        self.set_normalization(normalization or self.trunk.normalization)
 
     def load_trunk_and_head(self, weights: str, strict: bool = True) -> None:
         source = rb.read_weights(weights, model=self.hparams.backbone)  # a file, or a registered name: fetched
@@ -101,7 +116,7 @@ class ImageClassifier(BackboneTask):
         """Also the ``mean``/``std`` buffers that :meth:`forward` reads: set here, and only here."""
         super().set_normalization(normalization)
         for name in ("mean", "std"):
-            getattr(self, name).copy_(torch.tensor(self.trunk.normalization[name]).view(1, 3, 1, 1))
+            getattr(self, name).copy_(torch.tensor(self.trunk.normalization[name]).view(1, -1, 1, 1))
 
     def forward(self, images: Tensor) -> Tensor:
         """Logits for RGB images in [0, 1]."""
@@ -113,7 +128,7 @@ class ImageClassifier(BackboneTask):
         images, labels = batch
         if self.mix is not None:
             images, labels = self.mix(images, labels)
-        return F.cross_entropy(self(images), labels, label_smoothing=self.label_smoothing)
+        return F.cross_entropy(self(images), labels, weight=self.class_weights, label_smoothing=self.label_smoothing)
 
     def evaluation_step(self, batch, batch_idx: int, stage: str) -> None:
         images, labels = batch

@@ -25,7 +25,7 @@ from .checkpoint_io import AtomicCheckpointIO
 from .classes import ClassesError, classes_for_model
 
 # Model arguments that say how a run uses the model, not what the model is: with --ckpt_path, the run's values stand
-RUN_ARGUMENTS = ("inference_precision", "fused_inference", "log_images")
+RUN_ARGUMENTS = ("inference_precision", "fused_inference", "log_images", "tile")
 
 
 class TaskTrainer(Trainer):

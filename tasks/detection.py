@@ -18,7 +18,7 @@ from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredic
 from torchvision.transforms.v2.functional import to_dtype
 
 import resnext_backbones as rb
-from resnext_backbones.deployment import sparse_roi_poolers
+from resnext_backbones.deployment import Tiling, sparse_roi_poolers, tiled_detections
 
 from .base import BackboneTask, gather_objects, log, sgd
 from .data.masks import EncodedMasks, binary_masks
@@ -125,10 +125,18 @@ class ObjectDetector(BackboneTask):
             for torchmetrics' ``MeanAveragePrecision`` (of boxes, and for Mask R-CNN of masks too).
         log_images: how many validation images to send, each epoch, to the loggers that show pictures (TensorBoard):
             ground truth and predictions side by side, boxes labelled with category names (and scores); 0 for none.
+        tile: validate, test and predict by overlapping tiles (images larger than the model's input, small objects):
+            ``{size, overlap, merge: nms | nmm, iou, match: ios | iou, full_image, batch}``, the settings of
+            :class:`resnext_backbones.deployment.Tiling` (``size`` unset: ``min_size``, the model's own input size);
+            ``null`` (default): whole images. Training is untouched: train on crops of the tile size.
         optimizer: default SGD, lr 0.02 for 16 images, momentum 0.9, weight decay 1e-4 (the detection 1x recipe).
         lr_schedule: ``multistep`` | ``cosine`` | ``constant``, after a linear warmup.
         warmup_steps: optimizer steps of linear warmup from ``0.001 x lr``.
         milestones: for ``multistep``, fractions of training where the lr drops by ``gamma`` (1x: [0.667, 0.917]).
+        in_channels: channels of the input images (1 gray, 4 RGB-D, 13 multispectral, ...; the data's
+            ``channels``); RGB weights are adapted to them (:func:`resnext_backbones.loading.adapt_input_conv`).
+        normalization: ``{mean: [...], std: [...]}``, one value per input channel, of images in [0, 1]; unset: the
+            weights' (ImageNet's, adapted to ``in_channels``).
     """
 
     def __init__(self, architecture: str = "faster_rcnn", backbone: str = "resnext50_32x4d", num_classes: int = 91,
@@ -138,8 +146,10 @@ class ObjectDetector(BackboneTask):
                  mask_head_layers: Optional[List[int]] = None, sparse_roi_align: bool = True,
                  detector_kwargs: Optional[Dict[str, Any]] = None,
                  categories: Optional[Dict[int, str]] = None, map_backend: str = "faster_coco_eval",
-                 log_images: int = 4, optimizer: OptimizerCallable = sgd, lr_schedule: str = "multistep",
-                 warmup_steps: int = 500, milestones: Sequence[float] = (0.667, 0.917), **kwargs) -> None:
+                 log_images: int = 4, tile: Optional[Dict[str, Any]] = None, optimizer: OptimizerCallable = sgd,
+                 lr_schedule: str = "multistep", warmup_steps: int = 500,
+                 milestones: Sequence[float] = (0.667, 0.917), in_channels: int = 3,
+                 normalization: Optional[Dict[str, Sequence[float]]] = None, **kwargs) -> None:
         if architecture not in ARCHITECTURES:
             raise ValueError(f"model.architecture={architecture!r} is not supported; "
                              f"choose one of {list(ARCHITECTURES)}")
@@ -151,7 +161,8 @@ class ObjectDetector(BackboneTask):
         self.predicts_masks = arch.masks  # the data module reads this to give masks (data.masks unset)
         self.label_map = self.label_map.with_offset(arch.background_classes)
         fpn = rb.resnext_fpn(backbone, returned_features=arch.returned_features, extra_blocks=arch.extra_blocks,
-                             trainable_stages=trainable_stages, norm=norm, out_channels=fpn_channels)
+                             trainable_stages=trainable_stages, norm=norm, out_channels=fpn_channels,
+                             in_channels=in_channels)
         if weights is not None:
             rb.load_weights(fpn, weights, strict=strict_weights)  # logs its report
         min_size = tuple(min_size) if isinstance(min_size, (list, tuple)) else min_size
@@ -159,13 +170,15 @@ class ObjectDetector(BackboneTask):
                                 max_size=max_size, **(detector_kwargs or {}))
         if mask_head_layers is not None:
             self._size_mask_head(list(mask_head_layers), fpn_channels, num_classes + arch.background_classes)
-        self.set_normalization(fpn.body.normalization)  # the transform's copy of the weights' input convention
+        # the config's, else the weights' input convention, into the transform's copy
+        self.set_normalization(normalization or fpn.body.normalization)
         # extended_summary: the precision array, from which AP and AP50 per category come (tasks.per_class)
         self.metrics = self.stage_metrics(MeanAveragePrecision(
             box_format="xyxy", iou_type=("bbox", "segm") if arch.masks else "bbox", backend=map_backend,
             sync_on_compute=False, extended_summary=True))
         self._eval_batches: List = []
         self.log_images, self._pictures_sent = log_images, 0
+        self.tiling = None if tile is None else Tiling.from_config(tile, key="model.tile")
         self.sparse_roi_align = sparse_roi_align
 
     def _size_mask_head(self, layers: List[int], in_channels: int, classes: int) -> None:
@@ -204,8 +217,10 @@ class ObjectDetector(BackboneTask):
     def forward(self, images: Sequence[Tensor]) -> List[Dict[str, Tensor]]:
         """Detections per image (uint8 images, or float in [0, 1]): ``boxes`` (xyxy, input pixels), ``scores``,
         ``labels`` (dataset category ids); Mask R-CNN's also ``masks`` (N x H x W bool, in the input's pixels: its soft
-        masks thresholded at 0.5, as torchvision's references and COCO evaluations take them)."""
-        detections = self.model(self._inputs(images))
+        masks thresholded at 0.5, as torchvision's references and COCO evaluations take them). With ``tile`` set, by
+        tiles (:func:`resnext_backbones.deployment.tiled_detections`)."""
+        inputs = self._inputs(images)
+        detections = self.model(inputs) if self.tiling is None else tiled_detections(self.model, inputs, self.tiling)
         for d in detections:
             d["labels"] = self.label_map.category_ids_of_model(d["labels"])
             if "masks" in d:

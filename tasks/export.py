@@ -5,7 +5,8 @@ The Lightning wiring of :func:`resnext_backbones.export`: the checkpoint's task 
 input's pixels), ``scores`` and ``labels`` (the dataset's category ids) out, and for Mask R-CNN ``masks``
 ``(N, 1, H, W)``: each detection's mask probabilities, as torchvision's Mask R-CNN gives them (the task thresholds them
 at 0.5). The classifier: images ``(N, 3, H, W)`` in [0, 1] in, class ``probabilities`` (in the order of the
-checkpoint's classes) out. Both take any image size (:mod:`resnext_backbones.deployment.exporting` says which);
+checkpoint's classes) out. The segmenter: images ``(N, 3, H, W)`` in [0, 1] in, ``logits`` ``(N, classes, H, W)``
+at the input's size out. All take any image size (:mod:`resnext_backbones.deployment.exporting` says which);
 ``--image-size H W`` only sets the size traced.
 """
 
@@ -25,9 +26,23 @@ from resnext_backbones.deployment.exporting import FORMATS, image_sides
 from .base import BackboneTask
 from .classification import ImageClassifier
 from .detection import ObjectDetector
+from .segmentation import SemanticSegmenter
 
 TASKS = {"tasks.ObjectDetector": ObjectDetector, "tasks.detection.ObjectDetector": ObjectDetector,
-         "tasks.ImageClassifier": ImageClassifier, "tasks.classification.ImageClassifier": ImageClassifier}
+         "tasks.ImageClassifier": ImageClassifier, "tasks.classification.ImageClassifier": ImageClassifier,
+         "tasks.SemanticSegmenter": SemanticSegmenter, "tasks.segmentation.SemanticSegmenter": SemanticSegmenter}
+
+
+class ExportedSegmenter(nn.Module):
+    """Images ``(N, 3, H, W)`` in [0, 1] -> logits ``(N, classes, H, W)`` at their size (one forward of the whole
+    image: the task's ``sliding_window`` is a loop around the model, for the caller to run)."""
+
+    def __init__(self, task: SemanticSegmenter) -> None:
+        super().__init__()
+        self.task = task
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.task(images)
 
 
 class ExportedClassifier(nn.Module):
@@ -49,11 +64,13 @@ def load_task(checkpoint: str) -> BackboneTask:
     content = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     hyperparameters = content.get("hyper_parameters") if isinstance(content, dict) else None
     if not isinstance(hyperparameters, dict) or "state_dict" not in content:
-        raise ValueError(f"{checkpoint} is not a Lightning checkpoint of tasks.ObjectDetector or tasks.ImageClassifier "
-                         "(no hyper_parameters/state_dict); export a trunk with python -m resnext_backbones export")
+        raise ValueError(f"{checkpoint} is not a Lightning checkpoint of tasks.ObjectDetector, tasks.ImageClassifier "
+                         "or tasks.SemanticSegmenter (no hyper_parameters/state_dict); export a trunk with python -m "
+                         "resnext_backbones export")
     task_class = TASKS.get(hyperparameters.get("_class_path"))
     if task_class is None:
-        task_class = ObjectDetector if "architecture" in hyperparameters else ImageClassifier
+        task_class = ObjectDetector if "architecture" in hyperparameters else \
+            SemanticSegmenter if "ignore_index" in hyperparameters else ImageClassifier
     return task_class.load_from_checkpoint(path, map_location="cpu").eval()
 
 
@@ -68,6 +85,10 @@ def export(checkpoint: str, fmt: str, output: str, image_size: Optional[Sequence
         out = rb.export(model, output, fmt, image_size,
                         category_ids=[0] * task.label_map.offset + list(task.label_map.category_ids))
         what = "one image (3, H, W)"
+    elif isinstance(task, SemanticSegmenter):
+        model = ExportedSegmenter(task).eval()
+        out = rb.export(model, output, fmt, image_size, output_names=["logits"])
+        what = "images (N, 3, H, W); logits (N, classes, H, W) out"
     else:
         model = ExportedClassifier(task).eval()
         out = rb.export(model, output, fmt, image_size, output_names=["probabilities"])
@@ -81,7 +102,8 @@ def export(checkpoint: str, fmt: str, output: str, image_size: Optional[Sequence
 def main(argv: Optional[Sequence[str]] = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m tasks export", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("checkpoint", help="a Lightning checkpoint of tasks.ObjectDetector or tasks.ImageClassifier")
+    parser.add_argument("checkpoint", help="a Lightning checkpoint of tasks.ObjectDetector, tasks.ImageClassifier or "
+                                           "tasks.SemanticSegmenter")
     parser.add_argument("--format", required=True, choices=FORMATS, help="onnx or torch_export (a .pt2 program)")
     parser.add_argument("--output", required=True, help="file to write (.onnx, .pt2)")
     parser.add_argument("--image-size", type=int, nargs=2, metavar=("H", "W"),

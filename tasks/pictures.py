@@ -26,11 +26,16 @@ def colour(category_id: int) -> tuple:
 
 
 def enlarged(image: Tensor) -> tuple:
-    """``(uint8 RGB image, factor)``: the image as uint8, enlarged by a whole factor (nearest neighbour, so pixels
+    """``(uint8 RGB image, factor)``: the image as uint8 (1 or 2 channels: the first as gray; more than 3: the first
+    three), enlarged by a whole factor (nearest neighbour, so pixels
     stay crisp) until its shorter side reaches :data:`LEGIBLE_SIDE` or its longer side would pass :data:`MAX_SIDE`."""
     image = to_dtype(image.detach().cpu().as_subclass(Tensor), torch.uint8, scale=True)
     if image.shape[0] == 1:
         image = image.expand(3, -1, -1)
+    elif image.shape[0] > 3:  # RGB-D, multispectral: the first three channels, which are RGB by convention
+        image = image[:3]
+    elif image.shape[0] == 2:
+        image = image[:1].expand(3, -1, -1)
     height, width = image.shape[-2:]
     factor = max(1, min(math.ceil(LEGIBLE_SIDE / max(1, min(height, width))), MAX_SIDE // max(height, width)))
     if factor > 1:
@@ -140,3 +145,24 @@ def write_png(picture: Tensor, path: Path) -> None:
 
     path.parent.mkdir(parents=True, exist_ok=True)
     write(picture, str(path))
+
+
+def segmentation_picture(image: Tensor, labels: Optional[Tensor], ignore_index: int = 255, alpha: float = 0.6
+                         ) -> Tensor:
+    """``image`` (uint8, or float in [0, 1]) with each class of ``labels`` (H x W class indices; ``None``: the image
+    alone) over it in the class's colour (:func:`colour`), ``ignore_index`` pixels left as they are; enlarged as
+    :func:`enlarged` says; uint8 RGB."""
+    from torchvision.utils import draw_segmentation_masks
+
+    picture, factor = enlarged(image)
+    if labels is None:
+        return picture
+    labels = labels.detach().cpu().as_subclass(Tensor).long()
+    if factor > 1:
+        labels = labels.repeat_interleave(factor, -2).repeat_interleave(factor, -1)
+    classes = [int(c) for c in labels.unique().tolist() if int(c) != ignore_index]
+    if not classes:
+        return picture
+    masks = labels[None] == torch.tensor(classes)[:, None, None]
+    return draw_segmentation_masks(picture, masks, alpha=alpha, colors=[colour(c) for c in classes])
+

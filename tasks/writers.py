@@ -18,7 +18,8 @@ from resnext_backbones.files import atomic_write
 from .classification import ImageClassifier
 from .data.masks import EncodedMasks, coco_segmentation
 from .detection import ObjectDetector
-from .pictures import detections_picture, write_png
+from .pictures import detections_picture, segmentation_picture, side_by_side, write_png
+from .segmentation import SemanticSegmenter
 
 log = logging.getLogger("tasks")
 
@@ -64,7 +65,7 @@ class StreamingWriter(BasePredictionWriter):
             raise TypeError(f"{type(self).__name__} writes the predictions of {self.model_class.__name__} models, but "
                             f"the model is {type(pl_module).__name__}; put the writer of its task in trainer.callbacks "
                             "(tasks.CocoResultsWriter for detection, tasks.ClassificationResultsWriter for "
-                            "classification)")
+                            "classification, tasks.SegmentationWriter for semantic segmentation)")
 
     def output_path(self, trainer) -> Path:
         """``output``, or ``<log_dir>/<default_name>``."""
@@ -216,3 +217,61 @@ class ClassificationResultsWriter(StreamingWriter):
                 writer.writerow([row["path"]] + [v for name, p in row["top"] for v in (name, f"{p:.6f}")])
                 count += 1
         log.info("wrote the top %d classes of %d images to %s", k, count, self.path)
+
+
+class SegmentationWriter(StreamingWriter):
+    """On ``predict``, write each image's labels as an index PNG at the image's own size, ``<output>/<file_name
+    without its extension>.png`` (pixel value = class index in the model's class order, uint8; 16-bit beyond 256
+    classes), as the batches finish, and ``<output>/classes.json`` (the class names, index order) at the end.
+
+    Args:
+        output: the folder; default ``<log_dir>/predictions``.
+        draw_dir: if set, also write each image beside its prediction overlaid in the classes' colours, as PNG under
+            its ``file_name`` + ``.png`` (small images enlarged).
+    """
+
+    model_class = SemanticSegmenter
+    default_name = "predictions"
+
+    def __init__(self, output: Optional[str] = None, draw_dir: Optional[str] = None) -> None:
+        super().__init__(output)
+        self.draw_dir = draw_dir
+
+    def mask_path(self, file_name: str, image_id: int) -> Path:
+        """``output/<file_name>`` with ``.png`` for its extension; a name outside the image folder gets a flat one
+        with its image id."""
+        name = Path(file_name)
+        if name.is_absolute() or ".." in name.parts:
+            name = Path(f"{image_id}_{name.name}")
+        return self.path / name.with_suffix(".png")
+
+    def rows(self, pl_module, prediction: List, batch) -> Iterator[dict]:
+        images, infos = batch
+        for image, info, labels in zip(images, infos, prediction, strict=True):
+            path = self.mask_path(info["file_name"], int(info["image_id"]))
+            write_index_png(labels, path)
+            if self.draw_dir:
+                image = image[:, :info["height"], :info["width"]]
+                picture = side_by_side(segmentation_picture(image, None),
+                                       segmentation_picture(image, labels, ignore_index=-1))
+                write_png(picture, Path(self.draw_dir) / f"{path.relative_to(self.path).with_suffix('')}.png")
+            yield {"image_id": int(info["image_id"]), "file_name": info["file_name"]}
+
+    def assemble(self, rows: Iterator[dict], pl_module) -> None:
+        count = sum(1 for _ in rows)
+        with atomic_text_file(self.path / "classes.json") as f:
+            json.dump(list(pl_module.label_map.names), f, indent=1)
+        log.info("wrote the labels of %d images as index PNGs to %s (class names: classes.json)%s", count, self.path,
+                 f"; pictures in {self.draw_dir}" if self.draw_dir else "")
+
+
+def write_index_png(labels, path: Path) -> None:
+    """``labels`` (H x W) as a single-channel PNG: 8-bit for uint8 labels, else 16-bit; atomically."""
+    import numpy as np
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    array = labels.numpy()
+    image = Image.fromarray(array if array.dtype == np.uint8 else array.astype(np.uint16))
+    with atomic_write(path) as temporary:
+        image.save(temporary, format="PNG")

@@ -4,6 +4,8 @@ data (fixtures are in conftest.py). ``tests/`` is on the path (pyproject's ``pyt
 import csv
 import os
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -147,6 +149,22 @@ def last_metrics(log_dir: Path) -> dict:
     for row in rows:
         merged.update({k: float(v) for k, v in row.items() if v not in ("", None)})
     return merged
+
+
+def run_cli(*args, cwd):
+    """``python -m tasks ARGS`` of this checkout (first on its ``PYTHONPATH``: an editable install may point at
+    another) in a process of its own, in ``cwd``; fails the test with its stderr on an error."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    result = subprocess.run([sys.executable, "-m", "tasks", *args], cwd=cwd, capture_output=True, text=True,
+                            timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def run_on_two_processes(args):
+    """The command under DDP on two CPU processes (Lightning launches them: a subprocess of its own); ``args[2]`` is
+    the config, whose folder the command runs in."""
+    return run_cli(*args, "--trainer.devices", "2", "--trainer.strategy", "ddp", cwd=Path(args[2]).parent)
 
 
 def odd_images(root):

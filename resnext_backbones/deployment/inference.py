@@ -29,7 +29,8 @@ __all__ = ["HEADS", "Native", "cast", "inference_copy"]
 # Where torchvision's detectors keep the parts with an inference form: networks (run in the copy's dtype) and RoI
 # poolers (sparse products). Paths that a model lacks, or holds None at (Faster R-CNN's mask head), are passed over.
 HEADS = ("rpn.head", "roi_heads.box_roi_pool", "roi_heads.box_head", "roi_heads.box_predictor",
-         "roi_heads.mask_roi_pool", "roi_heads.mask_head", "roi_heads.mask_predictor", "head")
+         "roi_heads.mask_roi_pool", "roi_heads.mask_head", "roi_heads.mask_predictor", "head",
+         "decode_head")  # resnext_backbones.heads.SegmentationModel's
 
 
 def cast(value, dtype: torch.dtype):
@@ -63,7 +64,8 @@ def inference_copy(model: nn.Module, dtype: torch.dtype = torch.float32, *, fuse
     tolerance in float32); ``model`` is left as it is.
 
     ``model``: a torchvision ``FasterRCNN``, ``MaskRCNN``, ``RetinaNet`` or ``FCOS`` whose backbone is
-    :func:`resnext_backbones.resnext_fpn`, or any module holding :class:`~resnext_backbones.ResNeXt` trunks or
+    :func:`resnext_backbones.resnext_fpn`, a :class:`resnext_backbones.heads.SegmentationModel` (its
+    ``decode_head`` packed and in ``dtype`` too), or any module holding :class:`~resnext_backbones.ResNeXt` trunks or
     :class:`~resnext_backbones.ResNeXtFPN` backbones (a classifier; a trunk or backbone itself). In the copy each
     trunk runs fused and channels_last, the FPN and heads on packed convolutions, RoI poolers as sparse products on
     the CPU (``fused=False``: as they are, only in ``dtype``). ``dtype`` applies where the device computes it natively

@@ -3,5 +3,7 @@
 from .coco import CocoDetection, CocoDetectionDataModule, CocoIndex
 from .folder import ImageFolderDataModule
 from .labels import LabelMap
+from .segmentation import SegmentationDataModule, coco_semantic_masks
 
 __all__ = ["CocoDetection", "CocoDetectionDataModule", "CocoIndex", "ImageFolderDataModule", "LabelMap"]
+__all__ += ["SegmentationDataModule", "coco_semantic_masks"]

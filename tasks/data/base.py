@@ -44,10 +44,20 @@ class ResumableSampler(DistributedSampler):
         super().__init__(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed)
         self.resume_at: Optional[tuple] = None  # set by ResumableLoader.load_state_dict
 
+    def epoch_indices(self) -> List[int]:
+        """This process's dataset indices for the current epoch, in order (a subclass draws them otherwise:
+        :class:`~tasks.data.samplers.RepeatFactorSampler`)."""
+        return list(super().__iter__())
+
     def __iter__(self):
         start = self.resume_at[1] if self.resume_at is not None and self.resume_at[0] == self.epoch else 0
-        for index in list(super().__iter__())[start:]:
-            yield index, ((self.seed * 1_000_003 + self.epoch) * 1_000_003 + index) % 2**63
+        indices, copies, seen = self.epoch_indices(), [], {}
+        for index in indices:  # the copy number: repeats of an image in one epoch are augmented differently
+            copies.append(seen.get(index, 0))
+            seen[index] = copies[-1] + 1
+        for index, copy in zip(indices[start:], copies[start:], strict=True):
+            key = index + copy * len(self.dataset)
+            yield index, ((self.seed * 1_000_003 + self.epoch) * 1_000_003 + key) % 2**63
 
 
 class Samples(Dataset):
@@ -159,9 +169,14 @@ class BaseDataModule(LightningDataModule):
                       drop_last=drop_last, generator=torch.Generator().manual_seed(self.seed),
                       pin_memory=torch.cuda.is_available(), persistent_workers=self.num_workers > 0)
         if train:
-            return ResumableLoader(samples, sampler=ResumableSampler(dataset, self.seed),
+            return ResumableLoader(samples, sampler=self.training_sampler(dataset),
                                    batches_done=self._batches_done, **kwargs)
         return DataLoader(samples, sampler=eval_sampler(dataset), **kwargs)
+
+    def training_sampler(self, dataset: Dataset) -> ResumableSampler:
+        """The training order: every image once an epoch, shuffled (a data module that samples rare classes more
+        often gives a :class:`~tasks.data.samplers.RepeatFactorSampler`)."""
+        return ResumableSampler(dataset, self.seed)
 
     def _batches_done(self) -> int:
         return self.trainer.fit_loop.epoch_loop.batch_progress.current.processed if self.trainer is not None else 0

@@ -1,5 +1,6 @@
-"""COCO detection data: the JSON read directly (no pycocotools index, no console noise), compact arrays for the
-samples (instance masks too), transforms v2 for the boxes and masks."""
+"""Detection data: a COCO file read directly (no pycocotools index, no console noise), or YOLO or VOC labels read
+into the same index (:mod:`tasks.data.label_formats`); compact arrays for the samples (instance masks too),
+transforms v2 for the boxes and masks."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import json
 import logging
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import List, Optional
+from typing import Callable, List, Optional
 
 import numpy as np
 import torch
@@ -17,9 +18,10 @@ from torchvision.transforms import v2
 
 from .base import BaseDataModule
 from .image_files import ImageFiles, ImageList, list_images
-from .images import CorruptImageError, image_size, read_rgb
+from .images import CorruptImageError, image_reader, image_size, read_rgb
 from .labels import LabelMap
 from .masks import Segmentations, row_offsets
+from .samplers import RepeatFactorSampler, lvis_repeat_factors
 from .transforms import DropEmptyMasks, configured_or_default, detection_pipeline
 
 log = logging.getLogger("tasks")
@@ -59,6 +61,13 @@ class CocoIndex:
             data = json.loads(path.read_bytes())
         except ValueError as e:
             raise ValueError(f"{path}: not a JSON file ({e})") from None
+        return cls.from_coco(data, str(path), masks)
+
+    @classmethod
+    def from_coco(cls, data, path: str, masks: Optional[bool] = False) -> CocoIndex:
+        """As :meth:`from_file`, from the COCO file's content; ``path`` names it in messages. An annotation may
+        carry a ``"source"`` (``"labels/a.txt line 3"``, where a YOLO or VOC reader found it), which messages
+        name instead of its id (:mod:`tasks.data.label_formats`)."""
         if not isinstance(data, dict):
             raise ValueError(f"{path}: a COCO file holds one JSON object, not a {type(data).__name__}")
         cats = data.get("categories", [])
@@ -81,17 +90,19 @@ class CocoIndex:
         row_image = np.searchsorted(image_ids, [a["image_id"] for a in anns]).astype(np.int64)
         for a, i in zip(anns, row_image, strict=True):
             if i >= len(image_ids) or image_ids[i] != a["image_id"]:
-                raise ValueError(f"{path}: annotation {a.get('id')} refers to image_id {a['image_id']}, which has no "
-                                 "entry in 'images'")
+                raise ValueError(f"{_where(path, a)} refers to image_id {a['image_id']}, which has no entry in "
+                                 "'images'")
             if a["category_id"] not in known:
-                raise ValueError(f"{path}: annotation {a.get('id')} has category_id {a['category_id']}, which is "
-                                 f"not in 'categories' {list(label_map.category_ids)}")
+                raise ValueError(f"{_where(path, a)} has category_id {a['category_id']!r}, which is not in "
+                                 f"'categories' {list(label_map.category_ids)} {list(label_map.names)}")
         xywh = np.asarray([a["bbox"] for a in anns], dtype=np.float64).reshape(-1, 4)
         bad = ~np.isfinite(xywh).all(1)
         if bad.any():
-            raise ValueError(f"{path}: annotations {ann_ids[bad][:5].tolist()} have non-finite bbox coordinates")
+            named = [anns[r].get("source", anns[r].get("id")) for r in np.flatnonzero(bad)[:5]]
+            raise ValueError(f"{path}: annotations {named} have non-finite bbox coordinates")
         sizes = np.asarray([(img.get("height", 0), img.get("width", 0)) for img in images], dtype=np.int64)
         boxes = np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], 1)
+        _warn_outside(path, anns, boxes, sizes[row_image])
         keep = (xywh[:, 2] > 0) & (xywh[:, 3] > 0)
         if not keep.all():
             log.warning("%s: dropped %d of %d boxes with zero or negative width or height", path, (~keep).sum(),
@@ -147,6 +158,26 @@ class CocoIndex:
         return self._with_rows(keep, np.bincount(image_of_row[keep], minlength=len(counts)), boxes=clipped)
 
 
+def _where(path: str, annotation: dict) -> str:
+    """An annotation as messages name it: where a reader found it (file and line), else its id in ``path``."""
+    if "source" in annotation:
+        return str(annotation["source"])
+    return f"{path}: annotation {annotation.get('id')}"
+
+
+def _warn_outside(path: str, annotations: list, boxes: np.ndarray, sizes: np.ndarray) -> None:
+    """A warning naming the first annotations whose box reaches outside the image size the annotations give
+    (:meth:`CocoIndex.fit_to_images` then clips them to the file's size)."""
+    if not len(boxes):
+        return
+    h, w = sizes[:, 0:1].astype(np.float64), sizes[:, 1:2].astype(np.float64)
+    known = (sizes > 0).all(1)
+    outside = known & ((boxes[:, :2] < 0).any(1) | (boxes[:, 2:3] > w)[:, 0] | (boxes[:, 3:4] > h)[:, 0])
+    if outside.any():
+        first = [_where(path, annotations[r]) for r in np.flatnonzero(outside)[:3]]
+        log.warning("%s: %d boxes reach outside their image, first: %s", path, int(outside.sum()), "; ".join(first))
+
+
 def _drop_images(index: CocoIndex, bad: np.ndarray, root: Path, key: str, problem: str, option: str, skip: bool,
                  error: type) -> CocoIndex:
     """``index`` without the images where ``bad`` is true: an error naming the first of them and the count, or,
@@ -196,19 +227,19 @@ class CocoDetection(Dataset):
     (evaluation needs them)."""
 
     def __init__(self, index: CocoIndex, images: str, transforms: Optional[v2.Transform] = None,
-                 keep_crowd: bool = False, masks: bool = False) -> None:
+                 keep_crowd: bool = False, masks: bool = False, read: Callable = read_rgb) -> None:
         if masks and index.segmentations is None:
             raise ValueError("masks were asked for, but the index was read without segmentations; read it with "
                              "CocoIndex.from_file(path, masks=True)")
         self.index, self.root, self.transforms, self.keep_crowd = index, Path(images), transforms, keep_crowd
-        self.masks = masks
+        self.masks, self.read = masks, read
 
     def __len__(self) -> int:
         return len(self.index)
 
     def __getitem__(self, i: int):
         idx = self.index
-        image = tv_tensors.Image(read_rgb(str(self.root / idx.file_names[i])))
+        image = tv_tensors.Image(self.read(str(self.root / idx.file_names[i])))
         rows = slice(idx.offsets[i], idx.offsets[i + 1])
         keep = slice(None) if self.keep_crowd else idx.iscrowd[rows] == 0
         h, w = image.shape[-2:]
@@ -266,6 +297,21 @@ class CocoDetectionDataModule(BaseDataModule):
             when its image is loaded), for Mask R-CNN. Unset: whenever the model predicts masks
             (``ObjectDetector(architecture=mask_rcnn)``); ``true`` or ``false`` to decide here. After augmentation,
             an instance whose mask is empty is dropped with its box, and counted.
+        format: the labels' form, ``coco`` | ``yolo`` | ``voc`` (:mod:`tasks.data.label_formats`); unset: detected
+            from each annotation path (and logged). COCO: the ``.json`` file and its image folder. YOLO: the
+            ``data.yaml`` (or a names list) and the images folder (``.../images/train``, labels in
+            ``.../labels/train``). VOC: ``ImageSets/Main/<split>.txt`` (or the ``Annotations/`` folder) and
+            ``JPEGImages/``.
+        classes: VOC's class names, in the order of their category ids (1..N); unset: the sorted names found in
+            ``Annotations/``.
+        repeat_threshold: sample training images with rare classes more often, by LVIS's repeat factors
+            (:func:`~tasks.data.samplers.lvis_repeat_factors`: a class in fewer than this fraction of the images is
+            repeated, up to ``sqrt(t / f(c))`` times; LVIS: 0.001); :meth:`repeat_factors` tells each image's.
+            Unset: every image once an epoch.
+        channels: channels of the images (the model's ``in_channels``): 3 reads any image as RGB; another count
+            reads PNG or TIFF (multi-band with ``tifffile``) with that many (:func:`~tasks.data.images.read_image`).
+        max_value: the pixel value that becomes 1.0 (a 12-bit sensor's 4095); unset: 8-bit images stay uint8 (the
+            model scales them), deeper ones are divided by their type's largest value.
     """
 
     ANNOTATION_KEYS = ("train_annotations", "train_images", "val_annotations", "val_images")
@@ -276,7 +322,9 @@ class CocoDetectionDataModule(BaseDataModule):
                  train_transforms: Optional[List[v2.Transform]] = None,
                  val_transforms: Optional[List[v2.Transform]] = None, horizontal_flip: Optional[float] = None,
                  skip_missing_images: bool = False, skip_corrupt_images: bool = False,
-                 masks: Optional[bool] = None) -> None:
+                 masks: Optional[bool] = None, format: Optional[str] = None,
+                 classes: Optional[List[str]] = None, repeat_threshold: Optional[float] = None,
+                 channels: int = 3, max_value: Optional[float] = None) -> None:
         super().__init__(batch_size=batch_size, num_workers=num_workers, skip_corrupt_images=skip_corrupt_images)
         if train_transforms is not None and horizontal_flip is not None:
             raise ValueError("data.horizontal_flip sets the default augmentation, which data.train_transforms "
@@ -285,6 +333,11 @@ class CocoDetectionDataModule(BaseDataModule):
         self.train_transform_list, self.val_transform_list = train_transforms, val_transforms
         self.horizontal_flip = 0.5 if horizontal_flip is None else horizontal_flip
         self.skip_missing_images = skip_missing_images
+        self.format, self.classes = format, classes
+        self.read = image_reader(channels, max_value)
+        if repeat_threshold is not None:
+            lvis_repeat_factors([], repeat_threshold)  # checks it now, not when training starts
+        self.repeat_threshold = repeat_threshold
         self.masks, self.empty_masks = masks, DropEmptyMasks()
         self.train_index: Optional[CocoIndex] = None
         self.val_index: Optional[CocoIndex] = None
@@ -308,8 +361,11 @@ class CocoDetectionDataModule(BaseDataModule):
         self.label_map = self.val_index.label_map
 
     def _index(self, annotations: str, images: str, key: str, masks: Optional[bool]) -> CocoIndex:
-        return check_image_files(CocoIndex.from_file(annotations, masks=masks), images, key,
-                                 self.skip_missing_images, self.skip_corrupt_images)
+        from .label_formats import read_index
+
+        index = read_index(annotations, images, self.format, masks, self.classes, self.skip_missing_images,
+                           f"data.{key.replace('images', 'annotations')}")
+        return check_image_files(index, images, key, self.skip_missing_images, self.skip_corrupt_images)
 
     def wants_masks(self) -> bool:
         """Whether targets carry instance masks: ``masks`` if set, else whether the model (of the trainer this module
@@ -362,16 +418,33 @@ class CocoDetectionDataModule(BaseDataModule):
         return None if self.val_transform_list is None else detection_pipeline(self.val_transform_list,
                                                                                 self.empty_masks)
 
+    def repeat_factors(self) -> np.ndarray:
+        """``r(I)`` of every training image, in index order (all 1 without ``repeat_threshold``); crowd boxes
+        (never trained on) do not count."""
+        if self.train_index is None:
+            self.setup("fit")
+        index = self.train_index
+        if self.repeat_threshold is None:
+            return np.ones(len(index))
+        labels = [index.labels[a:b][index.iscrowd[a:b] == 0] for a, b in zip(index.offsets[:-1], index.offsets[1:],
+                                                                               strict=True)]
+        return lvis_repeat_factors(labels, self.repeat_threshold)
+
+    def training_sampler(self, dataset):
+        if self.repeat_threshold is None:
+            return super().training_sampler(dataset)
+        return RepeatFactorSampler(dataset, self.seed, self.repeat_factors())
+
     def train_dataloader(self):
         self._require_labels("fit")
         dataset = CocoDetection(self.train_index, self.train_images, self.train_transforms(),
-                                masks=self.wants_masks())
+                                masks=self.wants_masks(), read=self.read)
         return self.loader(dataset, train=True, collate_fn=collate)
 
     def val_dataloader(self):
         self._require_labels("validation")
         dataset = CocoDetection(self.val_index, self.val_images, self.eval_transforms(), keep_crowd=True,
-                                masks=self.wants_masks())
+                                masks=self.wants_masks(), read=self.read)
         return self.loader(dataset, train=False, collate_fn=collate)
 
     test_dataloader = val_dataloader
@@ -380,11 +453,11 @@ class CocoDetectionDataModule(BaseDataModule):
         """The images of ``predict_images`` (ids 1..N in path order), or else of the validation set (its ids), as
         they are: no transforms, unreadable files skipped."""
         if self.predict_images is not None:
-            dataset = ImageFiles(list_images(self.predict_images, "data.predict_images"))
+            dataset = ImageFiles(list_images(self.predict_images, "data.predict_images"), read=self.read)
         else:
             self._require_labels("predict without predict_images")
             dataset = ImageFiles(ImageList(Path(self.val_images), list(self.val_index.file_names)),
-                                 image_ids=self.val_index.image_ids.tolist())
+                                 image_ids=self.val_index.image_ids.tolist(), read=self.read)
         return self.loader(dataset, train=False, collate_fn=collate, skip_corrupt=True)
 
     def teardown(self, stage: str) -> None:

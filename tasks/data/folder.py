@@ -11,8 +11,9 @@ from torchvision.transforms import v2
 
 from .base import BaseDataModule
 from .image_files import ImageFiles, list_images
-from .images import read_rgb
+from .images import image_reader
 from .labels import LabelMap
+from .samplers import RepeatFactorSampler, balanced_repeat_factors
 from .transforms import classification_pipeline, configured_or_default
 
 log = logging.getLogger("tasks")
@@ -40,13 +41,21 @@ class ImageFolderDataModule(BaseDataModule):
             default ImageNet's 0.08-1); with ``train_transforms``, set ``scale`` in that list instead.
         skip_corrupt_images: leave images that cannot be decoded out of their batch, with a warning, and count
             them, instead of failing with an error that names the file.
+        class_balanced: draw training images by inverse class frequency (every class equally often in expectation,
+            an epoch as long as the training set; :func:`~tasks.data.samplers.balanced_repeat_factors`) instead of
+            each image once an epoch.
+        channels: channels of the images (the model's ``in_channels``): 3 reads any image as RGB; another count
+            reads PNG or TIFF (multi-band with ``tifffile``) with that many (:func:`~tasks.data.images.read_image`).
+        max_value: the pixel value that becomes 1.0 (a 12-bit sensor's 4095); unset: 8-bit images are scaled by
+            255, deeper ones by their type's largest value.
     """
 
     def __init__(self, train_dir: Optional[str] = None, val_dir: Optional[str] = None,
                  predict_dir: Optional[str] = None, batch_size: int = 32, num_workers: int = 2, image_size: int = 224,
                  train_transforms: Optional[List[v2.Transform]] = None,
                  val_transforms: Optional[List[v2.Transform]] = None,
-                 crop_scale: Optional[Tuple[float, float]] = None, skip_corrupt_images: bool = False) -> None:
+                 crop_scale: Optional[Tuple[float, float]] = None, skip_corrupt_images: bool = False,
+                 class_balanced: bool = False, channels: int = 3, max_value: Optional[float] = None) -> None:
         super().__init__(batch_size=batch_size, num_workers=num_workers, skip_corrupt_images=skip_corrupt_images)
         if train_transforms is not None and crop_scale is not None:
             raise ValueError("data.crop_scale sets the default augmentation, which data.train_transforms replaces: "
@@ -55,6 +64,8 @@ class ImageFolderDataModule(BaseDataModule):
         if not 0 < crop_scale[0] <= crop_scale[1] <= 1:
             raise ValueError(f"data.crop_scale={list(crop_scale)} must be two fractions 0 < low <= high <= 1")
         self.image_size, self.crop_scale, self.predict_dir = image_size, crop_scale, predict_dir
+        self.class_balanced = class_balanced
+        self.read = image_reader(channels, max_value)
         self.train_transform_list, self.val_transform_list = train_transforms, val_transforms
         if train_dir is None and val_dir is None:
             if predict_dir is not None:
@@ -105,14 +116,19 @@ class ImageFolderDataModule(BaseDataModule):
         return classification_pipeline(configured_or_default(self.val_transform_list, default), self.image_size,
                                        "data.val_transforms")
 
+    def training_sampler(self, dataset):
+        if not self.class_balanced:
+            return super().training_sampler(dataset)
+        return RepeatFactorSampler(dataset, self.seed, balanced_repeat_factors(dataset.targets, len(self.label_map)))
+
     def train_dataloader(self):
         self._require_labels("fit")
-        return self.loader(ImageFolder(self.train_dir, transform=self.train_transforms(), loader=read_rgb),
+        return self.loader(ImageFolder(self.train_dir, transform=self.train_transforms(), loader=self.read),
                            train=True, drop_last=True)
 
     def val_dataloader(self):
         self._require_labels("validation")
-        dataset = ImageFolder(self.val_dir, transform=self.eval_transforms(), loader=read_rgb)
+        dataset = ImageFolder(self.val_dir, transform=self.eval_transforms(), loader=self.read)
         return self.loader(dataset, train=False)
 
     test_dataloader = val_dataloader
@@ -126,4 +142,5 @@ class ImageFolderDataModule(BaseDataModule):
         else:
             self._require_labels("predict without predict_dir")
             images = list_images(self.val_dir, "data.val_dir")
-        return self.loader(ImageFiles(images, transform=self.eval_transforms()), train=False, skip_corrupt=True)
+        return self.loader(ImageFiles(images, transform=self.eval_transforms(), read=self.read), train=False,
+                           skip_corrupt=True)

@@ -14,8 +14,9 @@ from .images import read_rgb
 
 log = logging.getLogger("tasks")
 
-# what torchvision.io decodes (read_rgb); a folder is searched for these, case-insensitively
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".gif", ".webp")
+# what torchvision.io decodes (read_rgb), and TIFF (tifffile: read_image); a folder is searched for these,
+# case-insensitively
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".gif", ".webp", ".tif", ".tiff")
 _GLOB_CHARACTERS = "*?["
 
 
@@ -80,15 +81,15 @@ def _relative(path: Path, root: Path) -> str:
 
 
 class ImageFiles(Dataset):
-    """``(image, info)`` for each file of an :class:`ImageList`: the image as ``read_rgb`` decodes it for training
-    (uint8 RGB, EXIF-rotated; then ``transform``, if any), and ``info`` with ``image_id``, ``file_name``, ``path``
-    (root and file name, as given) and the decoded image's ``height`` and ``width`` (before ``transform``). An
-    unreadable file raises :class:`~tasks.data.images.CorruptImageError` naming it (the predict loaders skip such
-    files)."""
+    """``(image, info)`` for each file of an :class:`ImageList`: the image as ``read`` decodes it for training
+    (default :func:`read_rgb`: uint8 RGB, EXIF-rotated; then ``transform``, if any), and ``info`` with ``image_id``,
+    ``file_name``, ``path`` (root and file name, as given) and the decoded image's ``height`` and ``width`` (before
+    ``transform``). An unreadable file raises :class:`~tasks.data.images.CorruptImageError` naming it (the predict
+    loaders skip such files)."""
 
     def __init__(self, images: ImageList, image_ids: Optional[Sequence[int]] = None,
-                 transform: Optional[Callable] = None) -> None:
-        self.images, self.transform = images, transform
+                 transform: Optional[Callable] = None, read: Callable = read_rgb) -> None:
+        self.images, self.transform, self.read = images, transform, read
         self.image_ids = list(range(1, len(images) + 1)) if image_ids is None else [int(i) for i in image_ids]
         if len(self.image_ids) != len(images):
             raise ValueError(f"{len(self.image_ids)} image ids for {len(images)} images")
@@ -100,7 +101,7 @@ class ImageFiles(Dataset):
         return self.images.root / self.images.file_names[i]
 
     def __getitem__(self, i: int):
-        image = read_rgb(str(self.path(i)))
+        image = self.read(str(self.path(i)))
         height, width = image.shape[-2:]
         info = {"image_id": self.image_ids[i], "file_name": self.images.file_names[i], "path": str(self.path(i)),
                 "height": int(height), "width": int(width)}

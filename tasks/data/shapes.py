@@ -1,6 +1,6 @@
 """The embedded default data: a small deterministic set of coloured shapes, generated once into a cache folder in
-COCO (detection) and image-folder (classification) formats, so the shipped configs exercise the real loaders
-with no download.
+COCO (detection), image-folder (classification) and index-mask (semantic segmentation) formats, so the shipped
+configs exercise the real loaders with no download.
 
 The cache folder is ``$RESNEXT_BACKBONES_DATA`` or ``~/.cache/resnext_backbones``. Category ids are sparse on
 purpose (3, 5, 9): the loaders must map them to contiguous labels and back. Each detection annotation also has
@@ -82,6 +82,32 @@ def draw_instances(rng: np.random.Generator, h: int, w: int, kinds: List[str], m
     return np.clip(image, 0, 255).astype(np.uint8), boxes, masks
 
 
+def draw_scene(rng: np.random.Generator, h: int, w: int, count: int, min_size: int, max_size: int):
+    """An HxWx3 uint8 image of ``count`` shapes of random kinds, with their tight xyxy boxes and category ids: the
+    shapes of :func:`draw_instances`, each drawn within its own box, so that a large image of many small objects (the
+    tiled-prediction benchmark's) costs its objects' area rather than the image's once per shape. Later shapes may
+    cover a little of earlier ones (their boxes overlap by an IoU under 0.2); boxes are of the whole shape."""
+    image = rng.integers(0, 256, 3) * 0.5 + rng.normal(0, 12, (h, w, 3))
+    ids = list(CATEGORIES)
+    boxes: List[Tuple[int, int, int, int]] = []
+    labels: List[int] = []
+    for _ in range(count):
+        category = ids[int(rng.integers(0, len(ids)))]
+        for _ in range(20):  # a few tries at a place that does not hide an earlier shape
+            bw, bh = (min(int(v), side - 2) for v, side in zip(rng.integers(min_size, max_size + 1, 2), (w, h),
+                                                               strict=True))
+            x0, y0 = int(rng.integers(0, w - bw + 1)), int(rng.integers(0, h - bh + 1))
+            box = (x0, y0, x0 + bw, y0 + bh)
+            if all(_iou(box, b) < 0.2 for b in boxes):
+                break
+        mask = _shape_mask(CATEGORIES[category], bh, bw, (0, 0, bw, bh))
+        image[y0:y0 + bh, x0:x0 + bw][mask] = rng.integers(128, 256, 3) * rng.permutation([1.0, 0.6, 0.2])
+        ys, xs = np.nonzero(mask)
+        boxes.append((x0 + int(xs.min()), y0 + int(ys.min()), x0 + int(xs.max()) + 1, y0 + int(ys.max()) + 1))
+        labels.append(category)
+    return np.clip(image, 0, 255).astype(np.uint8), boxes, labels
+
+
 def pixel_outline(mask: np.ndarray):
     """The polygon along the pixel edges of ``mask`` (x, y, x, y, ...), if each of its rows is one run and the rows are
     consecutive (squares, triangles, disks); else ``None``. pycocotools rasterises it to exactly ``mask``."""
@@ -143,6 +169,30 @@ def _generate_detection(out: Path, split: str, count: int, seed: int) -> None:
                                                    "categories": categories}))
 
 
+def _generate_segmentation(out: Path, split: str, count: int, seed: int) -> None:
+    """``split/images/NNNNN.jpg`` and ``split/masks/NNNNN.png``: the detection set's kind of images, each pixel labelled
+    by the shape it shows (square 1, disk 2, triangle 3; background 0) in a palette PNG, as VOC stores masks."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    names = list(CATEGORIES.values())
+    (out / split / "images").mkdir(parents=True)
+    (out / split / "masks").mkdir(parents=True)
+    palette = [0, 0, 0, 255, 99, 71, 50, 205, 50, 30, 144, 255]
+    for i in range(count):
+        h, w = int(rng.choice([112, 128, 144])), int(rng.choice([112, 128, 144]))
+        n = 0 if i % 20 == 7 else int(rng.integers(1, 4))
+        kinds = [names[k] for k in rng.integers(0, len(names), n)]
+        image, _, masks = draw_instances(rng, h, w, kinds, min_size=20, max_size=56)
+        labels = np.zeros((h, w), dtype=np.uint8)
+        for kind, mask in zip(kinds, masks, strict=True):
+            labels[mask] = names.index(kind) + 1
+        _write(image, out / split / "images" / f"{i:05d}.jpg")
+        mask_image = Image.fromarray(labels, mode="P")
+        mask_image.putpalette(palette)
+        mask_image.save(out / split / "masks" / f"{i:05d}.png")
+
+
 def _generate_classification(out: Path, split: str, per_class: int, seed: int) -> None:
     rng = np.random.default_rng(seed)
     for name in CATEGORIES.values():
@@ -186,3 +236,20 @@ def shapes_classification() -> List[str]:
 
     root = _ensure("classification", build)
     return [str(root / "train"), str(root / "val")]
+
+
+SEGMENTATION_CLASSES = ["background", *CATEGORIES.values()]
+
+
+def shapes_segmentation() -> List:
+    """``[train_images, train_masks, val_images, val_masks, classes file]`` of the embedded semantic segmentation set:
+    240 training and 61 validation images of 0-3 shapes, masks of class indices (background 0, then the shapes in
+    category id order) as palette PNGs."""
+    def build(out: Path) -> None:
+        _generate_segmentation(out, "train", 240, seed=4)
+        _generate_segmentation(out, "val", 61, seed=5)
+        (out / "classes.json").write_text(json.dumps(SEGMENTATION_CLASSES))
+
+    root = _ensure("segmentation", build)
+    return [str(root / "train" / "images"), str(root / "train" / "masks"), str(root / "val" / "images"),
+            str(root / "val" / "masks"), str(root / "classes.json")]

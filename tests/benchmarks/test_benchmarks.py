@@ -1,5 +1,6 @@
 """The benchmarks run at toy sizes on the CPU: their code paths, rows and wiring (the figures come from real runs)."""
 
+import pytest
 import torch
 
 from benchmarks import gpu
@@ -8,6 +9,7 @@ from benchmarks import gpu
 def test_gpu_benchmark_runs_end_to_end_on_tiny_shapes():
     body = gpu.main(["--device", "cpu", "--models", "resnet18", "--batch", "2", "--size", "32", "--repeats", "1",
                      "--detector-backbone", "resnet18", "--detector-size", "64", "96", "--detector-steps", "1",
+                     "--detector-precision", "fp32",  # bf16 is emulated (slow) without AMX/AVX-512 BF16
                      "--peak-tflops", "1", "--no-write"])
     rows = [line for line in body.splitlines() if line.startswith("| resnet18 |")]
     assert [row.split(" | ")[1] for row in rows] == [
@@ -15,7 +17,7 @@ def test_gpu_benchmark_runs_end_to_end_on_tiny_shapes():
         "eager", "inference, ours fused bf16 natively vs torchvision bf16 autocast", "inference, ours fused fp16 "
         "natively vs torchvision fp16 autocast"]
     assert all(row.rstrip(" |").endswith("%") for row in rows[:2])  # an MFU for each training row
-    assert "s/iter" in body
+    assert "s/iter" in body and "2 images of 64x96, fp32" in body
 
 
 def test_forward_flops_are_the_papers_multiply_adds_times_two():
@@ -46,7 +48,8 @@ def test_the_benchmark_command_runs_each_benchmark_in_a_fresh_process(monkeypatc
     calls = []
     monkeypatch.setattr(subprocess, "run", lambda cmd, check: calls.append(cmd))
     runpy.run_module("benchmarks", run_name="__main__")
-    expected = ["backbone", "inference", "detector", "precision", "profile", "data", "evaluation", "predict"]
+    expected = ["backbone", "inference", "detector", "precision", "profile", "data", "evaluation", "predict", "tiling",
+                "rare_classes", "segmentation"]
     expected += ["gpu"] if torch.cuda.is_available() else []
     assert calls == [[sys.executable, "-m", f"benchmarks.{name}"] for name in expected]
 
@@ -132,6 +135,33 @@ def test_data_benchmark_measures_worker_memory_with_and_without_masks_on_tiny_sh
     assert rows == [["| ours", "boxes"], ["| torchvision", "boxes"], ["| ours", "boxes, masks"],
                     ["| torchvision", "boxes, masks"]]
     assert "Ours keeps the 120 segmentations in " in body
+
+
+def test_tiling_benchmark_gives_the_whole_image_our_tiles_and_sahis_where_installed_on_tiny_shapes():
+    import importlib.util
+
+    from benchmarks import tiling
+
+    body = tiling.main(["--images", "1", "--image-size", "96", "--objects", "3", "--tile", "64", "--overlap", "16",
+                        "--train-steps", "0", "--no-warmup", "--no-write"])
+    rows = [line.split(" | ") for line in body.splitlines() if line.startswith(("| whole", "| ours", "| SAHI"))]
+    expected = ["| whole image (resized to the model's input)", "| ours: tiles batched",
+                "| ours: tiles batched, inference copy"]
+    sahi = importlib.util.find_spec("sahi") is not None
+    assert [row[0] for row in rows] == expected + (["| SAHI: TorchVisionDetectionModel, get_sliced_prediction"]
+                                                   if sahi else [])
+    assert all(0 <= float(row[1]) <= 1 and float(row[4]) > 0 for row in rows)  # an mAP and a speed each
+    assert "4 tiles an image" in body and ("SAHI is not installed" in body) != sahi
+
+
+@pytest.mark.slow
+def test_rare_class_benchmark_trains_both_ways_and_gives_every_row_on_a_toy_set():
+    from benchmarks import rare_classes
+
+    body = rare_classes.main(["--train", "24", "--val", "6", "--rare-images", "2", "--steps", "2", "--seeds", "0",
+                              "--no-write"])
+    rows = [line.split(" | ")[1] for line in body.splitlines() if line.startswith(("| 0 |", "| mean |"))]
+    assert rows == ["every image once", "repeat_threshold 0.3", "without repeat factors", "with repeat factors"]
 
 
 def test_profile_benchmark_lists_the_top_ops_of_each_phase_and_roi_align_only_without_the_sparse_option():

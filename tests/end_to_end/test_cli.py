@@ -5,19 +5,26 @@ import json
 import logging
 import math
 import subprocess
-import sys
 import warnings
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from helpers import REPO, SMALL_HEADS, classification_args, detection_config, last_metrics
+from helpers import (
+    REPO,
+    SMALL_HEADS,
+    classification_args,
+    detection_config,
+    last_metrics,
+    run_cli,
+    run_on_two_processes,
+)
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 import resnext_backbones as rb
-from resnext_backbones.deployment import native_support
+from resnext_backbones.deployment import Tiling, native_support
 from tasks import ImageClassifier, ObjectDetector
 from tasks.classes import ClassesError
 from tasks.cli import cli as lightning_cli
@@ -410,14 +417,16 @@ def test_the_checkpoints_classes_win_over_other_training_data_where_no_labels_ar
 
 def test_with_a_checkpoint_the_run_arguments_of_the_command_line_stand(fitted):
     """Lightning puts a --ckpt_path checkpoint's model arguments over the command line (Lightning issue #20801): for
-    what the model is (its min_size here) that stays so; how the run uses it (precision, fusion, pictures) is the
-    command line's."""
+    what the model is (its min_size here) that stays so; how the run uses it (precision, fusion, pictures, tiles) is
+    the command line's."""
     _, config, tmp = fitted
     cli = lightning_cli(["validate", "--config", config, "--ckpt_path", str(tmp / "ckpt" / "last.ckpt"),
                          "--model.init_args.inference_precision", "bf16", "--model.init_args.fused_inference",
-                         "false", "--model.init_args.log_images", "0", "--model.init_args.min_size", "96"])
+                         "false", "--model.init_args.log_images", "0", "--model.init_args.min_size", "96",
+                         "--model.init_args.tile", "{size: 128, overlap: 16}"])
     runner = cli.model.inference_runner
     assert (runner.precision, runner.fused, cli.model.log_images) == ("bf16", False, 0)
+    assert cli.model.tiling == Tiling(size=128, overlap=16) and "val/map" in cli.trainer.callback_metrics  # by tiles
     assert cli.model.hparams.min_size == 64  # the checkpoint's
 
 
@@ -450,11 +459,13 @@ def test_augmentations_from_a_config_train_through_lightning_fit(tmp_path, tiny_
 
 
 @pytest.mark.parametrize("config", sorted(str(p.relative_to(REPO)) for p in (REPO / "configs").rglob("*.yaml")
-                                          if p.name != "base_1x.yaml"))
+                                          if p.name not in ("base_1x.yaml", "base_ade20k.yaml")))
 def test_every_shipped_config_parses(config, capsys):
     configs = ["--config", str(REPO / config)]
     if "coco/" in config:
         configs = ["--config", str(REPO / "configs/coco/base_1x.yaml")] + configs
+    if "ade20k/" in config:
+        configs = ["--config", str(REPO / "configs/ade20k/base_ade20k.yaml")] + configs
     if "augment/" in config:  # additions to the quick start
         configs = ["--config", str(REPO / "configs/detection.yaml")] + configs
     with pytest.raises(SystemExit) as exit_:
@@ -600,18 +611,6 @@ def test_classification_trains_in_mixed_precision_on_cuda(tmp_path, tiny_folder,
                                backbone="resnext26_32x4d", image_size=64)
     cli = lightning_cli(args)
     assert math.isfinite(float(cli.trainer.callback_metrics["train/loss"]))
-
-
-def run_cli(*args, cwd):
-    result = subprocess.run([sys.executable, "-m", "tasks", *args], cwd=cwd, capture_output=True, text=True,
-                            timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result
-
-
-def run_on_two_processes(args):
-    """The command under DDP on two CPU processes (Lightning launches them: a subprocess of its own)."""
-    return run_cli(*args, "--trainer.devices", "2", "--trainer.strategy", "ddp", cwd=Path(args[2]).parent)
 
 
 def test_ddp_on_two_processes_trains_with_frozen_stages(fitted, tmp_path):

@@ -451,3 +451,38 @@ def test_packed_convolutions_give_the_same_values_with_a_weight_packed_per_input
         assert len(first._packed) == (1 if ONEDNN else 0)  # the oldest shapes make room
     finally:
         FusedConv2d.PACKED_SHAPES = saved
+
+
+@pytest.mark.parametrize("name, dilation", [
+    ("resnext26_32x4d", (False, True, True)), ("resnext26_32x4d", (False, False, True)),
+    pytest.param("resnext50_32x4d", (False, True, True), marks=pytest.mark.slow)])
+def test_dilated_trunk_equals_torchvisions_with_the_same_flag_and_weights(name, dilation, images):
+    """torchvision's ResNet class (resnext50_32x4d's builder; resnext26's blocks in its class) with
+    ``replace_stride_with_dilation`` and our weights loaded: the same C2-C5 (and the strides its feature maps have),
+    the same state dict keys; the fused copy computes the same."""
+    if name == "resnext26_32x4d":
+        tv = TvResNet(TvBottleneck, [2, 2, 2, 2], groups=32, width_per_group=4,
+                      replace_stride_with_dilation=list(dilation))
+    else:
+        tv = torchvision.models.resnext50_32x4d(replace_stride_with_dilation=list(dilation))
+    tv = randomize_norm_stats(tv).eval()
+    ours = rb.resnext(name, replace_stride_with_dilation=dilation).eval()
+    ours.load_state_dict({k: v for k, v in tv.state_dict().items() if not k.startswith("fc.")})  # strict
+    images = images[:1, :, :48, :40]  # dilated grouped convolutions run the slow aten kernels: a small image
+    with torch.no_grad():
+        feats, fused = ours(images), ours.fused()(channels_last(images))
+        x = tv.maxpool(tv.relu(tv.bn1(tv.conv1(images))))
+        for key, layer in zip(["c2", "c3", "c4", "c5"], [tv.layer1, tv.layer2, tv.layer3, tv.layer4], strict=True):
+            x = layer(x)
+            assert x.abs().amax() > 0.1
+            torch.testing.assert_close(feats[key], x, rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(fused[key], x, rtol=1e-4, atol=1e-4)
+            assert ours.strides[key] == images.shape[-2] // x.shape[-2]
+    assert ours.strides == {"c2": 4, "c3": 8, "c4": 8 if dilation[1] else 16, "c5": 8 if dilation[1] else 16}
+
+
+def test_dilation_is_refused_for_two_layer_blocks_and_a_wrong_length():
+    with pytest.raises(ValueError, match="bottleneck blocks"):
+        rb.resnext("resnet18", replace_stride_with_dilation=(False, True, True))
+    with pytest.raises(ValueError, match="three bools"):
+        rb.resnext("resnet50", replace_stride_with_dilation=(True, True))

@@ -4,6 +4,7 @@ import torchvision
 from helpers import SMALL_HEADS, randomize_norm_stats
 from lightning.pytorch import Callback, Trainer
 
+from resnext_backbones.deployment import Tiling, tiled_detections
 from tasks import ImageClassifier, ObjectDetector
 from tasks.data import CocoDetectionDataModule, ImageFolderDataModule
 from tasks.detection import ARCHITECTURES
@@ -161,6 +162,27 @@ def test_uint8_images_from_the_data_modules_detect_as_their_float_equivalent():
     assert len(from_float["boxes"]) == len(from_uint8["boxes"]) > 0
     torch.testing.assert_close(from_uint8["boxes"], from_float["boxes"], atol=1e-3, rtol=0)
     torch.testing.assert_close(from_uint8["scores"], from_float["scores"], atol=1e-5, rtol=0)
+
+
+def test_a_tiled_detector_on_an_image_of_one_tile_detects_as_untiled_and_on_larger_ones_in_image_pixels():
+    heads = {"box_score_thresh": 0.0, "rpn_pre_nms_top_n_test": 100, "rpn_post_nms_top_n_test": 50}
+    tiled = detector("faster_rcnn", detector_kwargs=heads, tile={"overlap": 16}).eval()
+    plain = detector("faster_rcnn", detector_kwargs=heads).eval()
+    plain.load_state_dict(tiled.state_dict())
+    generator = torch.Generator().manual_seed(3)
+    small, large = (torch.randint(0, 256, size, dtype=torch.uint8, generator=generator)
+                    for size in ((3, 64, 48), (3, 100, 150)))
+    with torch.no_grad():
+        (mine,), (theirs,) = tiled([small]), plain([small])  # tiles of min_size, 64: one
+        (big,), (whole,) = tiled([large]), plain([large])  # 3 x 2 tiles
+        (library,) = tiled_detections(plain.model, plain._inputs([large]), Tiling(size=64, overlap=16))
+    assert len(theirs["boxes"]) > 0 and all(torch.equal(mine[k], theirs[k]) for k in theirs)
+    # the large image by the library's tiling of the same network, labels in category ids: not the whole image's
+    assert torch.equal(big["boxes"], library["boxes"]) and torch.equal(big["scores"], library["scores"])
+    assert big["labels"].tolist() == [[3, 5, 9][c - 1] for c in library["labels"].tolist()]
+    assert len(big["boxes"]) != len(whole["boxes"]) or not torch.equal(big["boxes"], whole["boxes"])
+    with pytest.raises(ValueError, match="model.tile.overlap=64 must be below model.tile.size=64"):
+        detector("fcos", tile={"size": 64, "overlap": 64})
 
 
 def test_frozen_stages_have_no_gradient_so_ddp_needs_no_unused_parameter_search():

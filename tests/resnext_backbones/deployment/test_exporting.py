@@ -99,8 +99,9 @@ def traced(request):
     return trace(request.param)
 
 
-# one architecture of each family outside slow: Mask R-CNN (Faster R-CNN's path, and masks) and RetinaNet (FCOS's)
-IN_CI = [pytest.param(a, marks=[] if a in ("retinanet", "mask_rcnn") else [pytest.mark.slow]) for a in ARCHITECTURES]
+# one ONNX translation in CI, Mask R-CNN's (Faster R-CNN's path, and masks; each is a whole trace and translation);
+# RetinaNet's program runs in CI in the no-detection test, its ONNX translation and saved .pt2 under slow
+IN_CI = [pytest.param(a, marks=[] if a == "mask_rcnn" else [pytest.mark.slow]) for a in ARCHITECTURES]
 
 
 @pytest.mark.parametrize("traced", IN_CI, indirect=True)
@@ -120,8 +121,8 @@ def test_a_detector_exported_to_onnx_gives_the_models_detections_at_sizes_other_
         assert_same_detections(got, want, box_tolerance=1e-3, score_tolerance=1e-4)  # masks too, where predicted
 
 
-@pytest.mark.parametrize("traced", ["retinanet", *(pytest.param(a, marks=pytest.mark.slow)
-                                                   for a in ("faster_rcnn", "fcos", "mask_rcnn"))], indirect=True)
+@pytest.mark.slow  # in CI: the classifier's saved program (below) and RetinaNet's program in the no-detection test
+@pytest.mark.parametrize("traced", ARCHITECTURES, indirect=True)
 def test_a_detector_exported_as_a_torch_export_program_gives_the_models_detections_at_any_size(traced, tiny_coco,
                                                                                               tmp_path):
     """The saved program of the ONNX test's trace (the ONNX file is its translation: masks are proven there)."""
@@ -144,9 +145,9 @@ def test_export_refuses_an_unknown_format_with_the_choices(tmp_path):
     assert not (tmp_path / "x").exists()
 
 
-@pytest.mark.parametrize("architecture", [
-    "faster_rcnn", "retinanet",
-    pytest.param("fcos", marks=pytest.mark.slow), pytest.param("mask_rcnn", marks=pytest.mark.slow)])
+# one trace in CI (RetinaNet: the sentinel boxes go through the NMS every architecture shares); the rest under slow
+@pytest.mark.parametrize("architecture", ["retinanet", *(pytest.param(a, marks=pytest.mark.slow)
+                                                         for a in ("faster_rcnn", "fcos", "mask_rcnn"))])
 def test_an_exported_detector_gives_no_detections_where_the_model_gives_none(architecture):
     model = bare_detector(architecture, score_thresh=0.99)  # random weights: no score passes
     image = torch.rand(3, 120, 90, generator=torch.Generator().manual_seed(0))
@@ -157,9 +158,19 @@ def test_an_exported_detector_gives_no_detections_where_the_model_gives_none(arc
     assert [m.shape for m in masks] == ([(0, 1, 120, 90)] if architecture == "mask_rcnn" else [])
 
 
-def test_a_torchvision_detector_in_another_thread_runs_torchvision_itself_while_an_export_traces():
+def run_the_traceable_copy(model):
+    """What the export runs, without torch.export's trace: the twins on their copy, a few times over."""
+    copy = exporting.traceable_copy(model)
+    with torch.no_grad():
+        for seed in range(2):
+            copy([torch.rand(3, 100, 130, generator=torch.Generator().manual_seed(seed))])
+
+
+@pytest.mark.parametrize("export", [run_the_traceable_copy, pytest.param(program, marks=pytest.mark.slow)])
+def test_a_torchvision_detector_in_another_thread_runs_torchvision_itself_while_an_export_traces(export):
     """The twins live on the traced copy: a detector run meanwhile by another thread (two images at once, which the
-    export's one-image padding twin refuses) gives torchvision's own detections, every time."""
+    export's one-image padding twin refuses) gives torchvision's own detections, every time. In CI the main thread
+    runs the twins' copy eagerly (what the trace runs); the whole trace is under slow."""
     other = bare_detector("faster_rcnn", min_size=96, max_size=128)
     images = [torch.rand(3, 90, 120, generator=torch.Generator().manual_seed(i)) for i in range(2)]
     with torch.no_grad():
@@ -174,7 +185,7 @@ def test_a_torchvision_detector_in_another_thread_runs_torchvision_itself_while_
                 with torch.no_grad():
                     got = other(images)
                 for g, w in zip(got, want, strict=True):
-                    assert_same_detections(g, w, box_tolerance=1e-5, score_tolerance=1e-6)
+                    assert_same_detections(g, w, box_tolerance=1e-4, score_tolerance=1e-5)  # threads: other sums
                 runs.append(1)
             except Exception as error:  # noqa: BLE001 - any error is a failure, reported below
                 failures.append(repr(error))
@@ -183,7 +194,7 @@ def test_a_torchvision_detector_in_another_thread_runs_torchvision_itself_while_
     thread.start()
     tracing.set()
     try:
-        program(bare_detector("faster_rcnn"))
+        export(bare_detector("faster_rcnn"))
     finally:
         tracing.clear()
         thread.join()

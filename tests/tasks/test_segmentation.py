@@ -1,0 +1,214 @@
+"""SemanticSegmenter: mmsegmentation's dataset-level IoU against numpy, the losses, the sliding window, the heads, the
+inference copy."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import randomize_norm_stats
+from torchmetrics.classification import MulticlassConfusionMatrix, MulticlassJaccardIndex
+from torchmetrics.segmentation import MeanIoU
+
+from tasks import SemanticSegmenter
+from tasks.segmentation import dice_loss, segmentation_loss, segmentation_scores, sliding_window
+
+IGNORE = 255
+
+
+def numpy_iou_metric(pairs, num_classes, ignore_index=IGNORE):
+    """mmsegmentation's IoUMetric, written out in numpy: per image, the areas of intersection, prediction and label
+    of each class over the labelled pixels, summed over the images; IoU = intersection / union per class, mIoU the
+    nanmean, aAcc = intersection / label areas summed."""
+    intersect, area_pred, area_label = (np.zeros(num_classes) for _ in range(3))
+    for pred, label in pairs:
+        keep = label != ignore_index
+        pred, label = pred[keep], label[keep]
+        hit = pred[pred == label]
+        intersect += np.histogram(hit, bins=num_classes, range=(0, num_classes))[0]
+        area_pred += np.histogram(pred, bins=num_classes, range=(0, num_classes))[0]
+        area_label += np.histogram(label, bins=num_classes, range=(0, num_classes))[0]
+    union = area_pred + area_label - intersect
+    with np.errstate(invalid="ignore", divide="ignore"):
+        iou = intersect / union
+    return iou, np.nanmean(iou), intersect.sum() / area_label.sum()
+
+
+@pytest.fixture
+def predictions():
+    """Five images of 4 classes (of 6): ignore_index pixels in each, class 2 absent from the first image's labels and
+    predictions, class 5 never present, class 4 only ever predicted (IoU 0, counted), uneven sizes."""
+    rng = np.random.default_rng(0)
+    pairs = []
+    for i, (h, w) in enumerate([(9, 7), (12, 12), (5, 16), (8, 8), (10, 3)]):
+        label = rng.integers(0, 4, (h, w))
+        pred = np.where(rng.random((h, w)) < 0.6, label, rng.integers(0, 5, (h, w)))
+        pred[pred == 4] = np.where(rng.random() < 0.5, 4, 1)
+        if i == 0:
+            label[label == 2], pred[pred == 2] = 3, 3
+        label[rng.random((h, w)) < 0.15] = IGNORE
+        pairs.append((pred, label))
+    return pairs
+
+
+def test_scores_are_mmsegmentations_iou_metric_over_the_whole_dataset(predictions):
+    metric = MulticlassConfusionMatrix(6, ignore_index=IGNORE, validate_args=False)
+    for pred, label in predictions:
+        metric.update(torch.from_numpy(pred)[None], torch.from_numpy(label)[None])
+    scores = segmentation_scores(metric.compute())
+    iou, miou, acc = numpy_iou_metric(predictions, 6)
+    assert math.isnan(iou[5]) and iou[4] == 0 and 0.2 < miou < 0.9  # never present: out; only predicted: in, at 0
+    np.testing.assert_allclose(scores["iou"].numpy(), iou, rtol=1e-12)
+    assert float(scores["miou"]) == pytest.approx(miou, rel=1e-12)
+    assert float(scores["pixel_acc"]) == pytest.approx(acc, rel=1e-12)
+    # torchmetrics' MulticlassJaccardIndex (macro) computes the same from the same dataset-level matrix; its MeanIoU
+    # averages per image, which is not mmsegmentation's figure
+    jaccard = MulticlassJaccardIndex(6, average="macro", ignore_index=IGNORE)
+    per_image = MeanIoU(num_classes=6, input_format="index")
+    for pred, label in predictions:
+        jaccard.update(torch.from_numpy(pred)[None], torch.from_numpy(label)[None])
+        keep = torch.from_numpy(label != IGNORE)
+        per_image.update(torch.from_numpy(pred)[keep][None], torch.from_numpy(label)[keep][None])
+    assert float(jaccard.compute()) == pytest.approx(miou, rel=1e-6)
+    assert abs(float(per_image.compute()) - miou) > 1e-3
+
+
+def test_cross_entropy_averages_over_labelled_pixels_with_class_weights_and_ignores_the_rest():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 3, 5, 4, requires_grad=True)
+    target = torch.randint(0, 3, (2, 5, 4))
+    target[0, :2] = IGNORE
+    weights = torch.tensor([0.5, 1.0, 2.0])
+    loss = segmentation_loss(logits, target.to(torch.uint8), "ce", IGNORE, weights)
+    # numpy: -sum_i w[y_i] log softmax(x_i)[y_i] / sum_i w[y_i] over labelled pixels
+    x = logits.detach().permute(0, 2, 3, 1).reshape(-1, 3).double().numpy()
+    y = target.reshape(-1).numpy()
+    keep = y != IGNORE
+    log_p = x - np.log(np.exp(x).sum(1, keepdims=True))
+    w = weights.double().numpy()[y[keep]]
+    assert loss.item() == pytest.approx(-(w * log_p[keep, y[keep]]).sum() / w.sum(), rel=1e-6)
+    loss.backward()
+    assert logits.grad[0, :, :2].abs().sum() == 0 and logits.grad[1].abs().sum() > 0
+    everything_ignored = torch.full((2, 5, 4), IGNORE, dtype=torch.uint8)
+    assert float(segmentation_loss(logits, everything_ignored, "ce+dice", IGNORE)) == 0.0
+
+
+def test_dice_loss_is_one_minus_the_soft_dice_per_class_over_labelled_pixels():
+    torch.manual_seed(1)
+    logits = torch.randn(2, 3, 4, 4)
+    target = torch.randint(0, 3, (2, 4, 4))
+    target[1, 0] = IGNORE
+    p = logits.softmax(1).permute(0, 2, 3, 1).reshape(-1, 3).numpy()
+    y = target.reshape(-1).numpy()
+    keep = y != IGNORE
+    p, t = p[keep], np.eye(3)[y[keep]]
+    dice = (2 * (p * t).sum(0) + 1) / (p.sum(0) + t.sum(0) + 1)
+    assert float(dice_loss(logits, target, IGNORE)) == pytest.approx(float((1 - dice).mean()), rel=1e-5)
+    both = segmentation_loss(logits, target, "ce+dice", IGNORE)
+    ce = F.cross_entropy(logits, target, ignore_index=IGNORE)
+    assert float(both) == pytest.approx(float(ce) + float((1 - dice).mean()), rel=1e-5)
+
+
+def _mmseg_slide(forward, image, size, stride):
+    """mmsegmentation's ``slide_inference``, window by window."""
+    h, w = image.shape[-2:]
+    rows = max(h - size[0] + stride[0] - 1, 0) // stride[0] + 1
+    columns = max(w - size[1] + stride[1] - 1, 0) // stride[1] + 1
+    preds, count = 0, torch.zeros(1, 1, h, w)
+    for r in range(rows):
+        for c in range(columns):
+            y1, x1 = r * stride[0], c * stride[1]
+            y2, x2 = min(y1 + size[0], h), min(x1 + size[1], w)
+            y1, x1 = max(y2 - size[0], 0), max(x2 - size[1], 0)
+            preds = preds + F.pad(forward(image[:, :, y1:y2, x1:x2]), (x1, w - x2, y1, h - y2))
+            count[:, :, y1:y2, x1:x2] += 1
+    return preds / count
+
+
+@pytest.fixture(scope="module")
+def segmenter():
+    torch.manual_seed(0)
+    model = SemanticSegmenter(head="fpn", backbone="resnet18", num_classes=4, fpn_channels=32, head_channels=32)
+    return randomize_norm_stats(model).eval()
+
+
+def test_sliding_window_averages_overlapping_windows_as_mmsegmentation(segmenter):
+    images = torch.rand(2, 3, 56, 76, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        got = sliding_window(segmenter, images, (40, 48), (24, 20), windows_per_forward=3)  # 2 x 3 windows
+        want = torch.cat([_mmseg_slide(segmenter, im[None], (40, 48), (24, 20)) for im in images])
+        whole = segmenter(images)
+    assert got.shape == (2, 4, 56, 76) and (got - whole).abs().amax() > 1e-3  # the windows do differ from one pass
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_a_window_that_covers_the_image_is_the_whole_image_forward(segmenter):
+    images = torch.rand(1, 3, 40, 48, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        for size in [(40, 48), (64, 64)]:
+            torch.testing.assert_close(sliding_window(segmenter, images, size, (32, 32)), segmenter(images))
+
+
+@pytest.mark.parametrize("head, aux", [("fpn", False), ("upernet", True), ("deeplabv3", False), ("fcn", False)])
+def test_every_head_trains_and_gives_logits_at_the_input_size(head, aux):
+    torch.manual_seed(0)
+    backbone = "resnet18" if head in ("fpn", "upernet") else "resnext26_32x4d"
+    model = SemanticSegmenter(head=head, backbone=backbone, num_classes=3, fpn_channels=32, head_channels=32,
+                              loss="ce+dice")
+    assert (model.model.aux_head is not None) == aux and model.aux_weight == (0.4 if aux else 0.0)
+    images = torch.randint(0, 256, (2, 3, 34, 42), dtype=torch.uint8)  # dilated heads: slow aten kernels
+    masks = torch.randint(0, 3, (2, 34, 42), dtype=torch.uint8)
+    loss = model.training_loss((images, masks), 0)
+    loss.backward()
+    assert math.isfinite(float(loss)) and next(model.model.decode_head.parameters()).grad is not None
+    with torch.no_grad():
+        assert model.eval()(images).shape == (2, 3, 34, 42)
+
+
+def test_validation_runs_the_inference_copy_and_it_equals_the_model(segmenter):
+    from resnext_backbones.deployment.inference import Native
+
+    images = torch.rand(2, 3, 48, 64, generator=torch.Generator().manual_seed(4))
+    model = segmenter.model
+    with torch.no_grad():
+        eager = segmenter(images)
+        with segmenter.inference():
+            copy = segmenter.model
+            fast = segmenter(images)
+    assert copy is not model and isinstance(copy.backbone, Native) and isinstance(copy.decode_head, Native)
+    assert segmenter.model is model and eager.std() > 1e-3
+    torch.testing.assert_close(fast, eager, rtol=1e-4, atol=1e-4)
+
+
+def test_arguments_that_cannot_work_are_refused_naming_the_setting():
+    with pytest.raises(ValueError, match=r"model.head='pspnet'.*choose one of \['fpn', 'upernet'"):
+        SemanticSegmenter(head="pspnet", backbone="resnet18", num_classes=3)
+    with pytest.raises(ValueError, match="model.aux_loss.*C4"):
+        SemanticSegmenter(head="fpn", backbone="resnet18", num_classes=3, aux_loss=0.4)
+    with pytest.raises(ValueError, match="model.class_weights has 2 entries"):
+        SemanticSegmenter(head="fpn", backbone="resnet18", num_classes=3, class_weights=[1.0, 2.0])
+    with pytest.raises(ValueError, match="model.loss='focal'"):
+        SemanticSegmenter(head="fpn", backbone="resnet18", num_classes=3, loss="focal")
+
+
+def test_validation_pictures_show_the_image_its_ground_truth_and_the_prediction(segmenter, monkeypatch):
+    from types import SimpleNamespace
+
+    sent = {}
+    experiment = SimpleNamespace(add_image=lambda tag, image, step: sent.__setitem__(tag, image))
+    monkeypatch.setattr(SemanticSegmenter, "loggers", property(lambda self: [SimpleNamespace(experiment=experiment)]))
+    monkeypatch.setattr(segmenter, "log_images", 2)
+    images = torch.randint(0, 256, (3, 3, 40, 64), dtype=torch.uint8)
+    masks = torch.zeros(3, 40, 64, dtype=torch.uint8)
+    masks[:, :, 32:] = 2
+    masks[:, :4] = IGNORE
+    segmenter._pictures_sent = 0
+    segmenter._log_pictures(images, masks, torch.ones(3, 40, 64, dtype=torch.long))
+    assert sorted(sent) == ["val/segmentation_0", "val/segmentation_1"]  # log_images=2 of the 3
+    picture = sent["val/segmentation_1"]
+    assert picture.dtype == torch.uint8 and picture.shape == (3, 40 * 8, 64 * 8 * 3 + 2 * 8)  # enlarged 8x, 3 panels
+    image, truth, predicted = (picture[:, :, k * (512 + 8):k * (512 + 8) + 512] for k in range(3))
+    assert torch.equal(truth[:, :32], image[:, :32])  # ignore_index rows: the image as it is
+    assert not torch.equal(truth[:, 40:, 300:], image[:, 40:, 300:])  # class 2 drawn over it
+    assert not torch.equal(predicted, image)
