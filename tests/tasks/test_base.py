@@ -1,6 +1,7 @@
 """BackboneTask's hooks with Lightning's weight averaging (EMAWeightAveraging): validation runs the averaged weights
 through the fused inference copy, checkpoints keep the averaged and the trained weights, resuming continues exactly."""
 
+import pytest
 import torch
 import torch.nn.functional as F
 from helpers import SMALL_HEADS
@@ -91,6 +92,7 @@ def trainer_loss(model):
     return model.trainer.callback_metrics["val/loss"]
 
 
+@pytest.mark.slow  # the classifier's test above proves the mechanism in CI; this one, the detector's wiring
 def test_detector_validates_on_the_averaged_weights_and_its_checkpoint_keeps_both(tmp_path, tiny_coco):
     torch.manual_seed(0)
     model = ObjectDetector(backbone="resnet18", norm="bn", trainable_stages=5, min_size=64, max_size=64,
