@@ -45,7 +45,7 @@ class Weights(Callback):
 def classifier():
     torch.manual_seed(0)
     return ImageClassifier(backbone="resnet18", num_classes=3, log_images=0, warmup_steps=0, lr_schedule="constant",
-                           optimizer=lambda p: torch.optim.SGD(p, lr=0.2, momentum=0.9))
+                           optimizer=lambda p: torch.optim.SGD(p, lr=0.02, momentum=0.9))
 
 
 def tensors(n=4, shuffle=False):
@@ -79,7 +79,8 @@ def test_classifier_validates_on_the_averaged_weights_and_its_checkpoint_keeps_b
         reference.load_state_dict(state, strict=False)
         with torch.no_grad():
             losses[name] = F.cross_entropy(reference.eval()(images), labels)
-    assert abs(losses["average"] - losses["trained"]) > 1e-2
+    # (two steps from scratch leave BatchNorm's running statistics far from the batches': large eval-mode losses)
+    assert abs(losses["average"] - losses["trained"]) > 1e-2 * abs(losses["trained"]), losses
     torch.testing.assert_close(trainer_loss(model), losses["average"], rtol=1e-4, atol=1e-4)
     checkpoint = torch.load(tmp_path / "last.ckpt", weights_only=False)
     for k in average:
@@ -91,6 +92,7 @@ def trainer_loss(model):
     return model.trainer.callback_metrics["val/loss"]
 
 
+@pytest.mark.slow  # the classifier's test above proves the mechanism in CI; this one, the detector's wiring
 def test_detector_validates_on_the_averaged_weights_and_its_checkpoint_keeps_both(tmp_path, tiny_coco):
     torch.manual_seed(0)
     model = ObjectDetector(backbone="resnet18", norm="bn", trainable_stages=5, min_size=64, max_size=64,
