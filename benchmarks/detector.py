@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 import yaml
-from lightning.pytorch import Callback, Trainer
+from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import nn
 
 from resnext_backbones.deployment import isa_flags, sparse_roi_poolers
@@ -86,7 +86,8 @@ def bare_inputs(batch):
             [{**{k: v for k, v in t.items() if k != "image_id"}, "labels": t["labels"] + 1} for t in targets])
 
 
-def lightning_step_seconds(model: ObjectDetector, batch, steps: int) -> float:
+def lightning_step_seconds(model: LightningModule, batch, steps: int) -> float:
+    """Seconds per training step of ``model`` inside ``Trainer.fit`` on ``batch`` repeated (from the second step)."""
     timer = StepTimer()
     trainer = Trainer(accelerator="cpu", devices=1, max_steps=steps, logger=False, enable_checkpointing=False,
                       enable_progress_bar=False, enable_model_summary=False, callbacks=[timer], num_sanity_val_steps=0,

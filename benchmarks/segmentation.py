@@ -19,7 +19,6 @@ from functools import partial
 
 import torch
 import torch.nn.functional as F
-from lightning.pytorch import Trainer
 from torchvision.models import resnet as tv_resnet
 from torchvision.models._utils import IntermediateLayerGetter
 from torchvision.models.segmentation.deeplabv3 import DeepLabHead, DeepLabV3
@@ -28,7 +27,7 @@ from torchvision.models.segmentation.fcn import FCNHead
 from tasks import SemanticSegmenter
 
 from .common import benchmark_parser, machine, median_seconds_alternating, publish
-from .detector import Repeat, StepTimer
+from .detector import lightning_step_seconds
 
 CLASSES = 21
 
@@ -45,15 +44,6 @@ def peer(ours: SemanticSegmenter) -> DeepLabV3:
              .replace("model.aux_head.", "aux_classifier."): v for k, v in ours.state_dict().items()}
     model.load_state_dict(state)
     return model
-
-
-def lightning_step_seconds(model: SemanticSegmenter, batch, steps: int) -> float:
-    timer = StepTimer()
-    trainer = Trainer(accelerator="cpu", devices=1, max_steps=steps, logger=False, enable_checkpointing=False,
-                      enable_progress_bar=False, enable_model_summary=False, callbacks=[timer], num_sanity_val_steps=0,
-                      limit_val_batches=0)
-    trainer.fit(model, train_dataloaders=Repeat(batch, steps))
-    return timer.seconds
 
 
 def bare_step_seconds(model: DeepLabV3, batch, steps: int, mean, std) -> float:
