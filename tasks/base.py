@@ -4,6 +4,7 @@ schedule, channels_last, torch.compile, exact resumption."""
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import random
 from typing import Dict, Iterable, Iterator, Optional, Sequence, Union
@@ -80,6 +81,16 @@ class BackboneTask(LightningModule):
         self.channels_last, self.compile_trunk = channels_last, compile
         self.skip_nonfinite_loss, self.skipped_steps = skip_nonfinite_loss, 0
         self.inference_runner = InferenceRunner(precision_name(inference_precision), fused_inference)
+
+    def __deepcopy__(self, memo: dict) -> BackboneTask:
+        """A copy of the module (what Lightning's ``WeightAveraging`` makes) that shares the optimizer factory instead
+        of copying it: the command line's factory is a closure over the whole ``LightningCLI``, data module included,
+        whose loader state (a ``multiprocessing.Value``) cannot be copied, and a factory has no state to average."""
+        memo[id(self.optimizer_factory)] = self.optimizer_factory
+        copied = self.__class__.__new__(self.__class__)
+        memo[id(self)] = copied
+        copied.__setstate__(copy.deepcopy(self.__getstate__(), memo))
+        return copied
 
     @property
     def categories(self) -> Dict[int, str]:

@@ -781,3 +781,17 @@ def test_ddp_on_two_processes_gives_the_single_process_segm_map(box_filling_mask
     assert one["val/segm_map"] > 0 and one["val/segm_map_50"] > 0, one
     for key in ("val/segm_map", "val/segm_map_50", "val/segm_map_75", "val/map", "val/segm_ap/square"):
         assert one[key] == pytest.approx(two[key], abs=1e-6), key
+
+
+def test_fit_through_the_cli_with_weight_averaging_validates_and_checkpoints_the_average(tmp_path, tiny_coco):
+    # the optimizer as the shipped configs give it: the command line makes it a closure over the LightningCLI
+    optimizer = {"class_path": "torch.optim.SGD", "init_args": {"lr": 0.01, "momentum": 0.9}}
+    args = ["fit", "--config", detection_config(tmp_path, tiny_coco, optimizer=optimizer),
+            "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1",
+            "--trainer.callbacks+=lightning.pytorch.callbacks.EMAWeightAveraging", "--trainer.callbacks.decay", "0.5"]
+    cli = lightning_cli(args)
+    checkpoint = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)
+    trained, averaged = checkpoint["current_model_state"], checkpoint["state_dict"]
+    differ = [k for k in averaged if averaged[k].is_floating_point() and not torch.equal(averaged[k], trained[k])]
+    assert len(differ) > 10, "two steps at decay 0.5 leave the average apart from the trained weights"
+    assert math.isfinite(float(cli.trainer.callback_metrics["val/map"]))

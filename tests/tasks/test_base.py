@@ -126,3 +126,29 @@ def test_resuming_with_weight_averaging_continues_exactly(tmp_path):
         assert torch.equal(floating_state(resumed)[k], value), k
         assert torch.equal(resumed_weights.steps[-1][k], whole_weights.steps[-1][k]), k
     assert any(not torch.equal(floating_state(whole)[k], whole_weights.steps[-1][k]) for k in whole_weights.steps[-1])
+
+
+def test_a_copy_of_the_task_shares_an_optimizer_factory_that_cannot_be_copied_and_copies_the_weights():
+    # the command line's factory closes over the LightningCLI, whose data module holds a multiprocessing.Value
+    # (DropEmptyMasks' counter), which deepcopy refuses: WeightAveraging's copy of the module failed on it
+    import multiprocessing
+
+    class Factory:  # as jsonargparse's: an object holding what it was made from
+        def __init__(self):
+            self.counter = multiprocessing.Value("l", 0)
+
+        def __call__(self, params):
+            return torch.optim.SGD(params, lr=0.1)
+
+    factory = Factory()
+    model = ImageClassifier(backbone="resnet18", num_classes=3, log_images=0, optimizer=factory)
+    copied = torch.optim.swa_utils.AveragedModel(model).module
+    assert copied.optimizer_factory is factory
+    original, twin = dict(model.named_parameters()), dict(copied.named_parameters())
+    assert original.keys() == twin.keys() and len(original) > 10
+    for name, parameter in original.items():
+        assert twin[name] is not parameter and twin[name].data_ptr() != parameter.data_ptr()
+        torch.testing.assert_close(twin[name], parameter, rtol=0, atol=0)
+    with torch.no_grad():
+        next(iter(copied.parameters())).add_(1.0)
+    assert not torch.equal(next(iter(copied.parameters())), next(iter(model.parameters())))
