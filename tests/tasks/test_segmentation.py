@@ -190,6 +190,24 @@ def test_arguments_that_cannot_work_are_refused_naming_the_setting():
         SemanticSegmenter(head="fpn", backbone="resnet18", num_classes=3, class_weights=[1.0, 2.0])
     with pytest.raises(ValueError, match="model.loss='focal'"):
         SemanticSegmenter(head="fpn", backbone="resnet18", num_classes=3, loss="focal")
+    with pytest.raises(ValueError, match="model.head_norm: head=deeplabv3 is torchvision's head"):
+        SemanticSegmenter(head="deeplabv3", backbone="resnet18", num_classes=3, head_norm="bn")
+    with pytest.raises(ValueError, match="model.head_norm='syncbn' is not supported; choose gn or bn"):
+        SemanticSegmenter(head="fpn", backbone="resnet18", num_classes=3, head_norm="syncbn")
+
+
+@pytest.mark.parametrize("head, norm, dropout", [("fpn", torch.nn.GroupNorm, 0.0),
+                                                 ("upernet", torch.nn.BatchNorm2d, 0.1)])
+def test_head_norm_and_dropout_default_to_the_heads_papers_and_follow_the_config(head, norm, dropout):
+    def built(**options):
+        decode = SemanticSegmenter(head=head, backbone="resnet18", num_classes=3, fpn_channels=32, head_channels=32,
+                                   **options).model.decode_head
+        norms = {type(m) for m in decode.modules() if isinstance(m, (torch.nn.BatchNorm2d, torch.nn.GroupNorm))}
+        return norms, decode.dropout.p
+
+    assert built() == ({norm}, dropout)  # Panoptic FPN: GroupNorm, no dropout; mmsegmentation's UPerHead: BN, 0.1
+    assert built(head_norm="bn", dropout=0.1) == ({torch.nn.BatchNorm2d}, 0.1)  # mmsegmentation's FPNHead
+    assert built(head_norm="gn", dropout=0.0) == ({torch.nn.GroupNorm}, 0.0)
 
 
 def test_validation_pictures_show_the_image_its_ground_truth_and_the_prediction(segmenter, monkeypatch):
