@@ -474,6 +474,11 @@ def test_every_shipped_config_parses(config, capsys):
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["model"]["class_path"].startswith("tasks.")
     assert BASE_ARGUMENTS <= set(printed["model"]["init_args"])  # the forwarded **kwargs among them
+    if "ade20k/" in config:  # mmsegmentation's poly schedule; ADE20K's 150 names, read as the data module reads them
+        from tasks.data.segmentation import read_classes
+
+        assert printed["model"]["init_args"]["lr_schedule"] == "poly"
+        assert len(read_classes(str(REPO / printed["data"]["init_args"]["classes"]))) == 150
 
 
 BASE_ARGUMENTS = {"optimizer", "lr_schedule", "warmup_steps", "milestones", "gamma", "channels_last", "compile",

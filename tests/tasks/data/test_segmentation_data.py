@@ -131,6 +131,19 @@ def test_classes_come_from_a_list_or_a_json_or_yaml_file(tmp_path):
         read_classes(str(tmp_path / "gap.yaml"))
 
 
+def test_the_shipped_ade20k_classes_are_its_150_names_in_label_order_and_load_as_the_data_classes(folder):
+    from pathlib import Path
+
+    path = Path(__file__).parents[3] / "configs" / "ade20k" / "classes.json"
+    names = json.loads(path.read_text())["classes"]  # read here by json, not by the code under test
+    assert len(names) == len(set(names)) == 150 and all(n and n == n.strip() for n in names)
+    # ADE20K's objectInfo150 order, by the ends and a few rows inside (mmsegmentation's ADE20KDataset.METAINFO)
+    assert names[:4] == ["wall", "building", "sky", "floor"] and names[-3:] == ["glass", "clock", "flag"]
+    assert (names[7], names[12], names[20], names[100]) == ("bed", "person", "car", "poster")
+    data = module(folder, classes=str(path))
+    assert data.num_classes == 150 and [data.label_map.categories[i] for i in range(150)] == names
+
+
 def test_coco_instances_rasterise_to_the_masks_pycocotools_decodes(tiny_coco, tmp_path):
     from pycocotools.coco import COCO
 
