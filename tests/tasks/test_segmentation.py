@@ -11,6 +11,7 @@ from helpers import randomize_norm_stats
 from torchmetrics.classification import MulticlassConfusionMatrix, MulticlassJaccardIndex
 from torchmetrics.segmentation import MeanIoU
 
+from resnext_backbones.deployment import native_support
 from tasks import SemanticSegmenter
 from tasks.segmentation import dice_loss, segmentation_loss, segmentation_scores, sliding_window
 
@@ -179,6 +180,47 @@ def test_validation_runs_the_inference_copy_and_it_equals_the_model(segmenter):
     assert copy is not model and isinstance(copy.backbone, Native) and isinstance(copy.decode_head, Native)
     assert segmenter.model is model and eager.std() > 1e-3
     torch.testing.assert_close(fast, eager, rtol=1e-4, atol=1e-4)
+
+
+BF16_NATIVE = native_support(torch.bfloat16, torch.device("cpu"))
+
+
+@pytest.mark.skipif(not BF16_NATIVE, reason="this CPU has no native bf16 (AMX or AVX-512 BF16): the copy would run "
+                                            "float32, with a warning")
+def test_the_bf16_inference_copy_convolves_in_bf16_and_predicts_what_float32_does():
+    """inference_precision bf16: every convolution of the copy's trunk, FPN and decode head takes bf16 inputs (as the
+    detector's bf16 test checks), the logits come back float32 within bf16's rounding of the float32 model's, and the
+    labels agree on >= 99% of the pixels of a prediction that holds more than one class."""
+    from resnext_backbones.fused import FusedConv2d
+
+    torch.manual_seed(0)
+    model = randomize_norm_stats(SemanticSegmenter(head="fpn", backbone="resnet18", num_classes=4, fpn_channels=32,
+                                                   head_channels=32, inference_precision="bf16")).eval()
+    images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(5))
+    seen = {}
+
+    def record(name):
+        def hook(module, args):
+            seen.setdefault(name, args[0].dtype)  # and returns None: the inputs stay as they are
+        return hook
+
+    with torch.no_grad():
+        want = model(images)  # the model as trained, float32
+        with model.inference():
+            handles = [m.register_forward_pre_hook(record(n)) for n, m in model.model.named_modules()
+                       if isinstance(m, (torch.nn.Conv2d, FusedConv2d))]
+            got = model(images)
+        for handle in handles:
+            handle.remove()
+    for part in ("backbone.module.body", "backbone.module.fpn", "decode_head.module"):
+        ran = {name: dtype for name, dtype in seen.items() if name.startswith(part)}
+        assert ran and set(ran.values()) == {torch.bfloat16}, (part, ran)
+    assert got.dtype == torch.float32 and got.shape == want.shape == (2, 4, 64, 64)
+    # bf16 keeps 8 significant bits (relative rounding 2^-9 per operation); some twenty layers stay within 2 % of the
+    # logits' range
+    torch.testing.assert_close(got, want, rtol=0.0, atol=0.02 * float(want.abs().max()))
+    labels = want.argmax(1)
+    assert len(labels.unique()) > 1 and (got.argmax(1) == labels).float().mean() >= 0.99
 
 
 def test_arguments_that_cannot_work_are_refused_naming_the_setting():
