@@ -282,8 +282,22 @@ class SemanticSegmenter(BackboneTask):
             return self(images)
         return sliding_window(self, images, *self.window)
 
+    def padded_batch_logits(self, images: Tensor, sizes: Optional[Sequence[Tuple[int, int]]]) -> Tensor:
+        """:meth:`logits` of a batch padded (below and right) to its largest image, each image's as if it were alone:
+        one forward where every image fills the batch (or ``sizes`` is ``None``), else one per image on its own
+        ``(height, width)`` pixels, zero logits in its padding. Padding would otherwise reach every pixel through
+        the trunk's receptive field and the coarse levels' grid: a prediction would depend on the images beside it
+        (mmsegmentation evaluates and predicts image by image)."""
+        if sizes is None or all(tuple(size) == tuple(images.shape[-2:]) for size in sizes):
+            return self.logits(images)
+        parts = [self.logits(image[None, :, :h, :w])[0] for image, (h, w) in zip(images, sizes, strict=True)]
+        logits = parts[0].new_zeros((len(images), parts[0].shape[0], *images.shape[-2:]))
+        for logit, part in zip(logits, parts, strict=True):
+            logit[:, :part.shape[-2], :part.shape[-1]] = part
+        return logits
+
     def training_loss(self, batch, batch_idx: int) -> Tensor:
-        images, masks = batch
+        images, masks = batch[:2]  # (training crops are of one size: their batches carry no sizes)
         logits, aux = self.model.forward_train(self.normalized(images))
         loss = segmentation_loss(logits, masks, self.loss_kind, self.ignore_index, self.class_weights)
         if aux is not None:
@@ -293,9 +307,9 @@ class SemanticSegmenter(BackboneTask):
         return loss
 
     def evaluation_step(self, batch, batch_idx: int, stage: str) -> None:
-        images, masks = batch
+        images, masks, *sizes = batch  # (images, masks, their sizes before padding) from the evaluation loaders
         with self.inference():
-            logits = self.logits(images)
+            logits = self.padded_batch_logits(images, sizes[0] if sizes else None)
         predictions = logits.argmax(1)
         self.confusion[stage].update(predictions, masks.long())
         loss = segmentation_loss(logits, masks, self.loss_kind, self.ignore_index, self.class_weights)
@@ -343,11 +357,12 @@ class SemanticSegmenter(BackboneTask):
                                  ["IoU"], {names[c]: (v,) for c, v in iou.items()}, first="class"))
 
     def predict_batch(self, batch) -> List[Tensor]:
-        """Per image of the batch, its labels ``(H, W)`` uint8 (int64 beyond 256 classes) at the image's size as read
-        (the predict loaders pad a batch to its largest image and do not transform), on the CPU; the writer callback
-        (:class:`~tasks.SegmentationWriter`) pairs them with the batch's file names."""
+        """Per image of the batch, its labels ``(H, W)`` uint8 (int64 beyond 256 classes) at the image's size as read,
+        on the CPU; the writer callback (:class:`~tasks.SegmentationWriter`) pairs them with the batch's file names.
+        Each image is predicted on its own pixels, whatever the batch was padded to (:meth:`padded_batch_logits`)."""
         images, infos = batch
+        sizes = [(int(info["height"]), int(info["width"])) for info in infos]
         with self.inference():
-            labels = self.logits(images).argmax(1)
+            labels = self.padded_batch_logits(images, sizes).argmax(1)
         labels = labels.to(torch.uint8) if len(self.label_map) <= 256 else labels
-        return [labels[i, :info["height"], :info["width"]].cpu() for i, info in enumerate(infos)]
+        return [labels[i, :h, :w].cpu() for i, (h, w) in enumerate(sizes)]

@@ -182,6 +182,31 @@ def test_validation_runs_the_inference_copy_and_it_equals_the_model(segmenter):
     torch.testing.assert_close(fast, eager, rtol=1e-4, atol=1e-4)
 
 
+def test_an_evaluation_batch_of_two_sizes_scores_each_image_as_if_it_were_alone():
+    """The evaluation loaders pad a batch to its largest image and give each image's size: the confusion matrix is
+    each image's own prediction (the model on its pixels alone) against its labels, summed, counted here in numpy."""
+    torch.manual_seed(0)
+    model = randomize_norm_stats(SemanticSegmenter(head="fpn", backbone="resnet18", num_classes=4, fpn_channels=32,
+                                                   head_channels=32, log_images=0)).eval()
+    g = torch.Generator().manual_seed(6)
+    alone = [(torch.randint(0, 256, (3, h, w), generator=g, dtype=torch.uint8),
+              torch.randint(0, 4, (h, w), generator=g, dtype=torch.uint8)) for h, w in [(64, 96), (96, 72)]]
+    images = torch.zeros(2, 3, 96, 96, dtype=torch.uint8)
+    masks = torch.full((2, 96, 96), IGNORE, dtype=torch.uint8)
+    for i, (image, mask) in enumerate(alone):
+        images[i, :, :image.shape[1], :image.shape[2]], masks[i, :mask.shape[0], :mask.shape[1]] = image, mask
+    with torch.no_grad():
+        model.evaluation_step((images, masks, [tuple(m.shape) for _, m in alone]), 0, "val")
+        want = np.zeros((4, 4), np.int64)
+        for image, mask in alone:
+            with model.inference():
+                predicted = model(image[None]).argmax(1)[0]
+            want += np.bincount(4 * mask.numpy().ravel() + predicted.numpy().ravel(), minlength=16).reshape(4, 4)
+    got = model.confusion["val"].compute().numpy()
+    assert got.sum() == 64 * 96 + 96 * 72 and (want.diagonal() > 0).sum() > 1
+    np.testing.assert_array_equal(got, want)
+
+
 BF16_NATIVE = native_support(torch.bfloat16, torch.device("cpu"))
 
 

@@ -59,12 +59,13 @@ def test_images_and_masks_pair_by_stem_and_evaluation_batches_pad_masks_with_ign
     Image.fromarray(np.ones((30, 30), np.uint8)).save(folder / "masks" / "03.png")
     data = module(folder)
     assert data.categories == {0: "a", 1: "b", 2: "c"} and len(data.val[0]) == 4
-    images, masks = next(iter(data.val_dataloader()))
-    assert images.shape == (2, 3, 20, 30) and masks.dtype == torch.uint8
+    images, masks, sizes = next(iter(data.val_dataloader()))
+    assert images.shape == (2, 3, 20, 30) and masks.dtype == torch.uint8 and sizes == [(20, 30), (20, 30)]
     want = np.asarray(Image.open(folder / "masks" / "00.png"))
     assert np.array_equal(masks[0].numpy(), want)
-    *_, (images, masks) = iter(data.val_dataloader())
+    *_, (images, masks, sizes) = iter(data.val_dataloader())
     assert images.shape == (2, 3, 30, 30) and bool((masks[0, 20:] == IGNORE).all()) and bool((masks[1] == 1).all())
+    assert sizes == [(20, 30), (30, 30)]  # each image's own, for the model to predict it on its own pixels
 
 
 def test_reduce_zero_label_ignores_zero_and_shifts_the_rest_down():
