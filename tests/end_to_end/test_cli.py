@@ -477,8 +477,9 @@ def test_every_shipped_config_parses(config, capsys):
     if "ade20k/" in config:  # mmsegmentation's poly schedule; ADE20K's 150 names, read as the data module reads them
         from tasks.data.segmentation import read_classes
 
-        assert printed["model"]["init_args"]["lr_schedule"] == "poly"
-        assert len(read_classes(str(REPO / printed["data"]["init_args"]["classes"]))) == 150
+        model, data = printed["model"]["init_args"], printed["data"]["init_args"]
+        assert model["lr_schedule"] == "poly" and model["warmup_steps"] == 0 and data["reduce_zero_label"] is True
+        assert len(read_classes(str(REPO / data["classes"]))) == 150
 
 
 BASE_ARGUMENTS = {"optimizer", "lr_schedule", "warmup_steps", "milestones", "gamma", "channels_last", "compile",

@@ -75,6 +75,31 @@ def test_scores_are_mmsegmentations_iou_metric_over_the_whole_dataset(prediction
     assert abs(float(per_image.compute()) - miou) > 1e-3
 
 
+def test_the_epoch_logs_miou_iou_per_class_name_and_prints_the_table_worst_first(predictions, caplog, monkeypatch):
+    """The epoch's end: val/miou, val/pixel_acc and val/iou/<name> for the classes in the ground truth or the
+    predictions (numpy's IoUMetric above), and the per-class table sorted worst first, '-' for a class in neither."""
+    from types import SimpleNamespace
+
+    names = {0: "sky", 1: "road", 2: "car", 3: "tree", 4: "sign", 5: "bus"}
+    model = SemanticSegmenter(head="fpn", backbone="resnet18", num_classes=6, categories=names, log_images=0)
+    for pred, label in predictions:
+        model.confusion["val"].update(torch.from_numpy(pred)[None], torch.from_numpy(label)[None])
+    logged = {}
+    monkeypatch.setattr(model, "log_dict", lambda values, **kwargs: logged.update(values))
+    model._trainer = SimpleNamespace(sanity_checking=False, is_global_zero=True)
+    with caplog.at_level("INFO", logger="tasks"):
+        model.on_validation_epoch_end()
+    iou, miou, acc = numpy_iou_metric(predictions, 6)
+    assert logged["val/miou"] == pytest.approx(miou) and logged["val/pixel_acc"] == pytest.approx(acc)
+    assert {k: v for k, v in logged.items() if k.startswith("val/iou/")} == pytest.approx(
+        {f"val/iou/{names[c]}": v for c, v in enumerate(iou) if not np.isnan(v)})
+    (text,) = [r.getMessage() for r in caplog.records if "IoU per class" in r.getMessage()]
+    rows = [line.split("|")[1:3] for line in text.splitlines()[3:]]
+    order = sorted((v, names[c]) for c, v in enumerate(iou) if not np.isnan(v))
+    assert [name.strip() for name, _ in rows] == [n for _, n in order] + ["bus"]  # worst first; never present: last
+    assert rows[-1][1].strip() == "-"
+
+
 def test_cross_entropy_averages_over_labelled_pixels_with_class_weights_and_ignores_the_rest():
     torch.manual_seed(0)
     logits = torch.randn(2, 3, 5, 4, requires_grad=True)
@@ -165,6 +190,24 @@ def test_every_head_trains_and_gives_logits_at_the_input_size(head, aux):
     assert math.isfinite(float(loss)) and next(model.model.decode_head.parameters()).grad is not None
     with torch.no_grad():
         assert model.eval()(images).shape == (2, 3, 34, 42)
+
+
+def test_upernets_training_loss_adds_its_auxiliary_heads_cross_entropy_at_weight_0_4():
+    """mmsegmentation's upernet_r50: loss_decode (weight 1.0) + loss_aux of the FCN head on C4 (weight 0.4), both
+    cross-entropy over the labelled pixels, written out here with torch's cross_entropy."""
+    torch.manual_seed(0)
+    model = SemanticSegmenter(head="upernet", backbone="resnet18", num_classes=3, head_channels=32)
+    images = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    masks = torch.randint(0, 3, (2, 64, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
+    masks[:, :8] = IGNORE
+    torch.manual_seed(3)  # the heads' dropout draws the same channels in both passes
+    loss = model.training_loss((images, masks), 0)
+    torch.manual_seed(3)
+    logits, aux = model.model.forward_train(model.normalized(images))
+    decode_ce = F.cross_entropy(logits, masks.long(), ignore_index=IGNORE)
+    aux_ce = F.cross_entropy(aux, masks.long(), ignore_index=IGNORE)
+    assert aux.shape == logits.shape == (2, 3, 64, 64) and abs(float(aux_ce - decode_ce)) > 1e-3
+    torch.testing.assert_close(loss, decode_ce + 0.4 * aux_ce)
 
 
 def test_validation_runs_the_inference_copy_and_it_equals_the_model(segmenter):
