@@ -175,7 +175,8 @@ class SemanticSegmenter(BackboneTask):
         log_images: how many validation images to send, each epoch, to the loggers that show pictures
             (TensorBoard): image, ground truth and prediction side by side; 0 for none.
         optimizer: default SGD, lr 0.01, momentum 0.9, weight decay 5e-4 (mmsegmentation's).
-        lr_schedule: ``multistep`` | ``cosine`` | ``poly`` | ``constant``, after a linear warmup.
+        lr_schedule: ``multistep`` | ``cosine`` | ``poly`` | ``constant``, after a linear warmup (default ``poly``,
+            mmsegmentation's: power 0.9, down to ``min_lr``).
         warmup_steps: optimizer steps of linear warmup from ``0.001 x lr``.
         milestones: for ``multistep``, fractions of training where the lr drops by ``gamma``.
     """
