@@ -287,8 +287,7 @@ class SemanticSegmenter(BackboneTask):
         """:meth:`logits` of a batch padded (below and right) to its largest image, each image's as if it were alone:
         one forward where every image fills the batch (or ``sizes`` is ``None``), else one per image on its own
         ``(height, width)`` pixels, zero logits in its padding. Padding would otherwise reach every pixel through
-        the trunk's receptive field and the coarse levels' grid: a prediction would depend on the images beside it
-        (mmsegmentation evaluates and predicts image by image)."""
+        the trunk's receptive field and the coarse levels' grid: a prediction would depend on the images beside it."""
         if sizes is None or all(tuple(size) == tuple(images.shape[-2:]) for size in sizes):
             return self.logits(images)
         parts = [self.logits(image[None, :, :h, :w])[0] for image, (h, w) in zip(images, sizes, strict=True)]
