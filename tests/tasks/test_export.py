@@ -74,6 +74,7 @@ def test_a_classifier_checkpoint_exports_its_class_probabilities_in_the_checkpoi
         torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
 
 
+@pytest.mark.slow  # a whole-model trace: over 10 s on 2 shared cores
 def test_a_segmenter_checkpoint_exports_as_a_torch_export_program_giving_its_logits_at_any_size(tmp_path, capsys):
     """``python -m tasks export CKPT --format torch_export``: the .pt2 program gives the segmenter's logits at the
     input's size for batches and sizes other than the traced ones, with the class names beside it."""
