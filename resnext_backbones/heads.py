@@ -44,11 +44,13 @@ class SemanticFPNHead(nn.Module):
     """Panoptic FPN's semantic branch over FPN levels of ``in_channels`` channels at ``strides`` (P2-P5: 4, 8, 16,
     32). A level at stride ``s`` goes through ``max(1, log2(s / 4))`` blocks of 3x3 conv-GN-ReLU (``channels``), each
     but a stride-4 level's followed by 2x bilinear upsampling; the sum of the levels (each resized to P2's size where
-    an odd input size leaves it off by a pixel, as mmsegmentation does) goes through a 1x1 convolution to
-    ``num_classes``. Published: 128 channels, GroupNorm."""
+    an odd input size leaves it off by a pixel, as mmsegmentation does) goes through ``dropout`` (2-d, as
+    mmsegmentation's decode heads) and a 1x1 convolution to ``num_classes``. Published: 128 channels, GroupNorm
+    (Panoptic FPN); mmsegmentation's ``FPNHead`` (configs/_base_/models/fpn_r50.py): 128 channels, SyncBN, dropout
+    0.1."""
 
     def __init__(self, in_channels: int, num_classes: int, strides: Sequence[int] = (4, 8, 16, 32),
-                 channels: int = 128, norm: str = "gn") -> None:
+                 channels: int = 128, norm: str = "gn", dropout: float = 0.0) -> None:
         super().__init__()
         self.scale_heads = nn.ModuleList()
         finest = strides[0]
@@ -60,29 +62,31 @@ class SemanticFPNHead(nn.Module):
                 if stride != finest:
                     layers.append(nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False))
             self.scale_heads.append(nn.Sequential(*layers))
+        self.dropout = nn.Dropout2d(dropout)
         self.predictor = nn.Conv2d(channels, num_classes, 1)
 
     def forward(self, levels: List[Tensor]) -> Tensor:
         out = self.scale_heads[0](levels[0])
         for head, level in zip(self.scale_heads[1:], levels[1:], strict=True):
             out = out + resize(head(level), out.shape[-2:])
-        return self.predictor(out)
+        return self.predictor(self.dropout(out))
 
 
 class UPerHead(nn.Module):
-    """UPerNet's head over trunk maps of ``in_channels`` (C2-C5), as mmsegmentation's ``UPerHead`` (``channels`` 512
-    in its ``upernet_r50`` recipe, BatchNorm, dropout 0.1)."""
+    """UPerNet's head over trunk maps of ``in_channels`` (C2-C5), as mmsegmentation's ``UPerHead`` (its
+    ``upernet_r50`` recipe, configs/_base_/models/upernet_r50.py: ``channels`` 512, pool scales 1/2/3/6, SyncBN,
+    dropout 0.1)."""
 
     def __init__(self, in_channels: Sequence[int], num_classes: int, channels: int = 512,
-                 pool_scales: Sequence[int] = (1, 2, 3, 6), dropout: float = 0.1) -> None:
+                 pool_scales: Sequence[int] = (1, 2, 3, 6), dropout: float = 0.1, norm: str = "bn") -> None:
         super().__init__()
         *finer, coarsest = in_channels
-        self.psp_modules = nn.ModuleList(
-            nn.Sequential(nn.AdaptiveAvgPool2d(scale), conv_norm_relu(coarsest, channels, 1)) for scale in pool_scales)
-        self.bottleneck = conv_norm_relu(coarsest + len(pool_scales) * channels, channels, 3)
-        self.lateral_convs = nn.ModuleList(conv_norm_relu(c, channels, 1) for c in finer)
-        self.fpn_convs = nn.ModuleList(conv_norm_relu(channels, channels, 3) for _ in finer)
-        self.fpn_bottleneck = conv_norm_relu(len(in_channels) * channels, channels, 3)
+        self.psp_modules = nn.ModuleList(nn.Sequential(nn.AdaptiveAvgPool2d(scale), conv_norm_relu(
+            coarsest, channels, 1, norm)) for scale in pool_scales)
+        self.bottleneck = conv_norm_relu(coarsest + len(pool_scales) * channels, channels, 3, norm)
+        self.lateral_convs = nn.ModuleList(conv_norm_relu(c, channels, 1, norm) for c in finer)
+        self.fpn_convs = nn.ModuleList(conv_norm_relu(channels, channels, 3, norm) for _ in finer)
+        self.fpn_bottleneck = conv_norm_relu(len(in_channels) * channels, channels, 3, norm)
         self.dropout = nn.Dropout2d(dropout)
         self.conv_seg = nn.Conv2d(channels, num_classes, 1)
 

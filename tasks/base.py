@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import logging
 import random
 from typing import Dict, Iterable, Iterator, Optional, Sequence, Union
@@ -44,10 +45,13 @@ class BackboneTask(LightningModule):
         categories: ``{category id: name}``, told by the data module; the label map is built from it (without it,
             ``num_classes`` labels that are their own ids) and saved in checkpoints as ``checkpoint["label_map"]``.
         optimizer: any ``torch.optim`` class (``class_path`` + ``init_args`` in YAML); frozen parameters are left out.
-        lr_schedule: ``multistep`` | ``cosine`` | ``constant``, after a linear warmup, stepped every optimizer step.
+        lr_schedule: ``multistep`` | ``cosine`` | ``poly`` | ``constant``, after a linear warmup, stepped every
+            optimizer step (``poly``: mmsegmentation's ``PolyLR``, power 0.9, from the lr down to ``min_lr``).
         warmup_steps: optimizer steps of linear warmup from ``0.001 x lr``.
         milestones: for ``multistep``, fractions of training where the lr drops by ``gamma`` (1x: [0.667, 0.917]).
         gamma: lr factor at each milestone.
+        min_lr: for ``poly``, the learning rate of the last step (mmsegmentation's ``eta_min``; each parameter
+            group's lr decays to it).
         channels_last: run the network in NHWC memory format (faster convolutions on CPU and tensor cores).
         compile: ``torch.compile`` the trunk (in place, so checkpoints keep their keys).
         skip_nonfinite_loss: on a NaN/inf loss, skip the step (zero gradient; momentum and weight decay still
@@ -69,7 +73,8 @@ class BackboneTask(LightningModule):
 
     def __init__(self, *, num_classes: int, categories: Optional[Dict[int, str]], optimizer: OptimizerCallable,
                  lr_schedule: str, warmup_steps: int, milestones: Sequence[float], gamma: float = 0.1,
-                 channels_last: bool = False, compile: bool = False, skip_nonfinite_loss: bool = False,
+                 min_lr: float = 0.0, channels_last: bool = False, compile: bool = False,
+                 skip_nonfinite_loss: bool = False,
                  inference_precision: Union[int, str] = 32, fused_inference: bool = True) -> None:
         super().__init__()
         # the arguments of this __init__ and of the subclass's that called it (Lightning walks the frames)
@@ -78,6 +83,10 @@ class BackboneTask(LightningModule):
         self.label_map = label_map_of(num_classes, categories)
         self.optimizer_factory = optimizer
         self.lr_schedule, self.warmup_steps, self.milestones, self.gamma = lr_schedule, warmup_steps, milestones, gamma
+        if min_lr < 0 or (min_lr > 0 and lr_schedule != "poly"):
+            raise ValueError(f"model.min_lr={min_lr!r}: the floor of lr_schedule: poly, a learning rate >= 0; with "
+                             f"lr_schedule: {lr_schedule} leave it 0")
+        self.min_lr = float(min_lr)
         self.channels_last, self.compile_trunk = channels_last, compile
         self.skip_nonfinite_loss, self.skipped_steps = skip_nonfinite_loss, 0
         self.inference_runner = InferenceRunner(precision_name(inference_precision), fused_inference)
@@ -243,9 +252,17 @@ class BackboneTask(LightningModule):
         optimizer = self.optimizer_factory(params)
         # The length is asked for after the first step: reading trainer.estimated_stepping_batches here would load
         # the training data before Lightning restores the loader's position (Lightning issue #20550).
-        factor = lr_factor(self.lr_schedule, total_steps=lambda: total_training_steps(self.trainer),
-                           warmup_steps=self.warmup_steps, milestones=self.milestones, gamma=self.gamma)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": LambdaLR(optimizer, factor), "interval": "step"}}
+        total = functools.cache(lambda: total_training_steps(self.trainer))
+        factors = [lr_factor(self.lr_schedule, total_steps=total, warmup_steps=self.warmup_steps,
+                             milestones=self.milestones, gamma=self.gamma, min_factor=self._min_factor(group["lr"]))
+                   for group in optimizer.param_groups]  # one per group: each decays to min_lr from its own lr
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": LambdaLR(optimizer, factors), "interval": "step"}}
+
+    def _min_factor(self, lr: float) -> float:
+        if self.min_lr > lr:
+            raise ValueError(f"model.min_lr={self.min_lr} is above the optimizer's lr={lr}: the poly schedule decays "
+                             "from the lr down to min_lr; lower min_lr")
+        return self.min_lr / lr if lr > 0 else 0.0
 
 
 def rng_states() -> dict:

@@ -46,7 +46,7 @@ class ImageClassifier(BackboneTask):
         mixup_alpha: MixUp's alpha (0 = off).
         cutmix_alpha: CutMix's alpha (0 = off); with both on, one of the two per batch.
         optimizer: default SGD, lr 0.1 for 256 images, momentum 0.9, weight decay 1e-4 (the ImageNet recipe).
-        lr_schedule: ``multistep`` | ``cosine`` | ``constant``, after a linear warmup.
+        lr_schedule: ``multistep`` | ``cosine`` | ``poly`` | ``constant``, after a linear warmup.
         warmup_steps: optimizer steps of linear warmup from ``0.001 x lr``.
         milestones: for ``multistep``, fractions of training where the lr drops by ``gamma``.
         in_channels: channels of the input images (1 gray, 4 RGB-D, 13 multispectral, ...; the data's

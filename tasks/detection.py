@@ -130,7 +130,7 @@ class ObjectDetector(BackboneTask):
             :class:`resnext_backbones.deployment.Tiling` (``size`` unset: ``min_size``, the model's own input size);
             ``null`` (default): whole images. Training is untouched: train on crops of the tile size.
         optimizer: default SGD, lr 0.02 for 16 images, momentum 0.9, weight decay 1e-4 (the detection 1x recipe).
-        lr_schedule: ``multistep`` | ``cosine`` | ``constant``, after a linear warmup.
+        lr_schedule: ``multistep`` | ``cosine`` | ``poly`` | ``constant``, after a linear warmup.
         warmup_steps: optimizer steps of linear warmup from ``0.001 x lr``.
         milestones: for ``multistep``, fractions of training where the lr drops by ``gamma`` (1x: [0.667, 0.917]).
         in_channels: channels of the input images (1 gray, 4 RGB-D, 13 multispectral, ...; the data's

@@ -41,19 +41,29 @@ class Head:
     decode_inputs: tuple  # the backbone's outputs the head reads
     dilation: Optional[tuple]  # the trunk's replace_stride_with_dilation
     default_aux_loss: float  # weight of the auxiliary FCN head on C4 (0: none)
-    build: Callable[..., nn.Module]  # (trunk channels, fpn channels, classes, head channels or None) -> head
+    # (trunk channels, fpn channels, classes, head channels, head norm, dropout; each None: the head's default) -> head
+    build: Callable[..., nn.Module]
+    options: bool = True  # takes head_channels, head_norm, dropout (torchvision's heads are built as torchvision does)
+
+
+def _options(**given) -> dict:
+    return {k: v for k, v in given.items() if v is not None}
 
 
 HEADS: Dict[str, Head] = {
+    # Panoptic FPN's defaults (128 channels, GroupNorm, no dropout); mmsegmentation's FPNHead: head_norm bn, dropout 0.1
     "fpn": Head(True, ("c2", "c3", "c4", "c5"), ("0", "1", "2", "3"), None, 0.0,
-                lambda trunk, fpn, classes, channels: SemanticFPNHead(fpn, classes, channels=channels or 128)),
+                lambda trunk, fpn, classes, channels, norm, dropout: SemanticFPNHead(
+                    fpn, classes, **_options(channels=channels, norm=norm, dropout=dropout))),
+    # mmsegmentation's upernet_r50 (512 channels, BatchNorm, dropout 0.1)
     "upernet": Head(False, ("c2", "c3", "c4", "c5"), ("c2", "c3", "c4", "c5"), None, 0.4,
-                    lambda trunk, fpn, classes, channels: UPerHead(
-                        [trunk[c] for c in ("c2", "c3", "c4", "c5")], classes, channels=channels or 512)),
+                    lambda trunk, fpn, classes, channels, norm, dropout: UPerHead(
+                        [trunk[c] for c in ("c2", "c3", "c4", "c5")], classes,
+                        **_options(channels=channels, norm=norm, dropout=dropout))),
     "deeplabv3": Head(False, ("c4", "c5"), ("c5",), (False, True, True), 0.0,
-                      lambda trunk, fpn, classes, channels: DeepLabHead(trunk["c5"], classes)),
+                      lambda trunk, fpn, classes, *_: DeepLabHead(trunk["c5"], classes), options=False),
     "fcn": Head(False, ("c4", "c5"), ("c5",), (False, True, True), 0.0,
-                lambda trunk, fpn, classes, channels: FCNHead(trunk["c5"], classes)),
+                lambda trunk, fpn, classes, *_: FCNHead(trunk["c5"], classes), options=False),
 }
 
 
@@ -153,7 +163,11 @@ class SemanticSegmenter(BackboneTask):
         aux_loss: weight of the auxiliary FCN head on C4 (``upernet``, ``deeplabv3``, ``fcn``); ``None``: the head's
             default (UPerNet 0.4 as mmsegmentation, the others 0: no auxiliary head).
         fpn_channels: channels of the FPN levels (``fpn``).
-        head_channels: channels inside the head (``fpn`` 128, ``upernet`` 512 by default).
+        head_channels: channels inside the head (``fpn`` 128, ``upernet`` 512 by default; torchvision's heads: theirs).
+        head_norm: the norm of the head's conv blocks, ``gn`` | ``bn`` (``fpn``: ``gn`` as Panoptic FPN; ``upernet``:
+            ``bn`` as mmsegmentation; ``bn`` becomes SyncBatchNorm with ``trainer.sync_batchnorm``).
+        dropout: 2-d dropout before the head's last 1x1 convolution (``fpn`` 0, ``upernet`` 0.1 by default;
+            mmsegmentation's heads 0.1).
         sliding_window: ``{size: S or [H, W], stride: S or [H, W]}``: validate, test and predict average the logits
             of overlapping windows (mmsegmentation's ``mode='slide'``), for images larger than the model was
             trained on; ``None``: one forward of the whole image.
@@ -161,7 +175,8 @@ class SemanticSegmenter(BackboneTask):
         log_images: how many validation images to send, each epoch, to the loggers that show pictures
             (TensorBoard): image, ground truth and prediction side by side; 0 for none.
         optimizer: default SGD, lr 0.01, momentum 0.9, weight decay 5e-4 (mmsegmentation's).
-        lr_schedule: ``multistep`` | ``cosine`` | ``constant``, after a linear warmup.
+        lr_schedule: ``multistep`` | ``cosine`` | ``poly`` | ``constant``, after a linear warmup (default ``poly``,
+            mmsegmentation's: power 0.9, down to ``min_lr``).
         warmup_steps: optimizer steps of linear warmup from ``0.001 x lr``.
         milestones: for ``multistep``, fractions of training where the lr drops by ``gamma``.
     """
@@ -170,10 +185,10 @@ class SemanticSegmenter(BackboneTask):
                  weights: Optional[str] = None, strict_weights: bool = True, trainable_stages: int = 5,
                  norm: str = "bn", ignore_index: int = 255, class_weights: Optional[List[float]] = None,
                  loss: str = "ce", aux_loss: Optional[float] = None, fpn_channels: int = 256,
-                 head_channels: Optional[int] = None,
+                 head_channels: Optional[int] = None, head_norm: Optional[str] = None, dropout: Optional[float] = None,
                  sliding_window: Optional[Dict[str, Union[int, List[int]]]] = None,
                  categories: Optional[Dict[int, str]] = None, log_images: int = 4,
-                 optimizer: OptimizerCallable = sgd_poly, lr_schedule: str = "cosine", warmup_steps: int = 0,
+                 optimizer: OptimizerCallable = sgd_poly, lr_schedule: str = "poly", warmup_steps: int = 0,
                  milestones: Sequence[float] = (), **kwargs) -> None:
         if head not in HEADS:
             raise ValueError(f"model.head={head!r} is not supported; choose one of {list(HEADS)}")
@@ -182,6 +197,15 @@ class SemanticSegmenter(BackboneTask):
         super().__init__(num_classes=num_classes, categories=categories, optimizer=optimizer,
                          lr_schedule=lr_schedule, warmup_steps=warmup_steps, milestones=milestones, **kwargs)
         spec = HEADS[head]
+        # head_channels is left to the head that has it (the quick start's value must not stop a switch of head)
+        given = [k for k, v in (("head_norm", head_norm), ("dropout", dropout)) if v is not None]
+        if given and not spec.options:
+            raise ValueError(f"model.{given[0]}: head={head} is torchvision's head, built as torchvision builds it; "
+                             "leave it unset, or use head fpn or upernet")
+        if head_norm is not None and head_norm not in ("gn", "bn"):
+            raise ValueError(f"model.head_norm={head_norm!r} is not supported; choose gn or bn")
+        if dropout is not None and not 0 <= dropout < 1:
+            raise ValueError(f"model.dropout={dropout!r} must be in [0, 1) (mmsegmentation's heads: 0.1)")
         aux_weight = spec.default_aux_loss if aux_loss is None else float(aux_loss)
         if aux_weight < 0 or (aux_weight > 0 and spec.fpn):
             raise ValueError(f"model.aux_loss={aux_loss!r}: " + (
@@ -194,8 +218,8 @@ class SemanticSegmenter(BackboneTask):
         self.register_buffer("class_weights", None if class_weights is None else
                              torch.tensor([float(w) for w in class_weights]), persistent=False)
         self.window = None if sliding_window is None else self._window(sliding_window)
-        self.model = self._build(spec, backbone, num_classes, norm, trainable_stages, fpn_channels, head_channels,
-                                 aux_weight > 0)
+        self.model = self._build(spec, backbone, num_classes, norm, trainable_stages, fpn_channels,
+                                 (head_channels, head_norm, dropout), aux_weight > 0)
         if weights is not None:
             rb.load_weights(self.model.backbone, weights, strict=strict_weights)  # logs its report
         for name in ("mean", "std"):  # the trunk's normalization on the model's device: set by set_normalization
@@ -217,7 +241,7 @@ class SemanticSegmenter(BackboneTask):
 
     @staticmethod
     def _build(spec: Head, backbone: str, num_classes: int, norm: str, trainable_stages: int, fpn_channels: int,
-               head_channels: Optional[int], auxiliary: bool) -> SegmentationModel:
+               head_options: tuple, auxiliary: bool) -> SegmentationModel:
         if spec.fpn:
             net = rb.resnext_fpn(backbone, returned_features=spec.returned_features, extra_blocks=None,
                                  trainable_stages=trainable_stages, norm=norm, out_channels=fpn_channels)
@@ -226,7 +250,7 @@ class SemanticSegmenter(BackboneTask):
             net = rb.resnext(backbone, returned_features=spec.returned_features, trainable_stages=trainable_stages,
                              norm=norm, replace_stride_with_dilation=spec.dilation)
             trunk_channels = net.out_channels
-        head = spec.build(trunk_channels, fpn_channels, num_classes, head_channels)
+        head = spec.build(trunk_channels, fpn_channels, num_classes, *head_options)
         if not auxiliary:
             return SegmentationModel(net, head, spec.decode_inputs)
         # mmsegmentation's auxiliary FCNHead (one 3x3 conv of 256 channels, dropout 0.1) is torchvision's on C4
@@ -259,8 +283,21 @@ class SemanticSegmenter(BackboneTask):
             return self(images)
         return sliding_window(self, images, *self.window)
 
+    def padded_batch_logits(self, images: Tensor, sizes: Optional[Sequence[Tuple[int, int]]]) -> Tensor:
+        """:meth:`logits` of a batch padded (below and right) to its largest image, each image's as if it were alone:
+        one forward where every image fills the batch (or ``sizes`` is ``None``), else one per image on its own
+        ``(height, width)`` pixels, zero logits in its padding. Padding would otherwise reach every pixel through
+        the trunk's receptive field and the coarse levels' grid: a prediction would depend on the images beside it."""
+        if sizes is None or all(tuple(size) == tuple(images.shape[-2:]) for size in sizes):
+            return self.logits(images)
+        parts = [self.logits(image[None, :, :h, :w])[0] for image, (h, w) in zip(images, sizes, strict=True)]
+        logits = parts[0].new_zeros((len(images), parts[0].shape[0], *images.shape[-2:]))
+        for logit, part in zip(logits, parts, strict=True):
+            logit[:, :part.shape[-2], :part.shape[-1]] = part
+        return logits
+
     def training_loss(self, batch, batch_idx: int) -> Tensor:
-        images, masks = batch
+        images, masks = batch[:2]  # (training crops are of one size: their batches carry no sizes)
         logits, aux = self.model.forward_train(self.normalized(images))
         loss = segmentation_loss(logits, masks, self.loss_kind, self.ignore_index, self.class_weights)
         if aux is not None:
@@ -270,9 +307,9 @@ class SemanticSegmenter(BackboneTask):
         return loss
 
     def evaluation_step(self, batch, batch_idx: int, stage: str) -> None:
-        images, masks = batch
+        images, masks, *sizes = batch  # (images, masks, their sizes before padding) from the evaluation loaders
         with self.inference():
-            logits = self.logits(images)
+            logits = self.padded_batch_logits(images, sizes[0] if sizes else None)
         predictions = logits.argmax(1)
         self.confusion[stage].update(predictions, masks.long())
         loss = segmentation_loss(logits, masks, self.loss_kind, self.ignore_index, self.class_weights)
@@ -320,11 +357,12 @@ class SemanticSegmenter(BackboneTask):
                                  ["IoU"], {names[c]: (v,) for c, v in iou.items()}, first="class"))
 
     def predict_batch(self, batch) -> List[Tensor]:
-        """Per image of the batch, its labels ``(H, W)`` uint8 (int64 beyond 256 classes) at the image's size as read
-        (the predict loaders pad a batch to its largest image and do not transform), on the CPU; the writer callback
-        (:class:`~tasks.SegmentationWriter`) pairs them with the batch's file names."""
+        """Per image of the batch, its labels ``(H, W)`` uint8 (int64 beyond 256 classes) at the image's size as read,
+        on the CPU; the writer callback (:class:`~tasks.SegmentationWriter`) pairs them with the batch's file names.
+        Each image is predicted on its own pixels, whatever the batch was padded to (:meth:`padded_batch_logits`)."""
         images, infos = batch
+        sizes = [(int(info["height"]), int(info["width"])) for info in infos]
         with self.inference():
-            labels = self.logits(images).argmax(1)
+            labels = self.padded_batch_logits(images, sizes).argmax(1)
         labels = labels.to(torch.uint8) if len(self.label_map) <= 256 else labels
-        return [labels[i, :info["height"], :info["width"]].cpu() for i, info in enumerate(infos)]
+        return [labels[i, :h, :w].cpu() for i, (h, w) in enumerate(sizes)]

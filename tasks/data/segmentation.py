@@ -154,9 +154,11 @@ class SegmentationFiles(Dataset):
         return mask.to(torch.uint8) if self.ignore_index < 256 else mask
 
 
-def pad_collate(ignore_index: int):
+def pad_collate(ignore_index: int, sizes: bool = False):
     """A collate function: images (and masks) padded below and right to the batch's largest, images with 0, masks
-    with ``ignore_index`` (padding is never evaluated); ``(images, masks)`` or, for predict, ``(images, infos)``."""
+    with ``ignore_index`` (padding is never evaluated); ``(images, masks)``, with ``sizes`` ``(images, masks,
+    [(height, width) of each image before padding])`` (evaluation: the model predicts each image on its own pixels),
+    or, for predict, ``(images, infos)``."""
     def collate(batch):
         height = max(int(item[0].shape[-2]) for item in batch)
         width = max(int(item[0].shape[-1]) for item in batch)
@@ -168,7 +170,10 @@ def pad_collate(ignore_index: int):
         images = torch.stack([pad(item[0], 0) for item in batch])
         if isinstance(batch[0][1], dict):
             return images, [item[1] for item in batch]
-        return images, torch.stack([pad(item[1], ignore_index) for item in batch])
+        masks = torch.stack([pad(item[1], ignore_index) for item in batch])
+        if sizes:
+            return images, masks, [tuple(int(s) for s in item[0].shape[-2:]) for item in batch]
+        return images, masks
 
     return collate
 
@@ -291,7 +296,7 @@ class SegmentationDataModule(BaseDataModule):
     def val_dataloader(self):
         self._require_labels("validation")
         return self.loader(self._dataset(self.val, self.eval_transforms()), train=False,
-                           collate_fn=pad_collate(self.ignore_index))
+                           collate_fn=pad_collate(self.ignore_index, sizes=True))
 
     test_dataloader = val_dataloader
 

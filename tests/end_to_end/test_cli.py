@@ -474,6 +474,12 @@ def test_every_shipped_config_parses(config, capsys):
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["model"]["class_path"].startswith("tasks.")
     assert BASE_ARGUMENTS <= set(printed["model"]["init_args"])  # the forwarded **kwargs among them
+    if "ade20k/" in config:  # mmsegmentation's poly schedule; ADE20K's 150 names, read as the data module reads them
+        from tasks.data.segmentation import read_classes
+
+        model, data = printed["model"]["init_args"], printed["data"]["init_args"]
+        assert model["lr_schedule"] == "poly" and model["warmup_steps"] == 0 and data["reduce_zero_label"] is True
+        assert len(read_classes(str(REPO / data["classes"]))) == 150
 
 
 BASE_ARGUMENTS = {"optimizer", "lr_schedule", "warmup_steps", "milestones", "gamma", "channels_last", "compile",

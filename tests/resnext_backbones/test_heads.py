@@ -88,3 +88,35 @@ def test_uper_head_pools_c5_at_scales_1_2_3_6_and_fuses_every_level_at_c2():
     assert logits.shape == (2, 3, 32, 24)
     logits.square().sum().backward()
     assert all(f.grad.abs().sum() > 0 for f in features)  # every level reaches the logits
+
+
+def test_semantic_fpn_head_as_mmsegmentations_fpn_head_has_batchnorm_and_dropout_before_the_classifier():
+    """mmsegmentation's FPNHead (configs/_base_/models/fpn_r50.py: SyncBN, dropout_ratio 0.1): the same branches with
+    BatchNorm, then channel-wise (2-d) dropout of the sum, then the 1x1 convolution, written out here."""
+    torch.manual_seed(0)
+    head = SemanticFPNHead(32, 4, channels=32, norm="bn", dropout=0.5).train()
+    assert all(isinstance(m, torch.nn.BatchNorm2d) for h in head.scale_heads for m in h.modules()
+               if isinstance(m, (torch.nn.BatchNorm2d, torch.nn.GroupNorm)))
+    levels = [torch.randn(2, 32, 16 // 2**i, 24 // 2**i) for i in range(4)]
+    with torch.no_grad():
+        total = head.scale_heads[0](levels[0])  # the branches themselves: no random numbers drawn in them
+        for blocks, level in zip(head.scale_heads[1:], levels[1:], strict=True):
+            total = total + blocks(level)
+        torch.manual_seed(7)
+        want = F.conv2d(F.dropout2d(total, 0.5, training=True), head.predictor.weight, head.predictor.bias)
+        torch.manual_seed(7)
+        got = head(levels)
+        undropped = F.conv2d(total, head.predictor.weight, head.predictor.bias)
+    assert (got - undropped).abs().max() > 1e-2  # the dropout is seen
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():  # evaluation: no dropout
+        torch.testing.assert_close(head.eval()(levels), F.conv2d(
+            sum(F.interpolate(b(x), size=(16, 24), mode="bilinear") if i else b(x)
+                for i, (b, x) in enumerate(zip(head.scale_heads, levels, strict=True))),
+            head.predictor.weight, head.predictor.bias), rtol=1e-5, atol=1e-5)
+
+
+def test_uper_head_takes_groupnorm_for_every_block():
+    head = UPerHead([16, 32, 64, 128], 3, channels=32, norm="gn")
+    norms = [m for m in head.modules() if isinstance(m, (torch.nn.BatchNorm2d, torch.nn.GroupNorm))]
+    assert len(norms) == 4 + 1 + 3 + 3 + 1 and all(isinstance(m, torch.nn.GroupNorm) for m in norms)

@@ -74,6 +74,31 @@ def test_a_classifier_checkpoint_exports_its_class_probabilities_in_the_checkpoi
         torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
 
 
+@pytest.mark.slow  # a whole-model trace: over 10 s on 2 shared cores
+def test_a_segmenter_checkpoint_exports_as_a_torch_export_program_giving_its_logits_at_any_size(tmp_path, capsys):
+    """``python -m tasks export CKPT --format torch_export``: the .pt2 program gives the segmenter's logits at the
+    input's size for batches and sizes other than the traced ones, with the class names beside it."""
+    from tasks import SemanticSegmenter
+    from tasks.export import main
+
+    torch.manual_seed(0)
+    task = randomize_norm_stats(SemanticSegmenter(head="fpn", backbone="resnet18", num_classes=3, fpn_channels=32,
+                                                  head_channels=32, categories={0: "sky", 1: "road", 2: "car"}))
+    checkpoint = task_checkpoint(task, tmp_path / "segmenter.ckpt")
+    main([checkpoint, "--format", "torch_export", "--output", str(tmp_path / "out.pt2"), "--image-size", "64", "64"])
+    assert f"wrote {tmp_path / 'out.pt2'} (torch_export)" in capsys.readouterr().out
+    classes = json.loads((tmp_path / "out.pt2.classes.json").read_text())
+    assert classes["names"] == ["sky", "road", "car"] and classes["task"] == "SemanticSegmenter"
+    program = torch.export.load(str(tmp_path / "out.pt2")).module()
+    task.eval()
+    for shape in [(1, 3, 64, 64), (3, 3, 96, 80)]:
+        images = torch.rand(shape, generator=torch.Generator().manual_seed(shape[-1]))
+        with torch.no_grad():
+            want, got = task(images), program(images)
+        assert got.shape == (shape[0], 3, *shape[-2:]) and want.std() > 1e-3
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
 def test_the_export_command_hands_the_detector_its_category_ids(tmp_path, monkeypatch, capsys):
     """The wiring without a trace (rb.export's own tests prove the files): the checkpoint's torchvision detector,
     ``category_ids`` mapping its classes (background first) to the dataset's ids, the class names beside the file."""

@@ -8,6 +8,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from helpers import randomize_norm_stats
 from lightning.pytorch import Callback, Trainer
 from PIL import Image
 from pycocotools.coco import COCO
@@ -146,6 +147,43 @@ def test_class_probabilities_reach_disk_as_batches_finish_as_top_k_names(tmp_pat
         assert row[1::2] == [["a", "b", "c"][i] for i in top.indices.tolist()]
         assert [float(p) for p in row[2::2]] == pytest.approx(top.values.tolist(), abs=1e-6)
     assert [row[0] for row in rows[1:]] == [str(tmp_path / "new" / f"{i}.png") for i in range(3)]
+
+
+def test_segmentation_labels_reach_disk_as_index_pngs_as_batches_finish(tmp_path):
+    """SegmentationWriter streams as the other writers: each batch's PNGs written before the next batch, nothing held
+    by Lightning; each PNG the argmax of the model's logits for the image alone, at its own size, whatever the size
+    of the image it was batched with (padding must not change a prediction)."""
+    from tasks import SegmentationWriter, SemanticSegmenter
+    from tasks.data import SegmentationDataModule
+
+    write_images(tmp_path / "new", 3, size=(64, 72))  # sides from twice the coarsest stride (docs)
+    write_images(tmp_path / "new2", 2, size=(80, 66))  # another size: batches padded, PNGs cut back to each image
+    for i, name in enumerate(sorted((tmp_path / "new2").iterdir())):
+        name.rename(tmp_path / "new" / f"{3 + i}.png")
+    torch.manual_seed(0)
+    model = randomize_norm_stats(SemanticSegmenter(head="fpn", backbone="resnet18", num_classes=3, fpn_channels=32,
+                                                   head_channels=32, categories={0: "a", 1: "b", 2: "c"})).eval()
+    dm = SegmentationDataModule(predict_images=str(tmp_path / "new"), batch_size=2, num_workers=0)
+    writer = SegmentationWriter(output=str(tmp_path / "out"))
+    written = []
+
+    class PngProbe(Callback):
+        def on_predict_batch_end(self, *args) -> None:
+            written.append(len(list((tmp_path / "out").glob("*.png"))))
+
+    trainer = Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                      callbacks=[writer, PngProbe()], default_root_dir=tmp_path)
+    assert trainer.predict(model, dm, return_predictions=False) is None
+    assert written == [2, 4, 5] and len(trainer.predict_loop.predictions) == 0
+    model.eval()
+    assert json.loads((tmp_path / "out" / "classes.json").read_text()) == ["a", "b", "c"]
+    for i in range(5):
+        image = torch.from_numpy(np.asarray(Image.open(tmp_path / "new" / f"{i}.png"))).permute(2, 0, 1)
+        with torch.no_grad():
+            want = model(image[None]).argmax(1)[0].numpy()  # the image alone, unpadded
+        got = np.asarray(Image.open(tmp_path / "out" / f"{i}.png"))
+        assert got.shape == image.shape[1:] and got.dtype == np.uint8 and len(np.unique(want)) > 1
+        assert (got == want).mean() >= 0.999  # the fused copy's rounding may move a pixel near a tie
 
 
 def test_a_writer_refuses_the_other_tasks_model_naming_the_right_writer(tmp_path):

@@ -59,12 +59,13 @@ def test_images_and_masks_pair_by_stem_and_evaluation_batches_pad_masks_with_ign
     Image.fromarray(np.ones((30, 30), np.uint8)).save(folder / "masks" / "03.png")
     data = module(folder)
     assert data.categories == {0: "a", 1: "b", 2: "c"} and len(data.val[0]) == 4
-    images, masks = next(iter(data.val_dataloader()))
-    assert images.shape == (2, 3, 20, 30) and masks.dtype == torch.uint8
+    images, masks, sizes = next(iter(data.val_dataloader()))
+    assert images.shape == (2, 3, 20, 30) and masks.dtype == torch.uint8 and sizes == [(20, 30), (20, 30)]
     want = np.asarray(Image.open(folder / "masks" / "00.png"))
     assert np.array_equal(masks[0].numpy(), want)
-    *_, (images, masks) = iter(data.val_dataloader())
+    *_, (images, masks, sizes) = iter(data.val_dataloader())
     assert images.shape == (2, 3, 30, 30) and bool((masks[0, 20:] == IGNORE).all()) and bool((masks[1] == 1).all())
+    assert sizes == [(20, 30), (30, 30)]  # each image's own, for the model to predict it on its own pixels
 
 
 def test_reduce_zero_label_ignores_zero_and_shifts_the_rest_down():
@@ -129,6 +130,19 @@ def test_classes_come_from_a_list_or_a_json_or_yaml_file(tmp_path):
     (tmp_path / "gap.yaml").write_text("0: sky\n2: road\n")
     with pytest.raises(ValueError, match="must be 0..N-1"):
         read_classes(str(tmp_path / "gap.yaml"))
+
+
+def test_the_shipped_ade20k_classes_are_its_150_names_in_label_order_and_load_as_the_data_classes(folder):
+    from pathlib import Path
+
+    path = Path(__file__).parents[3] / "configs" / "ade20k" / "classes.json"
+    names = json.loads(path.read_text())["classes"]  # read here by json, not by the code under test
+    assert len(names) == len(set(names)) == 150 and all(n and n == n.strip() for n in names)
+    # ADE20K's objectInfo150 order, by the ends and a few rows inside (mmsegmentation's ADE20KDataset.METAINFO)
+    assert names[:4] == ["wall", "building", "sky", "floor"] and names[-3:] == ["glass", "clock", "flag"]
+    assert (names[7], names[12], names[20], names[100]) == ("bed", "person", "car", "poster")
+    data = module(folder, classes=str(path))
+    assert data.num_classes == 150 and [data.label_map.categories[i] for i in range(150)] == names
 
 
 def test_coco_instances_rasterise_to_the_masks_pycocotools_decodes(tiny_coco, tmp_path):
