@@ -120,6 +120,18 @@ SMALL_HEADS = {"box_batch_size_per_image": 32, "rpn_pre_nms_top_n_train": 200, "
                "rpn_pre_nms_top_n_test": 100, "rpn_post_nms_top_n_test": 50, "box_score_thresh": 0.0}
 
 
+def trainer_config(tmp_path, writer: str, output: str) -> dict:
+    """The tiny CLI runs' trainer: one CPU epoch, CSV logs, last.ckpt in ``tmp_path/ckpt``, and the prediction
+    ``writer`` callback (writing to ``output``, pictures to ``tmp_path/drawn``) last, as in the shipped configs."""
+    return {"accelerator": "cpu", "devices": 1, "max_epochs": 1, "default_root_dir": str(tmp_path),
+            "enable_model_summary": False, "enable_progress_bar": False, "log_every_n_steps": 1,
+            "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger",
+                       "init_args": {"save_dir": str(tmp_path), "name": "logs"}},
+            "callbacks": [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                           "init_args": {"dirpath": str(tmp_path / "ckpt"), "save_last": True}},
+                          {"class_path": writer, "init_args": {"output": output, "draw_dir": str(tmp_path / "drawn")}}]}
+
+
 def detection_config(tmp_path, data, **model):
     config = {
         "seed_everything": 0,
@@ -128,15 +140,7 @@ def detection_config(tmp_path, data, **model):
             "anchor_size": 16, "warmup_steps": 2, "detector_kwargs": SMALL_HEADS, **model}},
         "data": {"class_path": "tasks.data.CocoDetectionDataModule",
                  "init_args": {**data, "batch_size": 2, "num_workers": 0}},
-        "trainer": {"accelerator": "cpu", "devices": 1, "max_epochs": 1, "default_root_dir": str(tmp_path),
-                    "enable_model_summary": False, "enable_progress_bar": False, "log_every_n_steps": 1,
-                    "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger",
-                               "init_args": {"save_dir": str(tmp_path), "name": "logs"}},
-                    "callbacks": [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                                   "init_args": {"dirpath": str(tmp_path / "ckpt"), "save_last": True}},
-                                  {"class_path": "tasks.CocoResultsWriter",  # last, as in the shipped configs
-                                   "init_args": {"output": str(tmp_path / "predictions.json"),
-                                                 "draw_dir": str(tmp_path / "drawn")}}]},
+        "trainer": trainer_config(tmp_path, "tasks.CocoResultsWriter", str(tmp_path / "predictions.json")),
     }
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(config))

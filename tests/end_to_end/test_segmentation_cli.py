@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from helpers import last_metrics, run_on_two_processes
+from helpers import last_metrics, run_on_two_processes, trainer_config
 from PIL import Image
 
 from tasks import ImageClassifier, ObjectDetector, SemanticSegmenter
@@ -37,15 +37,7 @@ def segmentation_config(tmp_path, data, **model):
             "optimizer": {"class_path": "torch.optim.AdamW", "init_args": {"lr": 0.002}}, **model}},
         "data": {"class_path": "tasks.data.SegmentationDataModule",
                  "init_args": {**data, "crop_size": 64, "batch_size": 4, "num_workers": 0}},
-        "trainer": {"accelerator": "cpu", "devices": 1, "max_epochs": 1, "default_root_dir": str(tmp_path),
-                    "enable_model_summary": False, "enable_progress_bar": False, "log_every_n_steps": 1,
-                    "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger",
-                               "init_args": {"save_dir": str(tmp_path), "name": "logs"}},
-                    "callbacks": [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                                   "init_args": {"dirpath": str(tmp_path / "ckpt"), "save_last": True}},
-                                  {"class_path": "tasks.SegmentationWriter",
-                                   "init_args": {"output": str(tmp_path / "predictions"),
-                                                 "draw_dir": str(tmp_path / "drawn")}}]},
+        "trainer": trainer_config(tmp_path, "tasks.SegmentationWriter", str(tmp_path / "predictions")),
     }
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(config))
