@@ -1,6 +1,7 @@
 """YOLO and Pascal VOC labels read into the COCO index: one small data set written in all three forms by the test's
-own writers (independent of the readers) gives the same samples and the same validate metrics, and pycocotools
-reads the converted files as the COCO original."""
+own writers (independent of the readers) gives the same samples and the same validate metrics, pycocotools reads
+the converted files as the COCO original, and globox (another project's reader) reads the YOLO and VOC files as ours
+does."""
 
 import json
 
@@ -208,6 +209,43 @@ def test_pycocotools_reads_the_converted_file_as_the_coco_original(three_formats
         mine = sorted((got_names[a["category_id"]], a["bbox"]) for a in got.loadAnns(got.getAnnIds(same["id"])))
         assert [n for n, _ in mine] == [n for n, _ in by_name]
         np.testing.assert_allclose([b for _, b in mine], [b for _, b in by_name], atol=1e-4) if mine else None
+
+
+@pytest.mark.parametrize("fmt", ["yolo", "voc"])
+def test_globox_reads_the_yolo_and_voc_files_as_our_reader_does(three_formats, fmt):
+    """globox (an independent reader of both formats) and ours find, per image, the same size, boxes (to 1e-3 px)
+    and classes. globox keeps VOC's xmin and ymin as written; the development kit counts pixels from 1, so our boxes
+    start one pixel before (xmin - 1, as detectron2 reads them: tasks/data/label_formats.py)."""
+    import globox  # in the test extra: a missing oracle fails, it does not skip
+    from pathlib import Path
+
+    annotations, images = three_formats[fmt]
+    if fmt == "yolo":  # labels/train beside images/train; globox's labels are the class numbers as written
+        theirs = globox.AnnotationSet.from_yolo_darknet(Path(images).parents[1] / "labels" / "train",
+                                                        image_folder=images, image_extension=".png")
+        shift = 0.0
+    else:  # VOC's labels are the names
+        theirs = globox.AnnotationSet.from_pascal_voc(Path(images).parent / "Annotations")
+        shift = 1.0
+    index = data_module(annotations, images).val_index
+    names = dict(zip(index.label_map.category_ids, index.label_map.names, strict=True))
+    found = 0
+    for i, file_name in enumerate(index.file_names):
+        rows = slice(index.offsets[i], index.offsets[i + 1])
+        ids = index.label_map.category_ids_of(torch.as_tensor(index.labels[rows])).tolist()
+        labels = [str(c) if fmt == "yolo" else names[c] for c in ids]
+        ours = sorted(zip(labels, index.boxes[rows].tolist(), strict=True))
+        if file_name not in theirs.image_ids:  # globox reads YOLO label files: an image without one has no objects
+            assert fmt == "yolo" and ours == []
+            continue
+        annotation = theirs[file_name]
+        assert annotation.image_size == (index.sizes[i][1], index.sizes[i][0])  # (width, height)
+        got = sorted((b.label, [b.xmin - shift, b.ymin - shift, b.xmax, b.ymax]) for b in annotation.boxes)
+        assert [label for label, _ in ours] == [label for label, _ in got], file_name
+        if ours:
+            np.testing.assert_allclose([box for _, box in ours], [box for _, box in got], atol=1e-3, rtol=0)
+        found += len(ours)
+    assert found == 6 and len(index.file_names) == 4
 
 
 def test_the_voc_converter_finds_jpegimages_beside_annotations(three_formats, tmp_path):
