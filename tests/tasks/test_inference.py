@@ -85,7 +85,7 @@ def test_validation_and_prediction_of_a_detector_of_other_channels_run_the_fused
         channels):
     """Gray and RGB-D images: validate and predict run the fused copy, whose stem takes ``channels`` inputs, and it
     gives the detections of the model as trained."""
-    model = detector("faster_rcnn", in_channels=channels)
+    model = detector("faster_rcnn", in_channels=channels, log_images=0)
     images = [torch.rand(channels, 64, 80, generator=torch.Generator().manual_seed(1)),
               torch.rand(channels, 72, 64, generator=torch.Generator().manual_seed(2))]
     with torch.no_grad():

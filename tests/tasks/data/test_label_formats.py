@@ -4,6 +4,7 @@ the converted files as the COCO original, and globox (another project's reader) 
 does."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -217,7 +218,6 @@ def test_globox_reads_the_yolo_and_voc_files_as_our_reader_does(three_formats, f
     and classes. globox keeps VOC's xmin and ymin as written; the development kit counts pixels from 1, so our boxes
     start one pixel before (xmin - 1, as detectron2 reads them: tasks/data/label_formats.py)."""
     import globox  # in the test extra: a missing oracle fails, it does not skip
-    from pathlib import Path
 
     annotations, images = three_formats[fmt]
     if fmt == "yolo":  # labels/train beside images/train; globox's labels are the class numbers as written
@@ -267,6 +267,29 @@ def test_voc_ids_follow_the_classes_given_or_else_the_sorted_names_found(tmp_pat
     assert data_module(*paths, classes=["dog", "cat", "fish", "bird"]).categories == \
         {1: "dog", 2: "cat", 3: "fish", 4: "bird"}
     assert data_module(*paths).categories == {1: "bird", 2: "cat", 3: "dog"}
+
+
+def test_voc_ids_are_the_same_for_every_split(tmp_path):
+    """The names of every file of Annotations/, not only of the split's: a split without birds still numbers them."""
+    annotations, images = write_voc(tmp_path)
+    dogs = tmp_path / "ImageSets" / "Main" / "dogs.txt"
+    dogs.write_text("001\n")  # image 001 holds one dog only
+    module = CocoDetectionDataModule(str(dogs), images, annotations, images, batch_size=2, num_workers=0)
+    assert module.categories == {1: "bird", 2: "cat", 3: "dog"}
+    module.setup("fit")
+    (_, target), = module.train_dataloader().dataset.dataset
+    assert module.label_map.category_ids_of(target["labels"]).tolist() == [3]
+
+
+def test_a_format_set_is_read_as_given_and_a_wrong_one_or_classes_for_yolo_are_refused(three_formats, caplog):
+    yolo = three_formats["yolo"]
+    with caplog.at_level("INFO", logger="tasks"):
+        module = data_module(*yolo, format="yolo")
+    assert "read as" not in caplog.text and module.categories == dict(enumerate(NAMES))  # given, not detected
+    with pytest.raises(ValueError, match=r"data.format='xml'; choose one of \['coco', 'yolo', 'voc'\]"):
+        data_module(*yolo, format="xml")
+    with pytest.raises(ValueError, match="data.classes names VOC's classes; yolo labels name their own"):
+        data_module(*yolo, classes=NAMES)
 
 
 def test_an_unknown_class_fails_naming_the_file_and_line(tmp_path):
