@@ -335,11 +335,13 @@ def test_malformed_lines_and_missing_images_fail_naming_the_file(tmp_path):
         data_module(voc, voc_images)
 
 
-def test_the_checkpoint_label_map_keeps_the_yolo_class_numbers(three_formats):
-    module = data_module(*three_formats["yolo"])
+@pytest.mark.parametrize("fmt, ids, names", [("yolo", [0, 1, 2], NAMES),  # the class numbers
+                                              ("voc", [1, 2, 3], sorted(NAMES))])  # 1..N of the sorted names
+def test_the_checkpoint_label_map_keeps_the_yolo_class_numbers_and_the_voc_ids(three_formats, fmt, ids, names):
+    module = data_module(*three_formats[fmt])
     model = ObjectDetector(backbone="resnet18", num_classes=module.num_classes, categories=module.categories,
                            min_size=32, max_size=32)
     checkpoint = {}
     model.on_save_checkpoint(checkpoint)
-    assert checkpoint["label_map"]["category_ids"] == [0, 1, 2]
-    assert checkpoint["label_map"]["names"] == NAMES
+    assert checkpoint["label_map"]["category_ids"] == ids
+    assert checkpoint["label_map"]["names"] == names
