@@ -80,7 +80,9 @@ def test_prediction_runs_the_fused_trunk_and_equals_the_unfused_detector(archite
     assert not any(isinstance(m, FusedConv2d) for m in model.modules())
 
 
-@pytest.mark.parametrize("channels", [1, 4])
+# 1 channel in CI; 4 under slow (CI runs rb.inference_copy of a 4-channel detector:
+# tests/resnext_backbones/deployment/test_inference.py)
+@pytest.mark.parametrize("channels", [1, pytest.param(4, marks=pytest.mark.slow)])
 def test_validation_and_prediction_of_a_detector_of_other_channels_run_the_fused_trunk_and_equal_the_unfused(
         channels):
     """Gray and RGB-D images: validate and predict run the fused copy, whose stem takes ``channels`` inputs, and it
