@@ -130,7 +130,7 @@ def program(model: nn.Module, image_size: Optional[Sequence[int]] = None, *,
         image_size = transform.min_size[-1], min(transform.max_size, transform.min_size[-1] * 5 // 4)
     height, width = image_size or (224, 224)
     trunk = next(iter(_outermost(model, (ResNeXt,))), None)
-    channels = trunk.in_channels if trunk is not None else 3  # the example input: the trunk's (a fused one's too)
+    channels = trunk.in_channels if trunk is not None else 3  # the example input has the trunk's channels
     image = torch.rand(channels, height, width, generator=torch.Generator().manual_seed(0))
     low, high = image_sides(model)
     dims = {name: torch.export.Dim(name, min=least, max=high)
