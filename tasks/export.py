@@ -1,13 +1,13 @@
 """Export a trained model whole: ``python -m tasks export CKPT --format onnx|torch_export --output FILE``.
 
 The Lightning wiring of :func:`resnext_backbones.export`: the checkpoint's task in, the file and its class names
-(``FILE.classes.json``) out. The detector: one RGB image ``(3, H, W)``, float in [0, 1], in; ``boxes`` (xyxy, in the
-input's pixels), ``scores`` and ``labels`` (the dataset's category ids) out, and for Mask R-CNN ``masks``
-``(N, 1, H, W)``: each detection's mask probabilities, as torchvision's Mask R-CNN gives them (the task thresholds them
-at 0.5). The classifier: images ``(N, 3, H, W)`` in [0, 1] in, class ``probabilities`` (in the order of the
-checkpoint's classes) out. The segmenter: images ``(N, 3, H, W)`` in [0, 1] in, ``logits`` ``(N, classes, H, W)``
-at the input's size out. All take any image size (:mod:`resnext_backbones.deployment.exporting` says which);
-``--image-size H W`` only sets the size traced.
+(``FILE.classes.json``) out. ``C`` below is the model's ``in_channels`` (3 for RGB; 1 gray, 4 RGB-D, ...). The
+detector: one image ``(C, H, W)``, float in [0, 1], in; ``boxes`` (xyxy, in the input's pixels), ``scores`` and
+``labels`` (the dataset's category ids) out, and for Mask R-CNN ``masks`` ``(N, 1, H, W)``: each detection's mask
+probabilities, as torchvision's Mask R-CNN gives them (the task thresholds them at 0.5). The classifier: images
+``(N, C, H, W)`` in [0, 1] in, class ``probabilities`` (in the order of the checkpoint's classes) out. The segmenter:
+images ``(N, C, H, W)`` in [0, 1] in, ``logits`` ``(N, classes, H, W)`` at the input's size out. All take any image
+size (:mod:`resnext_backbones.deployment.exporting` says which); ``--image-size H W`` only sets the size traced.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ TASKS = {"tasks.ObjectDetector": ObjectDetector, "tasks.detection.ObjectDetector
 
 
 class ExportedSegmenter(nn.Module):
-    """Images ``(N, 3, H, W)`` in [0, 1] -> logits ``(N, classes, H, W)`` at their size (one forward of the whole
+    """Images ``(N, C, H, W)`` in [0, 1] -> logits ``(N, classes, H, W)`` at their size (one forward of the whole
     image: the task's ``sliding_window`` is a loop around the model, for the caller to run)."""
 
     def __init__(self, task: SemanticSegmenter) -> None:
@@ -46,7 +46,7 @@ class ExportedSegmenter(nn.Module):
 
 
 class ExportedClassifier(nn.Module):
-    """Images ``(N, 3, H, W)`` in [0, 1] -> class probabilities ``(N, classes)``."""
+    """Images ``(N, C, H, W)`` in [0, 1] -> class probabilities ``(N, classes)``."""
 
     def __init__(self, task: ImageClassifier) -> None:
         super().__init__()
@@ -80,21 +80,24 @@ def export(checkpoint: str, fmt: str, output: str, image_size: Optional[Sequence
     if fmt not in FORMATS:
         raise ValueError(f"--format {fmt!r} is not supported; choose one of {list(FORMATS)}")
     task = load_task(checkpoint)
+    channels = task.trunk_module().in_channels  # what the stem takes: the exported model's input too
     if isinstance(task, ObjectDetector):
         model = task.model
         out = rb.export(model, output, fmt, image_size,
                         category_ids=[0] * task.label_map.offset + list(task.label_map.category_ids))
-        what = "one image (3, H, W)"
+        what = f"one image ({channels}, H, W)"
     elif isinstance(task, SemanticSegmenter):
         model = ExportedSegmenter(task).eval()
         out = rb.export(model, output, fmt, image_size, output_names=["logits"])
-        what = "images (N, 3, H, W); logits (N, classes, H, W) out"
+        what = f"images (N, {channels}, H, W); logits (N, classes, H, W) out"
     else:
         model = ExportedClassifier(task).eval()
         out = rb.export(model, output, fmt, image_size, output_names=["probabilities"])
-        what = "images (N, 3, H, W)"
+        what = f"images (N, {channels}, H, W)"
+    kind = "RGB" if channels == 3 else f"{channels}-channel"
     classes = {"category_ids": list(task.label_map.category_ids), "names": list(task.label_map.names),
-               "task": type(task).__name__, "input": f"RGB float in [0, 1], {what}", "sides": list(image_sides(model))}
+               "task": type(task).__name__, "input": f"{kind} float in [0, 1], {what}",
+               "sides": list(image_sides(model))}
     Path(f"{out}.classes.json").write_text(json.dumps(classes, indent=2))
     return out
 

@@ -1,10 +1,11 @@
 """Whole-model export of models built on our trunks: :func:`export` (ONNX, or a ``torch.export`` program).
 
 A torchvision detector (``FasterRCNN``, ``MaskRCNN``, ``RetinaNet``, ``FCOS``) goes out from preprocessing to
-postprocessing: one RGB image ``(3, H, W)``, float in [0, 1] (the model normalises and resizes it), in; ``boxes`` (xyxy,
+postprocessing: one image ``(C, H, W)``, float in [0, 1] (the model normalises and resizes it), in; ``boxes`` (xyxy,
 in the input's pixels), ``scores`` and ``labels`` out, and for Mask R-CNN ``masks`` ``(N, 1, H, W)``: each detection's
 mask probabilities in the input's pixels, as torchvision's Mask R-CNN gives them. Any other module (a classifier)
-goes out as it is: ``model(images)`` for images ``(N, C, H, W)``.
+goes out as it is: ``model(images)`` for images ``(N, C, H, W)``. ``C`` is the trunk's ``in_channels`` (3 for RGB;
+1 gray, 4 RGB-D, ...): the example input traced has as many.
 
 Both formats come from one ``torch.export`` program: ``torch_export`` saves it (``.pt2``, ``torch.export.load``),
 ``onnx`` translates it (torch.onnx's ``dynamo=True`` exporter; onnxruntime runs it). Both take any image height and
@@ -59,7 +60,7 @@ DETECTORS = (GeneralizedRCNN, RetinaNet, FCOS)
 
 
 class ExportedDetector(nn.Module):
-    """One image ``(3, H, W)`` in [0, 1] -> ``(boxes, scores, labels)``, and ``masks`` after them where the detector
+    """One image ``(C, H, W)`` in [0, 1] -> ``(boxes, scores, labels)``, and ``masks`` after them where the detector
     predicts masks; labels through ``category_ids`` (model class -> id) where given."""
 
     def __init__(self, detector: nn.Module, category_ids: Optional[Sequence[int]] = None) -> None:
@@ -128,8 +129,8 @@ def program(model: nn.Module, image_size: Optional[Sequence[int]] = None, *,
         transform = model.transform
         image_size = transform.min_size[-1], min(transform.max_size, transform.min_size[-1] * 5 // 4)
     height, width = image_size or (224, 224)
-    channels = next(iter(_outermost(model, (ResNeXt,))), None)
-    channels = channels.conv1.in_channels if channels is not None else 3
+    trunk = next(iter(_outermost(model, (ResNeXt,))), None)
+    channels = trunk.in_channels if trunk is not None else 3  # the example input has the trunk's channels
     image = torch.rand(channels, height, width, generator=torch.Generator().manual_seed(0))
     low, high = image_sides(model)
     dims = {name: torch.export.Dim(name, min=least, max=high)

@@ -240,3 +240,74 @@ def test_the_links_between_the_guides_lead_somewhere(path):
                                    and anchor not in heading_anchors(linked.read_text())):
             broken.append(target)
     assert not broken, f"{path}: links to nothing: {broken}"
+
+
+def yaml_configs(text: str, path: str) -> List[tuple]:
+    """``(id, parsed)`` of each ```yaml block of Markdown ``text`` with a ``model`` or ``data`` section naming its
+    ``class_path``: the configs a reader copies, which no test runs."""
+    import yaml
+
+    lines, configs, fence = text.splitlines(), [], None
+    for i, line in enumerate(lines):
+        opening = FENCE.match(line)
+        if not opening:
+            continue
+        if fence is None:
+            fence = (opening["fence"], opening["info"].lower(), i)
+        elif opening["fence"].startswith(fence[0]) and not opening["info"]:
+            if fence[1] in ("yaml", "yml"):
+                config = yaml.safe_load(textwrap.dedent("\n".join(lines[fence[2] + 1:i])))
+                if isinstance(config, dict) and any(isinstance(config.get(s), dict) and "class_path" in config[s]
+                                                    for s in ("model", "data")):
+                    configs.append((f"{path}:{fence[2] + 1}", config))
+            fence = None
+    return configs
+
+
+def init_arguments(cls) -> set:
+    """The keyword arguments ``cls(...)`` takes: its ``__init__``'s, and its bases' while each passes ``**kwargs`` on
+    (as jsonargparse reads them)."""
+    import inspect
+
+    names = set()
+    for klass in cls.__mro__:
+        if "__init__" not in vars(klass):
+            continue
+        parameters = inspect.signature(vars(klass)["__init__"]).parameters.values()
+        names |= {p.name for p in parameters if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)} - {"self"}
+        if not any(p.kind is p.VAR_KEYWORD for p in parameters):
+            break
+    return names
+
+
+YAML_CONFIGS = [config for path in DOC_FILES for config in yaml_configs((REPO / path).read_text(), path)]
+
+
+@pytest.mark.parametrize("config", [c for _, c in YAML_CONFIGS], ids=[i for i, _ in YAML_CONFIGS])
+def test_the_configs_of_the_guides_name_only_arguments_their_classes_take(config):
+    """A copied config with a misspelt or renamed key fails only in the reader's run: each ```yaml block's
+    ``model`` / ``data`` ``init_args`` are checked against the class it names, and a ``tile`` against
+    ``Tiling.from_config``."""
+    import importlib
+
+    from resnext_backbones.deployment import Tiling
+
+    for section in ("model", "data"):
+        part = config.get(section)
+        if not (isinstance(part, dict) and "class_path" in part):
+            continue
+        module, _, name = part["class_path"].rpartition(".")
+        cls = getattr(importlib.import_module(module), name)
+        arguments = part.get("init_args") or {}
+        unknown = sorted(set(arguments) - init_arguments(cls))
+        assert not unknown, f"{section}.init_args {unknown} are not arguments of {part['class_path']}"
+        if arguments.get("tile"):
+            Tiling.from_config(arguments["tile"], key=f"{section}.init_args.tile")
+
+
+def test_the_config_check_finds_the_guides_configs_and_refuses_an_unknown_argument():
+    ids = [i for i, _ in YAML_CONFIGS]
+    assert sum(i.startswith("docs/data-formats.md:") for i in ids) == 5 and any("predictions.md" in i for i in ids)
+    with pytest.raises(AssertionError, match=r"data.init_args \['repeat_thresh'\] are not arguments"):
+        test_the_configs_of_the_guides_name_only_arguments_their_classes_take(
+            {"data": {"class_path": "tasks.data.CocoDetectionDataModule", "init_args": {"repeat_thresh": 0.1}}})

@@ -118,3 +118,57 @@ def test_the_export_command_hands_the_detector_its_category_ids(tmp_path, monkey
     classes = json.loads((tmp_path / "out.onnx.classes.json").read_text())
     assert classes["category_ids"] == [3, 5, 9] and classes["names"] == ["square", "disk", "triangle"]
     assert f"wrote {tmp_path / 'out.onnx'} (onnx)" in capsys.readouterr().out
+
+
+# -- models of other than 3 channels (gray, RGB-D): traced on an input of their channels, named so in classes.json
+
+def test_a_gray_classifier_checkpoint_exports_taking_one_channel_images(tmp_path, capsys):
+    ort = pytest.importorskip("onnxruntime")
+    from tasks import ImageClassifier
+    from tasks.export import main
+
+    torch.manual_seed(0)
+    task = randomize_norm_stats(ImageClassifier(backbone="resnet18", num_classes=3, in_channels=1,
+                                                normalization={"mean": [0.45], "std": [0.22]}))
+    checkpoint = task_checkpoint(task, tmp_path / "gray.ckpt")
+    main([checkpoint, "--format", "onnx", "--output", str(tmp_path / "gray.onnx")])
+    assert "wrote" in capsys.readouterr().out
+    classes = json.loads((tmp_path / "gray.onnx.classes.json").read_text())
+    assert classes["input"] == "1-channel float in [0, 1], images (N, 1, H, W)"
+    session = ort.InferenceSession(str(tmp_path / "gray.onnx"))
+    task.eval()
+    for shape in [(1, 1, 64, 64), (2, 1, 96, 80)]:
+        images = torch.rand(shape, generator=torch.Generator().manual_seed(shape[0]))
+        with torch.no_grad():
+            want = task(images).softmax(-1)
+        assert want.max() - want.min() > 0.05  # probabilities that differ
+        got = torch.from_numpy(session.run(None, {"images": images.numpy()})[0])
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+
+
+@pytest.mark.slow  # two whole-detector traces
+def test_an_rgbd_detector_checkpoint_exports_in_both_formats_giving_the_tasks_detections(tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    from tasks import ObjectDetector
+    from tasks.export import export
+
+    torch.manual_seed(0)
+    task = ObjectDetector(architecture="faster_rcnn", backbone="resnet18", num_classes=3, min_size=160, max_size=224,
+                          categories={3: "square", 5: "disk", 9: "triangle"}, norm="bn", trainable_stages=5,
+                          in_channels=4, detector_kwargs={"box_score_thresh": 0.0}, detections_per_image=50)
+    checkpoint = task_checkpoint(randomize_norm_stats(task), tmp_path / "rgbd.ckpt")
+    onnx = ort.InferenceSession(str(export(checkpoint, "onnx", str(tmp_path / "rgbd.onnx"))))
+    program = torch.export.load(str(export(checkpoint, "torch_export", str(tmp_path / "rgbd.pt2")))).module()
+    classes = json.loads((tmp_path / "rgbd.pt2.classes.json").read_text())
+    assert classes["input"] == "4-channel float in [0, 1], one image (4, H, W)"
+    names = ["boxes", "scores", "labels"]
+    task.eval()
+    for size in [(70, 90), (300, 200)]:
+        image = torch.rand(4, *size, generator=torch.Generator().manual_seed(size[0]))
+        with torch.no_grad():
+            (want,) = task([image])
+            got = dict(zip(names, program(image), strict=True))
+        ran = dict(zip(names, (torch.from_numpy(v) for v in onnx.run(None, {"image": image.numpy()})), strict=True))
+        assert len(want["boxes"]) > 10 and set(got["labels"].tolist()) <= {3, 5, 9}
+        assert_same_detections(got, want, box_tolerance=1e-4, score_tolerance=1e-5)
+        assert_same_detections(ran, want, box_tolerance=1e-3, score_tolerance=1e-4)

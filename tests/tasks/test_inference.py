@@ -80,6 +80,33 @@ def test_prediction_runs_the_fused_trunk_and_equals_the_unfused_detector(archite
     assert not any(isinstance(m, FusedConv2d) for m in model.modules())
 
 
+# 1 channel in CI; 4 under slow (CI runs rb.inference_copy of a 4-channel detector:
+# tests/resnext_backbones/deployment/test_inference.py)
+@pytest.mark.parametrize("channels", [1, pytest.param(4, marks=pytest.mark.slow)])
+def test_validation_and_prediction_of_a_detector_of_other_channels_run_the_fused_trunk_and_equal_the_unfused(
+        channels):
+    """Gray and RGB-D images: validate and predict run the fused copy, whose stem takes ``channels`` inputs, and it
+    gives the detections of the model as trained."""
+    model = detector("faster_rcnn", in_channels=channels, log_images=0)
+    images = [torch.rand(channels, 64, 80, generator=torch.Generator().manual_seed(1)),
+              torch.rand(channels, 72, 64, generator=torch.Generator().manual_seed(2))]
+    with torch.no_grad():
+        expected = model(images)
+    targets = [{"boxes": torch.tensor([[4.0, 6.0, 30.0, 40.0]]), "labels": torch.tensor([1]),
+                "iscrowd": torch.tensor([0]), "area": torch.tensor([884.0])} for _ in images]
+    with trunk_forwards() as calls:
+        predicted = predict(model, (images, None), 0)
+        model.on_validation_epoch_start()
+        with torch.inference_mode():
+            model.validation_step((images, targets), 0)
+    assert calls == [("ResNeXt", "FusedConv2d", torch.float32)] * 2  # the copy ran, not the training trunk
+    ((validated, _),) = model._eval_batches  # what the epoch's mAP is computed from
+    for want, got, seen in zip(expected, predicted, validated, strict=True):
+        assert len(want["boxes"]) > 10
+        assert_same_detections(got, want, box_tolerance=1e-4, score_tolerance=1e-4)
+        assert_same_detections(seen, want, box_tolerance=1e-4, score_tolerance=1e-4)
+
+
 def test_classifier_prediction_runs_the_fused_trunk_and_equals_the_unfused_logits():
     model = classifier()
     images = torch.rand(3, 3, 48, 48, generator=torch.Generator().manual_seed(3))

@@ -243,6 +243,29 @@ def test_a_classifier_exports_with_any_batch_and_image_size_in_both_formats(tmp_
     assert exporting.image_sides(model) == (64, 4096)  # twice C5's stride: below, C5 would be one cell
 
 
+# 4 channels in CI (python -m tasks export of a 1-channel classifier is there too: tests/tasks/test_export.py)
+@pytest.mark.parametrize("channels", [pytest.param(1, marks=pytest.mark.slow), 4])
+def test_a_classifier_of_other_channel_counts_is_traced_on_images_of_its_channels_and_exports_in_both_formats(
+        tmp_path, channels):
+    ort = pytest.importorskip("onnxruntime")
+    torch.manual_seed(0)
+    model = randomize_norm_stats(Classifier(in_channels=channels)).eval()
+    exported = program(model)
+    torch.export.save(exported, str(tmp_path / "classifier.pt2"))
+    exporting.onnx_program(exported, ["images"], ["logits"]).save(str(tmp_path / "classifier.onnx"))
+    session = ort.InferenceSession(str(tmp_path / "classifier.onnx"))
+    assert session.get_inputs()[0].shape[1] == channels  # the channel axis is the traced one's, fixed
+    runs = {"onnx": lambda x: torch.from_numpy(session.run(None, {"images": x.numpy()})[0]),
+            "torch_export": torch.export.load(str(tmp_path / "classifier.pt2")).module()}
+    for shape in [(1, channels, 64, 64), (3, channels, 96, 80)]:
+        images = torch.rand(shape, generator=torch.Generator().manual_seed(shape[0]))
+        with torch.no_grad():
+            want = model(images)
+        assert want.std() > 0.05  # logits that differ
+        for run in runs.values():
+            torch.testing.assert_close(run(images), want, atol=1e-4, rtol=1e-4)
+
+
 def test_the_exports_mask_pasting_equals_torchvisions():
     from torchvision.models.detection.roi_heads import paste_masks_in_image
 

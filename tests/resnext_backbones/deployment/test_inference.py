@@ -61,6 +61,25 @@ def test_the_inference_copy_of_a_torchvision_detector_gives_its_detections_and_l
         assert_same_detections(g, w, box_tolerance=1e-4, score_tolerance=1e-4)  # masks too, where predicted
 
 
+# 4 channels in CI; 1 channel here under slow (CI runs the task's fused path, this copy, on 1 channel:
+# tests/tasks/test_inference.py)
+@pytest.mark.parametrize("channels", [pytest.param(1, marks=pytest.mark.slow), 4])
+def test_the_inference_copy_of_a_detector_of_other_channel_counts_gives_its_detections(channels):
+    """Gray and RGB-D images (``rb.resnext_fpn(in_channels=...)``, a mean and std per channel): the copy's fused stem
+    takes ``channels`` inputs and the copy gives the eager model's detections."""
+    model = bare_detector("faster_rcnn", in_channels=channels)
+    fast = rb.inference_copy(model)
+    trunk = next(m for m in fast.modules() if isinstance(m, rb.ResNeXt))
+    assert isinstance(trunk.conv1, FusedConv2d) and trunk.conv1.weight.shape[1] == channels
+    images = [torch.rand(channels, 150, 170, generator=torch.Generator().manual_seed(1)),
+              torch.rand(channels, 170, 150, generator=torch.Generator().manual_seed(2))]
+    with torch.no_grad():
+        want, got = model(images), fast(images)
+    for w, g in zip(want, got, strict=True):
+        assert len(w["boxes"]) > 10
+        assert_same_detections(g, w, box_tolerance=1e-4, score_tolerance=1e-4)
+
+
 @pytest.mark.skipif(not BF16_NATIVE, reason="this CPU has no native bf16 (AMX or AVX-512 BF16)")
 def test_in_bf16_the_trunk_fpn_and_heads_run_natively_and_postprocessing_stays_float32():
     model = bare_detector("mask_rcnn")

@@ -1,8 +1,10 @@
 """YOLO and Pascal VOC labels read into the COCO index: one small data set written in all three forms by the test's
-own writers (independent of the readers) gives the same samples and the same validate metrics, and pycocotools
-reads the converted files as the COCO original."""
+own writers (independent of the readers) gives the same samples and the same validate metrics, pycocotools reads
+the converted files as the COCO original, and globox (another project's reader) reads the YOLO and VOC files as ours
+does."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -210,6 +212,42 @@ def test_pycocotools_reads_the_converted_file_as_the_coco_original(three_formats
         np.testing.assert_allclose([b for _, b in mine], [b for _, b in by_name], atol=1e-4) if mine else None
 
 
+@pytest.mark.parametrize("fmt", ["yolo", "voc"])
+def test_globox_reads_the_yolo_and_voc_files_as_our_reader_does(three_formats, fmt):
+    """globox (an independent reader of both formats) and ours find, per image, the same size, boxes (to 1e-3 px)
+    and classes. globox keeps VOC's xmin and ymin as written; the development kit counts pixels from 1, so our boxes
+    start one pixel before (xmin - 1, as detectron2 reads them: tasks/data/label_formats.py)."""
+    import globox  # in the test extra: a missing oracle fails, it does not skip
+
+    annotations, images = three_formats[fmt]
+    if fmt == "yolo":  # labels/train beside images/train; globox's labels are the class numbers as written
+        theirs = globox.AnnotationSet.from_yolo_darknet(Path(images).parents[1] / "labels" / "train",
+                                                        image_folder=images, image_extension=".png")
+        shift = 0.0
+    else:  # VOC's labels are the names
+        theirs = globox.AnnotationSet.from_pascal_voc(Path(images).parent / "Annotations")
+        shift = 1.0
+    index = data_module(annotations, images).val_index
+    names = dict(zip(index.label_map.category_ids, index.label_map.names, strict=True))
+    found = 0
+    for i, file_name in enumerate(index.file_names):
+        rows = slice(index.offsets[i], index.offsets[i + 1])
+        ids = index.label_map.category_ids_of(torch.as_tensor(index.labels[rows])).tolist()
+        labels = [str(c) if fmt == "yolo" else names[c] for c in ids]
+        ours = sorted(zip(labels, index.boxes[rows].tolist(), strict=True))
+        if file_name not in theirs.image_ids:  # globox reads YOLO label files: an image without one has no objects
+            assert fmt == "yolo" and ours == []
+            continue
+        annotation = theirs[file_name]
+        assert annotation.image_size == (index.sizes[i][1], index.sizes[i][0])  # (width, height)
+        got = sorted((b.label, [b.xmin - shift, b.ymin - shift, b.xmax, b.ymax]) for b in annotation.boxes)
+        assert [label for label, _ in ours] == [label for label, _ in got], file_name
+        if ours:
+            np.testing.assert_allclose([box for _, box in ours], [box for _, box in got], atol=1e-3, rtol=0)
+        found += len(ours)
+    assert found == 6 and len(index.file_names) == 4
+
+
 def test_the_voc_converter_finds_jpegimages_beside_annotations(three_formats, tmp_path):
     output = tmp_path / "voc.json"
     data_main(["convert", three_formats["voc"][0], "--to", "coco", str(output)])
@@ -229,6 +267,29 @@ def test_voc_ids_follow_the_classes_given_or_else_the_sorted_names_found(tmp_pat
     assert data_module(*paths, classes=["dog", "cat", "fish", "bird"]).categories == \
         {1: "dog", 2: "cat", 3: "fish", 4: "bird"}
     assert data_module(*paths).categories == {1: "bird", 2: "cat", 3: "dog"}
+
+
+def test_voc_ids_are_the_same_for_every_split(tmp_path):
+    """The names of every file of Annotations/, not only of the split's: a split without birds still numbers them."""
+    annotations, images = write_voc(tmp_path)
+    dogs = tmp_path / "ImageSets" / "Main" / "dogs.txt"
+    dogs.write_text("001\n")  # image 001 holds one dog only
+    module = CocoDetectionDataModule(str(dogs), images, annotations, images, batch_size=2, num_workers=0)
+    assert module.categories == {1: "bird", 2: "cat", 3: "dog"}
+    module.setup("fit")
+    (_, target), = module.train_dataloader().dataset.dataset
+    assert module.label_map.category_ids_of(target["labels"]).tolist() == [3]
+
+
+def test_a_format_set_is_read_as_given_and_a_wrong_one_or_classes_for_yolo_are_refused(three_formats, caplog):
+    yolo = three_formats["yolo"]
+    with caplog.at_level("INFO", logger="tasks"):
+        module = data_module(*yolo, format="yolo")
+    assert "read as" not in caplog.text and module.categories == dict(enumerate(NAMES))  # given, not detected
+    with pytest.raises(ValueError, match=r"data.format='xml'; choose one of \['coco', 'yolo', 'voc'\]"):
+        data_module(*yolo, format="xml")
+    with pytest.raises(ValueError, match="data.classes names VOC's classes; yolo labels name their own"):
+        data_module(*yolo, classes=NAMES)
 
 
 def test_an_unknown_class_fails_naming_the_file_and_line(tmp_path):
@@ -274,11 +335,13 @@ def test_malformed_lines_and_missing_images_fail_naming_the_file(tmp_path):
         data_module(voc, voc_images)
 
 
-def test_the_checkpoint_label_map_keeps_the_yolo_class_numbers(three_formats):
-    module = data_module(*three_formats["yolo"])
+@pytest.mark.parametrize("fmt, ids, names", [("yolo", [0, 1, 2], NAMES),  # the class numbers
+                                              ("voc", [1, 2, 3], sorted(NAMES))])  # 1..N of the sorted names
+def test_the_checkpoint_label_map_keeps_the_yolo_class_numbers_and_the_voc_ids(three_formats, fmt, ids, names):
+    module = data_module(*three_formats[fmt])
     model = ObjectDetector(backbone="resnet18", num_classes=module.num_classes, categories=module.categories,
                            min_size=32, max_size=32)
     checkpoint = {}
     model.on_save_checkpoint(checkpoint)
-    assert checkpoint["label_map"]["category_ids"] == [0, 1, 2]
-    assert checkpoint["label_map"]["names"] == NAMES
+    assert checkpoint["label_map"]["category_ids"] == ids
+    assert checkpoint["label_map"]["names"] == names
