@@ -200,16 +200,16 @@ def bare_detector(architecture, score_thresh=0.0, min_size=160, max_size=224, in
     """A torchvision detector on ``rb.resnext_fpn`` as a user builds it in their own code, random weights (and norm
     statistics), eval mode. Shorter side resized to 160 px, longer at most 224: the smallest sizes at which RetinaNet's
     and FCOS's coarsest level (stride 128) keeps 2 cells a side, as the dynamic export needs. Images of
-    ``in_channels`` channels, normalised by one mean and std per channel (torchvision's ImageNet ones, cycled)."""
+    ``in_channels`` channels, normalised by the trunk's mean and std for them (``normalization_for_channels``)."""
     torch.manual_seed(0)
     rcnn = architecture.endswith("rcnn")
     backbone = rb.resnext_fpn("resnet18", norm="bn", trainable_stages=5, in_channels=in_channels,
                               **({} if rcnn else {"returned_features": ("c3", "c4", "c5"), "extra_blocks": "p6p7"}))
     thresholds = {"box_score_thresh": score_thresh, "box_detections_per_img": 50} if rcnn else \
         {"score_thresh": score_thresh, "detections_per_img": 50}
+    trunk_normalization = backbone.body.normalization  # the trunk's own, one mean and std per input channel
     normalization = {} if in_channels == 3 else {
-        "image_mean": [(0.485, 0.456, 0.406)[c % 3] for c in range(in_channels)],
-        "image_std": [(0.229, 0.224, 0.225)[c % 3] for c in range(in_channels)]}
+        "image_mean": list(trunk_normalization["mean"]), "image_std": list(trunk_normalization["std"])}
     model = DETECTORS[architecture](backbone, num_classes=4, min_size=min_size, max_size=max_size, **thresholds,
                                     **normalization)
     return randomize_norm_stats(model).eval()
