@@ -2,7 +2,7 @@
 and the detector's forward+backward with torchvision's RoIAlign vs the sparse one.
 
     python -m benchmarks.detector [--configs detection.yaml instance_segmentation.yaml] [--steps 6] [--repeats 3]
-                                  [--compile]
+                                  [--precision 32-true] [--compile]
 
 The detectors are the ones the quick-start configs build (Faster R-CNN and Mask R-CNN); the bare loop trains a copy of
 the torchvision detector inside ours. Both run SGD steps (forward, backward, optimizer step) on one fixed batch (the
@@ -14,6 +14,9 @@ default, and off; ``channels_last: true``; with ``--compile`` also ``compile: tr
 round; the per-step median is reported, each variant against the same bare-loop (NCHW eager) timings. The
 forward+backward table times the bare torchvision detector alone (no optimizer, no Lightning) with its own
 ``MultiScaleRoIAlign`` and with the sparse one (:func:`resnext_backbones.deployment.sparse_roi_poolers`), alternating.
+Everything runs in ``--precision``: ``32-true``, or ``bf16-mixed`` (ours through the Trainer's ``precision``, the bare
+loop's and the forward+backward's forward under ``torch.autocast("cpu", torch.bfloat16)``, as Lightning runs it), or
+``auto`` (what ``trainer.precision: auto`` resolves to here).
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ import yaml
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import nn
 
-from resnext_backbones.deployment import isa_flags, sparse_roi_poolers
+from resnext_backbones.deployment import auto_training_precision, isa_flags, sparse_roi_poolers
 from tasks import ObjectDetector
 
 from .common import benchmark_parser, machine, median_seconds_alternating, publish
@@ -86,17 +89,24 @@ def bare_inputs(batch):
             [{**{k: v for k, v in t.items() if k != "image_id"}, "labels": t["labels"] + 1} for t in targets])
 
 
-def lightning_step_seconds(model: LightningModule, batch, steps: int) -> float:
+def autocast(precision: str):
+    """The context a forward runs in at ``precision`` on the CPU, as Lightning's ``bf16-mixed`` runs it."""
+    if precision == "bf16-mixed":
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def lightning_step_seconds(model: LightningModule, batch, steps: int, precision: str) -> float:
     """Seconds per training step of ``model`` inside ``Trainer.fit`` on ``batch`` repeated (from the second step)."""
     timer = StepTimer()
-    trainer = Trainer(accelerator="cpu", devices=1, max_steps=steps, logger=False, enable_checkpointing=False,
+    trainer = Trainer(accelerator="cpu", devices=1, precision=precision, max_steps=steps, logger=False, enable_checkpointing=False,
                       enable_progress_bar=False, enable_model_summary=False, callbacks=[timer], num_sanity_val_steps=0,
                       limit_val_batches=0)
     trainer.fit(model, train_dataloaders=Repeat(batch, steps))
     return timer.seconds
 
 
-def bare_step_seconds(model: nn.Module, batch, steps: int) -> float:
+def bare_step_seconds(model: nn.Module, batch, steps: int, precision: str) -> float:
     images, targets = bare_inputs(batch)
     model.train()
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01, momentum=0.9,
@@ -105,7 +115,8 @@ def bare_step_seconds(model: nn.Module, batch, steps: int) -> float:
     for step in range(steps):
         if step == 1:
             start = time.perf_counter()
-        loss = sum(model(images, targets).values())
+        with autocast(precision):
+            loss = sum(model(images, targets).values())
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -113,14 +124,16 @@ def bare_step_seconds(model: nn.Module, batch, steps: int) -> float:
     return (time.perf_counter() - start) / (steps - 1)
 
 
-def forward_backward(model: nn.Module, batch, sparse: bool):
+def forward_backward(model: nn.Module, batch, sparse: bool, precision: str):
     """One forward+backward of the bare torchvision detector, with torchvision's poolers or the sparse ones."""
     images, targets = bare_inputs(batch)
 
     def run():
         model.zero_grad(set_to_none=True)
         with sparse_roi_poolers(model.roi_heads) if sparse else contextlib.nullcontext():
-            sum(model(images, targets).values()).backward()
+            with autocast(precision):
+                loss = sum(model(images, targets).values())
+            loss.backward()
     return run
 
 
@@ -146,11 +159,11 @@ def config_rows(name: str, args) -> tuple:
     # every variant in every round, the order reversed every other round
     for r in range(0 if args.no_steps else args.repeats):
         bare = copy.deepcopy(reference.model)  # the same torchvision detector, trained by a bare loop
-        runs = [("bare", partial(bare_step_seconds, bare, batch, args.steps))]
+        runs = [("bare", partial(bare_step_seconds, bare, batch, args.steps, args.precision))]
         for option_name, option in options.items():
             model = ours(**option)
             model.model.load_state_dict(reference.model.state_dict())
-            runs.append((option_name, partial(lightning_step_seconds, model, batch, args.steps)))
+            runs.append((option_name, partial(lightning_step_seconds, model, batch, args.steps, args.precision)))
         for option_name, run in runs if r % 2 == 0 else runs[::-1]:
             times[option_name].append(run())
     t = {option_name: statistics.median(v) if v else math.nan for option_name, v in times.items()}
@@ -159,8 +172,9 @@ def config_rows(name: str, args) -> tuple:
     steps = [f"| configs/{name}: {detector} | {option_name} | {t[option_name]:.3f} | {t['bare']:.3f} | "
              f"{t['bare'] / t[option_name]:.2f}x |" for option_name in options if not args.no_steps]
     model = copy.deepcopy(reference.model).train()
-    fb = median_seconds_alternating({"torchvision": forward_backward(model, batch, False),
-                                     "sparse": forward_backward(model, batch, True)}, repeats=args.repeats * 2)
+    fb = median_seconds_alternating({"torchvision": forward_backward(model, batch, False, args.precision),
+                                     "sparse": forward_backward(model, batch, True, args.precision)},
+                                    repeats=args.repeats * 2)
     pair = (f"| configs/{name}: {detector} | {fb['torchvision']:.3f} | {fb['sparse']:.3f} | "
             f"{fb['torchvision'] / fb['sparse']:.2f}x |")
     return steps, pair
@@ -173,9 +187,14 @@ def main(argv=None) -> str:
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--precision", choices=["32-true", "bf16-mixed", "auto"], default="32-true",
+                        help="of both sides; auto: as trainer.precision: auto resolves here")
     parser.add_argument("--compile", action="store_true", help="add the compile: true row (minutes on a CPU)")
     parser.add_argument("--no-steps", action="store_true", help="only the forward+backward table (a loaded machine)")
     args = parser.parse_args(argv)
+    asked = args.precision
+    if asked == "auto":
+        args.precision, _ = auto_training_precision("cpu")
     torch.set_num_threads(args.threads)
     steps = ["| detector | ours (Lightning) | ours s/step | bare loop s/step | speed-up |", "|---|---|---|---|---|"]
     pairs = ["| detector | torchvision RoIAlign s | sparse RoIAlign s | speed-up |", "|---|---|---|---|"]
@@ -185,8 +204,8 @@ def main(argv=None) -> str:
         pairs.append(pair)
         print("\n".join([*rows, pair]), flush=True)
     command = (f"`python -m benchmarks.detector --configs {' '.join(args.configs)} --steps {args.steps} --repeats "
-               f"{args.repeats}{' --compile' if args.compile else ''}{' --no-steps' if args.no_steps else ''}`")
-    machine_line = f"Machine: {machine()}; ISA: {isa_flags()}."
+               f"{args.repeats} --precision {asked}{' --compile' if args.compile else ''}{' --no-steps' if args.no_steps else ''}`")
+    machine_line = f"Precision: {args.precision}. Machine: {machine()}; ISA: {isa_flags()}."
     forward_backward = ("Forward+backward of the bare torchvision detector alone (no optimizer, no Lightning), its "
                         f"own RoIAlign vs the sparse one, median of {args.repeats * 2} alternating runs:\n\n"
                         + "\n".join(pairs))

@@ -1,13 +1,15 @@
 """Rare classes: the rarest class's AP with LVIS repeat-factor sampling (``repeat_threshold``) and without.
 
     python -m benchmarks.rare_classes [--train 400] [--val 100] [--rare-images 12] [--threshold 0.3]
-                                      [--steps 1500] [--seeds 0 1 2]
+                                      [--steps 1500] [--seeds 0 1 2] [--precision auto]
 
 An imbalanced version of the embedded shapes set: the training images are every generated image without a
 triangle, and only the first ``--rare-images`` of those with one (a triangle in an unlabelled image would teach
 the detector that triangles are background, so images are left out whole). The validation set is the balanced
 generator's. The CPU quick start's detector (configs/detection.yaml, on resnet18 for speed) trains the same number
-of optimizer steps both ways, from the same seed; the table gives each seed's triangle AP and mAP, and their means.
+of optimizer steps both ways, from the same seed, in ``--precision`` (``auto``: what ``trainer.precision: auto``
+resolves to on this machine, bf16-mixed where bf16 is native); the table gives each seed's triangle AP and mAP, and
+their means.
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ def imbalanced_shapes(root: Path, train: int, val: int, rare_images: int) -> dic
             "rare_fraction": min(rare_images, len(holding)) / len(kept)}
 
 
-def train_and_validate(paths: dict, threshold, steps: int, seed: int, root: Path) -> dict:
+def train_and_validate(paths: dict, threshold, steps: int, seed: int, root: Path, precision: str) -> dict:
     import torch
     from lightning.pytorch import Trainer, seed_everything
 
@@ -58,7 +60,7 @@ def train_and_validate(paths: dict, threshold, steps: int, seed: int, root: Path
                                    num_workers=2, repeat_threshold=threshold)
     model = ObjectDetector(num_classes=data.num_classes, categories=data.categories, **DETECTOR,
                            optimizer=lambda p: torch.optim.SGD(p, lr=0.01, momentum=0.9, weight_decay=1e-4))
-    trainer = Trainer(accelerator="auto", devices=1, max_steps=steps, max_epochs=-1, logger=False,
+    trainer = Trainer(accelerator="auto", devices=1, precision=precision, max_steps=steps, max_epochs=-1, logger=False,
                       enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                       gradient_clip_val=10.0, limit_val_batches=0, default_root_dir=str(root), num_sanity_val_steps=0)
     trainer.fit(model, datamodule=data)
@@ -75,7 +77,15 @@ def main(argv=None) -> str:
     parser.add_argument("--threshold", type=float, default=0.3)
     parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--precision", default="auto", help="training precision; auto: as trainer.precision: auto")
     args = parser.parse_args(argv)
+    precision = args.precision
+    if precision == "auto":
+        import torch
+
+        from resnext_backbones.deployment import auto_training_precision
+
+        precision, _ = auto_training_precision("cuda" if torch.cuda.is_available() else "cpu")
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     rows = ["| seed | sampling | triangle AP | mAP |", "|---|---|---|---|"]
     results = {"without": [], "with": []}
@@ -83,7 +93,8 @@ def main(argv=None) -> str:
         paths = imbalanced_shapes(Path(tmp) / "data", args.train, args.val, args.rare_images)
         for seed in args.seeds:
             for name, threshold in (("without", None), ("with", args.threshold)):
-                result = train_and_validate(paths, threshold, args.steps, seed, Path(tmp) / f"{name}{seed}")
+                result = train_and_validate(paths, threshold, args.steps, seed, Path(tmp) / f"{name}{seed}",
+                                            precision)
                 results[name].append(result)
                 label = "every image once" if threshold is None else f"repeat_threshold {threshold}"
                 rows.append(f"| {seed} | {label} | {result['rare_ap']:.3f} | {result['map']:.3f} |")
@@ -93,7 +104,7 @@ def main(argv=None) -> str:
     body = (f"## Rare classes: the rarest class's AP with and without repeat-factor sampling\n\n"
             f"`python -m benchmarks.rare_classes --train {args.train} --val {args.val} --rare-images "
             f"{args.rare_images} --threshold {args.threshold} --steps {args.steps} --seeds "
-            f"{' '.join(map(str, args.seeds))}`: the triangle in {paths['rare_fraction']:.1%} of the training "
+            f"{' '.join(map(str, args.seeds))} --precision {args.precision}`: trained in {precision}, the triangle in {paths['rare_fraction']:.1%} of the training "
             f"images, the same number of steps both ways. Machine: {machine()}.\n\n" + "\n".join(rows))
     print(body, flush=True)
     return publish("rare_classes", body, args)

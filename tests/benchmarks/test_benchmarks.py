@@ -166,6 +166,21 @@ def test_rare_class_benchmark_trains_both_ways_and_gives_every_row_on_a_toy_set(
                               "--no-write"])
     rows = [line.split(" | ")[1] for line in body.splitlines() if line.startswith(("| 0 |", "| mean |"))]
     assert rows == ["every image once", "repeat_threshold 0.3", "without repeat factors", "with repeat factors"]
+    assert ("trained in bf16-mixed" in body) != ("trained in 32-true" in body)  # auto, resolved as the CLI does
+
+
+@pytest.mark.slow  # suite time: two training steps of each variant of the quick-start detector
+def test_detector_benchmark_times_every_variant_against_the_bare_loop_at_the_precision_asked():
+    from benchmarks import detector
+
+    body = detector.main(["--configs", "detection.yaml", "--steps", "2", "--repeats", "1", "--precision", "auto",
+                          "--no-write"])
+    rows = [line.split(" | ") for line in body.splitlines() if line.startswith("| configs/detection.yaml")]
+    assert [row[1] for row in rows[:3]] == ["sparse_roi_align: true (default)", "sparse_roi_align: false",
+                                           "channels_last: true"]
+    assert all(float(value) > 0 for row in rows[:3] for value in row[2:4])  # ours and the bare loop, seconds
+    assert len(rows) == 4 and float(rows[3][1]) > 0 and float(rows[3][2]) > 0  # forward+backward both ways
+    assert ("Precision: bf16-mixed." in body) != ("Precision: 32-true." in body)  # auto, resolved as the CLI does
 
 
 @pytest.mark.slow  # suite time: a benchmark's wiring at toy size, over 10 CPU-seconds
