@@ -99,8 +99,9 @@ def autocast(precision: str):
 def lightning_step_seconds(model: LightningModule, batch, steps: int, precision: str) -> float:
     """Seconds per training step of ``model`` inside ``Trainer.fit`` on ``batch`` repeated (from the second step)."""
     timer = StepTimer()
-    trainer = Trainer(accelerator="cpu", devices=1, precision=precision, max_steps=steps, logger=False, enable_checkpointing=False,
-                      enable_progress_bar=False, enable_model_summary=False, callbacks=[timer], num_sanity_val_steps=0,
+    trainer = Trainer(accelerator="cpu", devices=1, precision=precision, max_steps=steps, logger=False,
+                      enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                      callbacks=[timer], num_sanity_val_steps=0,
                       limit_val_batches=0)
     trainer.fit(model, train_dataloaders=Repeat(batch, steps))
     return timer.seconds
@@ -204,7 +205,8 @@ def main(argv=None) -> str:
         pairs.append(pair)
         print("\n".join([*rows, pair]), flush=True)
     command = (f"`python -m benchmarks.detector --configs {' '.join(args.configs)} --steps {args.steps} --repeats "
-               f"{args.repeats} --precision {asked}{' --compile' if args.compile else ''}{' --no-steps' if args.no_steps else ''}`")
+               f"{args.repeats} --precision {asked}{' --compile' if args.compile else ''}"
+               f"{' --no-steps' if args.no_steps else ''}`")
     machine_line = f"Precision: {args.precision}. Machine: {machine()}; ISA: {isa_flags()}."
     forward_backward = ("Forward+backward of the bare torchvision detector alone (no optimizer, no Lightning), its "
                         f"own RoIAlign vs the sparse one, median of {args.repeats * 2} alternating runs:\n\n"

@@ -104,7 +104,8 @@ def main(argv=None) -> str:
     body = (f"## Rare classes: the rarest class's AP with and without repeat-factor sampling\n\n"
             f"`python -m benchmarks.rare_classes --train {args.train} --val {args.val} --rare-images "
             f"{args.rare_images} --threshold {args.threshold} --steps {args.steps} --seeds "
-            f"{' '.join(map(str, args.seeds))} --precision {args.precision}`: trained in {precision}, the triangle in {paths['rare_fraction']:.1%} of the training "
+            f"{' '.join(map(str, args.seeds))} --precision {args.precision}`: trained in {precision}, the triangle in "
+            f"{paths['rare_fraction']:.1%} of the training "
             f"images, the same number of steps both ways. Machine: {machine()}.\n\n" + "\n".join(rows))
     print(body, flush=True)
     return publish("rare_classes", body, args)
