@@ -87,6 +87,15 @@ def benchmark_parser(doc: str) -> argparse.ArgumentParser:
     return parser
 
 
+def training_precision(asked: str, device: str) -> str:
+    """``asked``, or for ``auto`` what ``trainer.precision: auto`` resolves to on ``device``."""
+    if asked != "auto":
+        return asked
+    from resnext_backbones.deployment import auto_training_precision
+
+    return auto_training_precision(device)[0]
+
+
 def publish(section: str, body: str, args: argparse.Namespace) -> str:
     """Write ``body`` as ``section`` of benchmarks/README.md (unless ``--no-write``) and return it."""
     if not args.no_write:

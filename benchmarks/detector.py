@@ -34,10 +34,10 @@ import yaml
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import nn
 
-from resnext_backbones.deployment import auto_training_precision, isa_flags, sparse_roi_poolers
+from resnext_backbones.deployment import isa_flags, sparse_roi_poolers
 from tasks import ObjectDetector
 
-from .common import benchmark_parser, machine, median_seconds_alternating, publish
+from .common import benchmark_parser, machine, median_seconds_alternating, publish, training_precision
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -194,8 +194,7 @@ def main(argv=None) -> str:
     parser.add_argument("--no-steps", action="store_true", help="only the forward+backward table (a loaded machine)")
     args = parser.parse_args(argv)
     asked = args.precision
-    if asked == "auto":
-        args.precision, _ = auto_training_precision("cpu")
+    args.precision = training_precision(asked, "cpu")
     torch.set_num_threads(args.threads)
     steps = ["| detector | ours (Lightning) | ours s/step | bare loop s/step | speed-up |", "|---|---|---|---|---|"]
     pairs = ["| detector | torchvision RoIAlign s | sparse RoIAlign s | speed-up |", "|---|---|---|---|"]

@@ -20,7 +20,7 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from .common import benchmark_parser, machine, publish
+from .common import benchmark_parser, machine, publish, training_precision
 
 DETECTOR = dict(architecture="faster_rcnn", backbone="resnet18", norm="bn", trainable_stages=5, min_size=128,
                 max_size=144, anchor_size=16, warmup_steps=50, log_images=0,
@@ -79,13 +79,9 @@ def main(argv=None) -> str:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--precision", default="auto", help="training precision; auto: as trainer.precision: auto")
     args = parser.parse_args(argv)
-    precision = args.precision
-    if precision == "auto":
-        import torch
+    import torch
 
-        from resnext_backbones.deployment import auto_training_precision
-
-        precision, _ = auto_training_precision("cuda" if torch.cuda.is_available() else "cpu")
+    precision = training_precision(args.precision, "cuda" if torch.cuda.is_available() else "cpu")
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     rows = ["| seed | sampling | triangle AP | mAP |", "|---|---|---|---|"]
     results = {"without": [], "with": []}
