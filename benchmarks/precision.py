@@ -3,8 +3,9 @@
     python -m benchmarks.precision [--configs detection.yaml classification.yaml] [--steps 6] [--repeats 3]
                                    [--threads 2] [--batch-size N]
 
-The models and batches are the quick-start configs' (configs/detection.yaml: its detector, its batch size of images of
-its ``min_size``; configs/classification.yaml: its classifier, its batch of ``image_size`` squares), trained by
+The models and batches are the quick-start configs' (a detector config, detection.yaml or instance_segmentation.yaml:
+its detector, its batch size of images of its ``min_size``, with masks for Mask R-CNN; classification.yaml: its
+classifier, its batch of ``image_size`` squares), trained by
 ``Trainer.fit`` on one fixed batch, timed from the second step to the last, each precision in every round (order
 reversed every other round), median s/step. The answer differs by machine: on CPUs with AMX, bf16 matrix units make
 ``bf16-mixed`` the faster; on AVX2-only CPUs it is emulated and far slower. The table names the CPU and its flags.
@@ -52,13 +53,18 @@ def quick_start(name: str, batch_size: Optional[int] = None, backbone: Optional[
         data["image_size"] = size
     optimizer = lambda params: torch.optim.SGD(params, lr=0.001, momentum=0.9)  # noqa: E731
     torch.manual_seed(0)
-    if name == "detection.yaml":
-        return ObjectDetector(**init, num_classes=3, optimizer=optimizer), make_batch(data["batch_size"],
-                                                                                    init["min_size"])
-    size = data["image_size"]
-    images = torch.rand(data["batch_size"], 3, size, size)
-    return ImageClassifier(**init, num_classes=3, log_images=0, optimizer=optimizer), (images,
-                                                                                         torch.arange(len(images)) % 3)
+    task = config["model"]["class_path"].rsplit(".", 1)[-1]
+    if task == "ObjectDetector":  # Faster R-CNN, RetinaNet, FCOS; Mask R-CNN with a mask filling each box
+        masks = init.get("architecture") == "mask_rcnn"
+        return (ObjectDetector(**init, num_classes=3, optimizer=optimizer),
+                make_batch(data["batch_size"], init["min_size"], masks))
+    if task == "ImageClassifier":
+        size = data["image_size"]
+        images = torch.rand(data["batch_size"], 3, size, size)
+        return (ImageClassifier(**init, num_classes=3, log_images=0, optimizer=optimizer),
+                (images, torch.arange(len(images)) % 3))
+    raise ValueError(f"configs/{name}: model.class_path is {config['model']['class_path']}; this benchmark times the "
+                     "quick starts of tasks.ObjectDetector and tasks.ImageClassifier only")
 
 
 def main(argv=None) -> str:

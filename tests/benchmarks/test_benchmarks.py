@@ -129,6 +129,17 @@ def test_precision_benchmark_times_both_precisions_on_a_tiny_batch():
     assert float(row[1]) > 0 and float(row[2]) > 0 and row[3].endswith("x |")
 
 
+def test_precision_quick_starts_are_built_by_the_configs_task_with_masks_for_mask_rcnn():
+    from benchmarks.precision import quick_start
+
+    model, (images, targets) = quick_start("instance_segmentation.yaml", batch_size=2, backbone="resnet18", size=64)
+    assert type(model.model).__name__ == "MaskRCNN" and len(images) == 2
+    assert all(target["masks"].shape[0] == len(target["boxes"]) > 0 for target in targets)
+    with pytest.raises(ValueError, match=r"configs/semantic_segmentation.yaml: model.class_path is "
+                                         r"tasks.SemanticSegmenter"):
+        quick_start("semantic_segmentation.yaml")
+
+
 def test_data_benchmark_measures_worker_memory_with_and_without_masks_on_tiny_shapes():
     from benchmarks import data
 
