@@ -27,7 +27,7 @@ _CPU_SUPPORT = {torch.bfloat16: (("amx_bf16", "avx512_bf16"), "AVX512_CORE_BF16"
                 torch.float16: (("amx_fp16", "avx512_fp16"), "AVX10_1_512")}
 # The CPU kinds, by the flag that gives oneDNN native bf16, where bf16-mixed training was measured faster than 32-true
 # (benchmarks/README.md, "Training precision"): where a kind with native bf16 is not here, auto keeps float32
-BF16_TRAINING_FASTER = {"amx_bf16": "Intel Xeon with AMX", "avx512_bf16": "AMD EPYC (Zen 4) with AVX-512 BF16"}
+BF16_TRAINING_FASTER = {"amx_bf16": "Intel Xeon with AMX", "avx512_bf16": "AMD EPYC (Zen 4, Zen 5) with AVX-512 BF16"}
 
 
 @functools.cache

@@ -30,7 +30,7 @@ def test_a_onednn_isa_limit_below_bf16_makes_low_precision_not_native(variable, 
 
 @pytest.mark.parametrize("device, flags, expected, why", [
     ("cpu", {"avx2"}, "32-true", "has no native bf16: autocast would emulate it"),  # AVX2 only, as AMD EPYC Zen 3
-    ("cpu", {"avx2", "avx512f", "avx512_bf16"}, "bf16-mixed", "AMD EPYC (Zen 4) with AVX-512 BF16"),
+    ("cpu", {"avx2", "avx512f", "avx512_bf16"}, "bf16-mixed", "AMD EPYC (Zen 4, Zen 5) with AVX-512 BF16"),
     ("cpu", {"avx2", "avx512f", "avx512_bf16", "amx_bf16"}, "bf16-mixed", "Intel Xeon with AMX"),
     ("mps", {"avx2"}, "32-true", "measured on CUDA GPUs and CPUs only")])
 def test_auto_training_precision_is_bf16_mixed_only_where_bf16_is_native_and_measured_faster(
