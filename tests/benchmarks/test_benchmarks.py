@@ -7,17 +7,34 @@ from benchmarks import gpu
 
 
 def test_gpu_benchmark_runs_end_to_end_on_tiny_shapes():
-    body = gpu.main(["--device", "cpu", "--models", "resnet18", "--batch", "2", "--size", "32", "--repeats", "1",
+    body = gpu.main(["--device", "cpu", "--models", "resnet18", "--batch", "2", "3", "--size", "32", "--repeats", "1",
                      "--detector-backbone", "resnet18", "--detector-size", "64", "96", "--detector-steps", "1",
                      "--detector-precision", "fp32",  # bf16 is emulated (slow) without AMX/AVX-512 BF16
                      "--peak-tflops", "1", "--no-write"])
     rows = [line for line in body.splitlines() if line.startswith("| resnet18 |")]
     assert [row.split(" | ")[1] for row in rows] == [
-        "training, bf16 autocast", "training, fp16 autocast", "inference, ours fused fp32 natively vs torchvision fp32 "
-        "eager", "inference, ours fused bf16 natively vs torchvision bf16 autocast", "inference, ours fused fp16 "
-        "natively vs torchvision fp16 autocast"]
-    assert all(row.rstrip(" |").endswith("%") for row in rows[:2])  # an MFU for each training row
-    assert "s/iter" in body and "2 images of 64x96, fp32" in body
+        "training, bf16 autocast, batch 2", "training, fp16 autocast, batch 2", "training, bf16 autocast, batch 3",
+        "training, fp16 autocast, batch 3", "inference, ours fused fp32 natively vs torchvision fp32 eager, batch 2",
+        "inference, ours fused bf16 natively vs torchvision bf16 autocast, batch 2",
+        "inference, ours fused fp16 natively vs torchvision fp16 autocast, batch 2"]
+    assert all(row.rstrip(" |").endswith("%") for row in rows[:4])  # an MFU for each training row
+    assert "s/iter" in body and "2 images of 64x96, fp32" in body and "--batch 2 3 --size 32" in body
+    assert "Top ops" not in body
+
+
+@pytest.mark.slow  # compiling both models twice: minutes on 2 CPU cores
+def test_gpu_benchmark_compiles_both_models_with_and_without_cuda_graphs_and_profiles_the_step():
+    body = gpu.main(["--device", "cpu", "--models", "resnet18", "--batch", "2", "--size", "32", "--repeats", "1",
+                     "--detector-backbone", "resnet18", "--detector-size", "64", "64", "--detector-steps", "1",
+                     "--detector-precision", "fp32", "--peak-tflops", "1", "--compile", "--profile", "--no-write"])
+    training = [line.split(" | ") for line in body.splitlines() if line.startswith("| resnet18 | training")]
+    assert [row[1] for row in training] == [
+        "training, bf16 autocast, batch 2", "training, fp16 autocast, batch 2",
+        "training, bf16 autocast, batch 2, compile", "training, bf16 autocast, batch 2, compile + CUDA graphs"]
+    assert all(float(row[2]) > 0 and float(row[3]) > 0 for row in training)
+    assert "--compile --profile`" in body
+    table = body[body.index("Top ops by self CPU time, resnet18, 3 bf16 training steps of batch 2"):]
+    assert "aten::" in table and "Self CPU" in table  # torch.profiler's own table, op rows included
 
 
 def test_forward_flops_are_the_papers_multiply_adds_times_two():
