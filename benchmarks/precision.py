@@ -17,26 +17,16 @@ import statistics
 from typing import Optional
 
 import torch
-from lightning.pytorch import Trainer
 
 from resnext_backbones.deployment import auto_training_precision, isa_flags
 from resnext_backbones.deployment.device import has_cpu_flag
 from tasks import ImageClassifier, ObjectDetector
 
 from .common import benchmark_parser, machine, publish
-from .detector import Repeat, StepTimer, make_batch
+from .detector import lightning_step_seconds, make_batch
 from .inference import quick_start_config
 
 PRECISIONS = ("32-true", "bf16-mixed")
-
-
-def step_seconds(model, batch, steps: int, precision: str) -> float:
-    timer = StepTimer()
-    trainer = Trainer(accelerator="cpu", devices=1, max_steps=steps, precision=precision, logger=False,
-                      enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                      callbacks=[timer], num_sanity_val_steps=0, limit_val_batches=0)
-    trainer.fit(model, train_dataloaders=Repeat(batch, steps))
-    return timer.seconds
 
 
 def quick_start(name: str, batch_size: Optional[int] = None, backbone: Optional[str] = None,
@@ -83,7 +73,7 @@ def main(argv=None) -> str:
         for r in range(args.repeats):
             for precision in PRECISIONS if r % 2 == 0 else PRECISIONS[::-1]:
                 model, batch = quick_start(name, args.batch_size)
-                times[precision].append(step_seconds(model, batch, args.steps, precision))
+                times[precision].append(lightning_step_seconds(model, batch, args.steps, precision))
         t = {p: statistics.median(v) for p, v in times.items()}
         rows.append(f"| configs/{name} | {t['32-true']:.3f} | {t['bf16-mixed']:.3f} | "
                     f"{t['32-true'] / t['bf16-mixed']:.2f}x |")

@@ -228,3 +228,14 @@ def test_profile_benchmark_lists_the_top_ops_of_each_phase_and_roi_align_only_wi
     torchvision_kernel = [s for s in sections.values() if "torchvision::roi_align" in s]
     assert torchvision_kernel == [sections["configs/detection.yaml, sparse_roi_align: false"]]
     assert "torchvision::_roi_align_backward" in torchvision_kernel[0]
+
+
+@pytest.mark.slow  # suite time: a segmenter's training steps in Trainer.fit and a bare loop, at toy size
+def test_segmentation_benchmark_times_our_step_in_lightning_against_the_bare_loop():
+    from benchmarks import segmentation
+
+    body = segmentation.main(["--backbone", "resnext26_32x4d", "--size", "64", "--batch", "2", "--steps", "2",
+                              "--repeats", "1", "--no-write"])
+    numbers = [float(cell) for line in body.splitlines() if line.startswith("|") and "---" not in line
+               for cell in line.strip("|").split("|")[1:] if cell.strip().replace(".", "", 1).isdigit()]
+    assert numbers and all(n > 0 for n in numbers)
